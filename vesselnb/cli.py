@@ -1,0 +1,37 @@
+"""The ``vesselnb`` command. Each subcommand is registered by the module that owns it (``add_cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vesselnb.errors import VesselnbError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands; owners register theirs so this file stays a dispatcher."""
+    from vesselnb import compare, infer, report
+    from vesselnb.convert import cli as convert_cli
+
+    parser = argparse.ArgumentParser(prog="vesselnb", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    report.add_cli(sub)  # run, demo, compare, index
+    convert_cli.add_cli(sub)  # convert, diff
+    infer.add_cli(sub)  # infer, merge-predictions
+    compare.add_cli(sub)  # (analysis helpers for comparisons, if any)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors print one clear line and exit 2, never a deep traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VesselnbError as exc:
+        print(f"vesselnb: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training checkpoint -> Hugging Face folder. Placeholder: see docs/contracts.md. Being written."""

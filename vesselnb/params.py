@@ -1,0 +1,263 @@
+"""Run parameters: the schema of ``params/<run>.yaml``, loading and validation.
+
+A params file says where one checkpoint and its data live and how to run each stage. It is validated up front so
+that a typo fails in a second with the key and the file named, not an hour into a run.
+
+Relative paths are resolved against the folder holding the params file, so a params file works from any working
+directory (papermill runs notebooks from ``notebooks/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vesselnb.errors import ParamsError
+
+DEFAULT_PROMPT = "<image>Please segment the blood vessel."
+# Users' frame names: Chen_Fang_0000103366__1-4_1_04B2D3CF_frame_000034.jpg -> patient, id, sequence, frame.
+DEFAULT_NAME_REGEX = r"^(?P<patient>.+?)_(?P<patient_id>\d+)__(?P<sequence>.+)_frame_(?P<frame>\d+)$"
+
+
+@dataclass
+class LoraParams:
+    """LoRA hyper-parameters; not stored in the .pth, so needed when no training config is given."""
+
+    r: int | None = None
+    alpha: float | None = None
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class CheckpointParams:
+    """Stage 01: what to convert and how."""
+
+    path: Path | None = None  # iter_N.pth, a work dir with last_checkpoint, or a DeepSpeed iter_N.pth/ folder
+    training_config: Path | None = None  # the xtuner/mmengine config .py used for training
+    base_model: Path | None = None  # the HF folder training started from
+    pretrained_pth: Path | None = None  # optional flat state dict loaded before the checkpoint
+    lora: LoraParams = field(default_factory=LoraParams)
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    shard_size: str = "5GB"
+    hf_output: Path | None = None  # default: <run_dir>/hf_model
+    allow_shape_mismatch: bool = False
+    allow_missing: bool = False
+    trust_pickle: bool = False  # load pickles that need classes outside the allow-list: runs arbitrary code
+    check_free_space: bool = True
+
+
+@dataclass
+class DataParams:
+    """Images and ground truth shared by inference (images only) and analysis (ground truth)."""
+
+    images: Path | None = None
+    annotations: Path | None = None
+    annotation_format: Literal["auto", "sa2va", "labelme", "coco", "mask_png"] = "auto"
+    image_glob: str = "*.jpg"
+    name_regex: str = DEFAULT_NAME_REGEX
+    limit: int | None = None
+    pixel_spacing_mm: float | None = None
+
+
+@dataclass
+class InferenceParams:
+    """Stage 02: how to call ``predict_forward``."""
+
+    prompt: str = DEFAULT_PROMPT
+    strict_prompt: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    mode: Literal["image", "video"] = "image"
+    probability_maps: bool = True
+    max_memory_per_gpu: str | None = None
+
+
+@dataclass
+class AnalysisParams:
+    """Stage 03: metrics and report settings."""
+
+    threshold: float = 0.5
+    nsd_tolerance_px: float = 2.0
+    width_bins_px: list[float] = field(default_factory=lambda: [2.0, 5.0])
+    gallery_k: int = 6
+    bootstrap_samples: int = 1000
+    max_error_rate: float = 0.05
+    max_no_seg_rate: float = 0.05
+    compare_to: list[Path] = field(default_factory=list)  # other run dirs whose predictions must not be identical
+
+
+@dataclass
+class RunParams:
+    """One run: a checkpoint (or HF folder), its data, and stage settings."""
+
+    run_name: str = ""
+    description: str = ""
+    demo_root: Path | None = None  # when set, demo assets are built there if missing (see vesselnb.demo)
+    iteration: int | None = None  # training iteration, for curves across checkpoints
+    hf_model: Path | None = None  # an already converted HF folder: skips stage 01
+    checkpoint: CheckpointParams = field(default_factory=CheckpointParams)
+    data: DataParams = field(default_factory=DataParams)
+    inference: InferenceParams = field(default_factory=InferenceParams)
+    analysis: AnalysisParams = field(default_factory=AnalysisParams)
+    source_file: Path | None = None  # set by load_params, not read from YAML
+
+    def hf_model_dir(self, run_dir: Path) -> Path:
+        """The HF folder inference reads: the given one, or where stage 01 writes."""
+        if self.hf_model is not None:
+            return self.hf_model
+        if self.checkpoint.hf_output is not None:
+            return self.checkpoint.hf_output
+        return Path(run_dir) / "hf_model"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (paths as strings) for manifests and papermill parameters."""
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+# Keys whose value must exist on disk once demo assets (if any) are built; None means "not given".
+_PATHS_THAT_MUST_EXIST = (
+    "hf_model",
+    "checkpoint.path",
+    "checkpoint.training_config",
+    "checkpoint.base_model",
+    "checkpoint.pretrained_pth",
+    "data.images",
+    "data.annotations",
+)
+
+
+def load_params(path: str | Path, check_paths: bool = True) -> RunParams:
+    """Read and validate a params YAML file.
+
+    Unknown keys, wrong types and (with ``check_paths``) paths that do not exist raise :class:`ParamsError`
+    naming the key and the file. When ``demo_root`` is set, the demo assets are built there first if missing.
+    """
+    source = Path(path).resolve()
+    if not source.is_file():
+        raise ParamsError(f"{path}: params file not found (pass a YAML file such as params/demo.yaml)")
+    try:
+        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{source}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of keys at the top level, got {type(raw).__name__}")
+    params = _build(RunParams, raw, prefix="", source=source)
+    params.source_file = source
+    if not params.run_name:
+        params.run_name = source.stem
+    if params.demo_root is not None:
+        from vesselnb.demo import ensure_demo_assets
+
+        ensure_demo_assets(params.demo_root)
+    if check_paths:
+        _check_paths(params, source)
+    _check_values(params, source)
+    return params
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source_file"}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        key = prefix + unknown[0]
+        raise ParamsError(
+            f"{source}: unknown key '{key}'. Known keys here: {', '.join(sorted(names))}. "
+            "Check the spelling or see params/example_sa2va_8b.yaml."
+        )
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, prefix + name, source)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: Path) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, source)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{source}: key '{key}' must be a mapping, got {value!r}")
+        return _build(hint, value, prefix=key + ".", source=source)
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{source}: key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{source}: key '{key}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ParamsError(f"{source}: key '{key}' must be a path string, got {value!r}")
+        candidate = Path(value).expanduser()
+        return candidate if candidate.is_absolute() else (source.parent / candidate).resolve()
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{source}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{source}: key '{key}' must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{source}: key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{source}: key '{key}' must be a string, got {value!r}")
+        return value
+    raise ParamsError(f"{source}: key '{key}' has an unsupported value {value!r}")  # pragma: no cover
+
+
+def _lookup(params: RunParams, dotted: str) -> Any:
+    value: Any = params
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_paths(params: RunParams, source: Path) -> None:
+    for key in _PATHS_THAT_MUST_EXIST:
+        value = _lookup(params, key)
+        if value is not None and not Path(value).exists():
+            raise ParamsError(f"{source}: key '{key}' points to {value}, which does not exist. Fix the path.")
+    if params.hf_model is None and params.checkpoint.path is None:
+        raise ParamsError(f"{source}: give either 'checkpoint.path' (a training checkpoint) or 'hf_model'.")
+    if params.data.images is None:
+        raise ParamsError(f"{source}: key 'data.images' is required (the folder of frames to segment).")
+
+
+def _check_values(params: RunParams, source: Path) -> None:
+    if "<image>" not in params.inference.prompt and params.inference.strict_prompt:
+        raise ParamsError(
+            f"{source}: key 'inference.prompt' has no '<image>' and strict_prompt is on; "
+            f"Sa2VA needs it, e.g. {DEFAULT_PROMPT!r}"
+        )
+    if not 0.0 < params.analysis.threshold < 1.0:
+        raise ParamsError(f"{source}: key 'analysis.threshold' must be between 0 and 1")
+    if params.data.limit is not None and params.data.limit <= 0:
+        raise ParamsError(f"{source}: key 'data.limit' must be a positive integer or null")

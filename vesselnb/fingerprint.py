@@ -1,0 +1,64 @@
+"""Weights fingerprints: one short hash that says "these are the same weights".
+
+The users once had two different checkpoints convert to identical weights and only found out by accident; every
+run therefore records the fingerprint of the HF folder it used, and the store refuses to mix two of them.
+
+For a folder vesselnb wrote, the per-shard SHA-256 are already in the index metadata (computed while writing), so
+fingerprinting a 16 GB folder costs nothing; other folders are hashed shard by shard once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from vesselnb.errors import VesselnbError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SHARD_HASHES_KEY = "vesselnb_shard_sha256"  # in the index's "metadata"
+
+
+def file_sha256(path: Path, chunk_bytes: int = 16 << 20) -> str:
+    """SHA-256 of a file, read in chunks so memory stays flat for multi-GB shards."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_hashes(hf_dir: str | Path) -> dict[str, str]:
+    """``{shard file name: sha256}`` for the safetensors weights of an HF folder.
+
+    Taken from the index metadata when vesselnb wrote the folder, otherwise computed from the files.
+    """
+    folder = Path(hf_dir)
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        recorded = (index.get("metadata") or {}).get(SHARD_HASHES_KEY)
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        if recorded and set(recorded) == set(shards):
+            return {name: recorded[name] for name in shards}
+        return {name: file_sha256(folder / name) for name in shards}
+    if (folder / SINGLE_NAME).is_file():
+        return {SINGLE_NAME: file_sha256(folder / SINGLE_NAME)}
+    raise VesselnbError(
+        f"{folder}: no {INDEX_NAME} or {SINGLE_NAME}; this is not a finished HF folder "
+        "(an interrupted conversion leaves no index — rerun the conversion)"
+    )
+
+
+def weights_fingerprint(hf_dir: str | Path) -> str:
+    """A 16-hex-digit fingerprint of an HF folder's weights (tensor names, shard layout and shard bytes)."""
+    folder = Path(hf_dir)
+    digest = hashlib.sha256()
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
+        digest.update(json.dumps(weight_map, sort_keys=True).encode())
+    for name, sha in sorted(shard_hashes(folder).items()):
+        digest.update(f"{name}:{sha}\n".encode())
+    return digest.hexdigest()[:16]

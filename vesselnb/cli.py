@@ -10,12 +10,12 @@ from vesselnb.errors import VesselnbError
 
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands; owners register theirs so this file stays a dispatcher."""
-    from vesselnb import compare, infer, report
+    from vesselnb import compare, infer, runner
     from vesselnb.convert import cli as convert_cli
 
     parser = argparse.ArgumentParser(prog="vesselnb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    report.add_cli(sub)  # run, demo, compare, index
+    runner.add_cli(sub)  # run, compare, demo, index
     convert_cli.add_cli(sub)  # convert, diff
     infer.add_cli(sub)  # infer, merge-predictions
     compare.add_cli(sub)  # (analysis helpers for comparisons, if any)

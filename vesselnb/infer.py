@@ -1,7 +1,752 @@
-"""Placeholder: see docs/contracts.md. Being written."""
+"""Stage 02: run an HF Sa2VA folder over the frames and fill the prediction store — and never fake a result.
+
+The users' three failures shaped this module:
+
+* they called the training ``forward()``: here only ``predict_forward(image=..., text=..., tokenizer=...)`` is ever
+  called, and a folder whose model has none is refused at load time;
+* a prompt without ``<image>`` crashed deep inside (``assert selected.sum() != 0``): :func:`prepare_prompt` adds it
+  with a warning, or refuses in strict mode, before the model is even loaded;
+* a multi-GPU script silently fell back to ground truth plus noise: this stage never opens ground truth, and a
+  sample that fails is stored as ``error`` (exception kept, run continues) and one without ``[SEG]`` as ``no_seg``,
+  both counted and shown in a red banner — there is no fallback path at all.
+
+Data-parallel scale-out is ``accelerate launch -m vesselnb.cli infer ...`` (one process per GPU): each process takes
+shard ``RANK`` of ``WORLD_SIZE``, writes its own store part, and the last one to finish merges the parts (or run
+``vesselnb merge-predictions``). ``--shard k/n`` does the same by hand on any machine.
+
+Test hook (documented so tests can kill a run at a known point): the environment variable
+``VESSELNB_TEST_SAMPLE_DELAY`` (seconds, default 0) makes the loop sleep after storing each sample.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import html
+import inspect
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-def add_cli(subparsers) -> None:  # noqa: D103 - placeholder until the owner fills it in
-    return None
+import numpy as np
+from PIL import Image
+
+from vesselnb.data import Sample, list_samples
+from vesselnb.device import DevicePlan, distributed_context, maybe_cuda_shim, plan_device
+from vesselnb.errors import InferenceError, StoreError
+from vesselnb.params import DEFAULT_PROMPT, RunParams
+from vesselnb.store import (
+    STATUSES,
+    PredictionStore,
+    all_parts_complete,
+    check_compatible,
+    merge_parts,
+    part_name,
+    read_store_meta,
+)
+
+IMAGE_TOKEN = "<image>"
+SEG_TOKEN = "[SEG]"
+PREDICTIONS_DIR = "predictions"
+SAMPLE_DELAY_ENV = "VESSELNB_TEST_SAMPLE_DELAY"
+
+
+class PromptWarning(UserWarning):
+    """The prompt was changed to make it valid for Sa2VA."""
+
+
+class FlashAttnWarning(UserWarning):
+    """transformers' import check wanted flash_attn; loaded anyway (the code falls back to eager attention)."""
+
+
+# --- prompt ---------------------------------------------------------------------------------------------------------
+def prepare_prompt(prompt: str, strict: bool = False) -> tuple[str, str | None]:
+    """Return ``(prompt to use, warning or None)``.
+
+    Sa2VA replaces ``<image>`` with the image tokens; without it an image prompt dies in ``generate`` with a bare
+    ``AssertionError``. The fix is to put ``<image>`` first, as in the default prompt; ``strict`` refuses instead.
+    """
+    if not prompt or not prompt.strip():
+        raise InferenceError(f"the prompt is empty; set 'inference.prompt', e.g. {DEFAULT_PROMPT!r}")
+    if IMAGE_TOKEN in prompt:
+        return prompt, None
+    if strict:
+        raise InferenceError(
+            f"prompt {prompt!r} has no '<image>' and strict_prompt is on; Sa2VA needs it to see the frame. "
+            f"Use e.g. {DEFAULT_PROMPT!r}"
+        )
+    fixed = IMAGE_TOKEN + prompt
+    message = f"prompt {prompt!r} has no '<image>' (Sa2VA would crash on it); using {fixed!r} instead"
+    warnings.warn(message, PromptWarning, stacklevel=2)
+    return fixed, message
+
+
+# --- loading --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbabilitySupport:
+    """Whether the model's ``predict_forward`` can return probability maps, and how to ask for them."""
+
+    available: bool
+    call_kwargs: dict[str, Any]
+    reason: str
+
+
+def probability_support(model: Any) -> ProbabilitySupport:
+    """Inspect ``predict_forward``'s signature.
+
+    * ``return_probability_maps`` (vesselnb's demo model): pass ``True``, read ``probability_maps``;
+    * ``return_tensors`` (the vessel fork qimingfan10/RLSa2va): it always returns ``probability_maps`` (sigmoid of
+      the fp32 logits before the 0.5 threshold) as numpy unless ``return_tensors=True``; nothing to pass;
+    * otherwise (upstream Sa2VA): only thresholded masks come back, so no probability maps.
+    """
+    try:
+        params = inspect.signature(model.predict_forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "return_probability_maps" in params:
+        return ProbabilitySupport(True, {"return_probability_maps": True}, "predict_forward(return_probability_maps)")
+    if "return_tensors" in params:
+        return ProbabilitySupport(True, {}, "predict_forward returns probability_maps (vessel-fork signature)")
+    return ProbabilitySupport(
+        False, {}, "this model's predict_forward returns only thresholded masks (upstream Sa2VA); no probability maps"
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for ``predict_forward``, with its tokenizer and where/how it runs."""
+
+    model: Any
+    tokenizer: Any
+    plan: DevicePlan
+    hf_dir: Path
+    probability: ProbabilitySupport
+    load_seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def predict(self, **kwargs: Any) -> dict[str, Any]:
+        """``model.predict_forward(**kwargs, tokenizer=...)`` (with the CPU shim when on the CPU)."""
+        with maybe_cuda_shim(self.plan):
+            return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+
+
+@contextlib.contextmanager
+def _import_check_without_flash_attn() -> Iterator[None]:
+    """Make transformers' remote-code import check ignore ``flash_attn`` (restored on exit).
+
+    The check reads import statements, not what runs; Sa2VA imports flash_attn only behind a runtime guard and falls
+    back to eager attention, so a missing flash_attn is not a reason to refuse the folder.
+    """
+    import transformers.dynamic_module_utils as dmu
+
+    original = dmu.get_imports
+
+    def get_imports_without_flash_attn(filename: Any) -> list[str]:
+        return [name for name in original(filename) if name != "flash_attn"]
+
+    dmu.get_imports = get_imports_without_flash_attn
+    try:
+        yield
+    finally:
+        dmu.get_imports = original
+
+
+def _from_pretrained(loader: Any, path: Path, notes: list[str], **kwargs: Any) -> Any:
+    try:
+        return loader(str(path), **kwargs)
+    except ImportError as exc:
+        if "flash_attn" not in str(exc):
+            raise InferenceError(f"{path}: the model's remote code needs a package that is missing: {exc}") from None
+    message = (f"{path}: transformers' import check asks for flash_attn, which is not installed; loading anyway — "
+               "the remote code falls back to eager attention at run time (slower on GPU, identical results)")
+    if message not in notes:
+        warnings.warn(message, FlashAttnWarning, stacklevel=3)
+        notes.append(message)
+    with _import_check_without_flash_attn():
+        return loader(str(path), **kwargs)
+
+
+def _dtype_kwarg() -> str:
+    """transformers ≥ 4.56 renamed ``torch_dtype`` to ``dtype`` (the old name warns)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def load_model(
+    hf_dir: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_memory_per_gpu: str | None = None,
+) -> LoadedModel:
+    """Load an HF Sa2VA folder with ``AutoModel.from_pretrained(trust_remote_code=True)`` and its tokenizer.
+
+    bf16 on a GPU and fp32 on a CPU unless ``dtype`` says otherwise; ``device: auto|cpu|cuda`` (see
+    :func:`vesselnb.device.plan_device`; under ``accelerate launch`` each process takes ``cuda:LOCAL_RANK``). The
+    model is prepared for generation in that dtype, because upstream's ``predict_forward`` would otherwise cast
+    pixels to bf16.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(hf_dir)
+    if not (folder / "config.json").is_file():
+        raise InferenceError(
+            f"{folder}: not an HF model folder (config.json missing). Run stage 01 (notebook 01_convert) to convert "
+            "the checkpoint, or set 'hf_model' to a converted Sa2VA folder."
+        )
+    plan = plan_device(device, dtype, max_memory_per_gpu, distributed_context())
+    notes: list[str] = []
+    started = time.perf_counter()
+    kwargs: dict[str, Any] = {"trust_remote_code": True, _dtype_kwarg(): plan.dtype}
+    if plan.device_map is not None:
+        kwargs["device_map"] = plan.device_map
+        if plan.max_memory:
+            kwargs["max_memory"] = plan.max_memory
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, folder, notes, trust_remote_code=True)
+        model = _from_pretrained(AutoModel.from_pretrained, folder, notes, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InferenceError(f"{folder}: cannot load the model or tokenizer: {exc}") from None
+    if plan.device_map is None:
+        model = model.to(plan.device)
+    model.eval()
+    if not callable(getattr(model, "predict_forward", None)):
+        raise InferenceError(
+            f"{folder}: {type(model).__name__} has no predict_forward(); this is not a Sa2VA HF folder (its forward() "
+            "is the training forward and cannot segment). Point 'hf_model' at the converted Sa2VA folder."
+        )
+    _prepare_for_generation(model, tokenizer, plan, notes)
+    return LoadedModel(model, tokenizer, plan, folder, probability_support(model), time.perf_counter() - started, notes)
+
+
+def _prepare_for_generation(model: Any, tokenizer: Any, plan: DevicePlan, notes: list[str]) -> None:
+    """Call ``preparing_for_generation`` with our dtype first: its default (bf16) would cast fp32 CPU runs' pixels."""
+    prepare = getattr(model, "preparing_for_generation", None)
+    if prepare is None:
+        return
+    try:
+        accepts_dtype = "torch_dtype" in inspect.signature(prepare).parameters
+    except (TypeError, ValueError):
+        accepts_dtype = False
+    with maybe_cuda_shim(plan):
+        if accepts_dtype:
+            prepare(tokenizer, torch_dtype=plan.dtype)
+        else:
+            prepare(tokenizer)
+            if plan.dtype_name != "bf16":
+                notes.append("preparing_for_generation takes no torch_dtype; the model casts pixels to its default")
+
+
+# --- one prediction -> one record -----------------------------------------------------------------------------------
+@dataclass
+class FrameResult:
+    """What is stored for one sample."""
+
+    record: dict[str, Any]
+    mask: np.ndarray
+    probability: np.ndarray | None
+
+
+def _base_record(sample: Sample, height: int, width: int) -> dict[str, Any]:
+    return {
+        "sample_id": sample.sample_id, "image": str(sample.image_path), "patient": sample.patient,
+        "sequence": sample.sequence, "frame": sample.frame, "status": "error", "text": "", "n_seg": 0,
+        "seconds": 0.0, "error": None, "height": height, "width": width, "mask_resized_from": None,
+        "has_probability": False,
+    }  # fmt: skip
+
+
+def read_frame(path: Path) -> Image.Image:
+    """Decode a frame fully as RGB now, so a corrupt file fails here (as this sample's error), not in the model."""
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def _frame_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the header when the pixels cannot be decoded; (0, 0) when not even that."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except Exception:  # noqa: BLE001 - any decoder failure means "size unknown"
+        return 0, 0
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message (at file:line in function)`` — enough to find the failing line without the full traceback."""
+    text = f"{type(exc).__name__}: {exc}".strip()
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        text += f" (at {Path(last.filename).name}:{last.lineno} in {last.name})"
+    return text
+
+
+def error_result(sample: Sample, message: str, seconds: float = 0.0) -> FrameResult:
+    """An ``error`` record with an all-zero mask at the frame's size (0x0 if the file is unreadable)."""
+    height, width = _frame_size(sample.image_path)
+    record = dict(_base_record(sample, height, width), status="error", error=message, seconds=seconds)
+    return FrameResult(record, np.zeros((height, width), dtype=bool), None)
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy() if value.dtype.is_floating_point else value.cpu().numpy()
+    return np.asarray(value)
+
+
+def _frame_of(stack: Any, index: int) -> np.ndarray:
+    """Frame ``index`` of a (T, H, W) mask/probability stack (a bare (H, W) counts as T=1)."""
+    array = _to_numpy(stack)
+    if array.ndim == 2:
+        return array
+    if array.ndim == 3:
+        return array[index]
+    raise InferenceError(f"predict_forward returned a mask of shape {array.shape}; expected (frames, H, W)")
+
+
+def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+    return np.asarray(image) > 127
+
+
+def _resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray:
+    image = Image.fromarray(prob.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR)
+    return np.asarray(image)
+
+
+def interpret_output(
+    output: dict[str, Any], sample: Sample, frame_index: int, height: int, width: int, seconds: float,
+    want_probability: bool,
+) -> FrameResult:
+    """Turn one ``predict_forward`` answer into a record: ``ok`` / ``no_seg``, OR-ed masks, resize if needed.
+
+    Several ``[SEG]`` masks are OR-ed (as the official referring-segmentation eval does; their probability maps
+    combine by maximum, which thresholds to the same union). No ``[SEG]`` in the text, or no mask returned, is
+    ``no_seg`` with an empty mask — never a substitute.
+    """
+    text = str(output.get("prediction", ""))
+    masks = list(output.get("prediction_masks") or [])
+    record = dict(_base_record(sample, height, width), text=text, n_seg=len(masks), seconds=seconds)
+    if SEG_TOKEN not in text or not masks:
+        record["status"] = "no_seg"
+        return FrameResult(record, np.zeros((height, width), dtype=bool), None)
+    frame_masks = [_frame_of(m, frame_index).astype(bool) for m in masks]
+    combined = np.logical_or.reduce(frame_masks)
+    if combined.shape != (height, width):
+        record["mask_resized_from"] = [int(combined.shape[0]), int(combined.shape[1])]
+        combined = _resize_mask(combined, height, width)
+    probability = None
+    maps = output.get("probability_maps") if want_probability else None
+    if maps:
+        prob = np.maximum.reduce([_frame_of(p, frame_index).astype(np.float32) for p in maps])
+        if prob.shape != (height, width):
+            prob = _resize_probability(prob, height, width)
+        probability = np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+    record["status"] = "ok"
+    return FrameResult(record, combined, probability)
+
+
+def predict_image(loaded: LoadedModel, sample: Sample, prompt: str, want_probability: bool) -> FrameResult:
+    """One frame in image mode; any failure becomes an ``error`` record (the run goes on)."""
+    started = time.perf_counter()
+    try:
+        image = read_frame(sample.image_path)
+    except Exception as exc:  # noqa: BLE001 - a bad file is this sample's error, not the run's
+        return error_result(sample, f"cannot read image {sample.image_path}: {describe_exception(exc)}")
+    kwargs = loaded.probability.call_kwargs if want_probability else {}
+    try:
+        output = loaded.predict(image=image, text=prompt, **kwargs)
+        seconds = time.perf_counter() - started
+        return interpret_output(output, sample, 0, image.height, image.width, seconds, want_probability)
+    except Exception as exc:  # noqa: BLE001 - recorded as status "error" with its text; counted and shown
+        return error_result(sample, describe_exception(exc), time.perf_counter() - started)
+
+
+def predict_sequence(
+    loaded: LoadedModel, samples: Sequence[Sample], prompt: str, want_probability: bool
+) -> list[FrameResult]:
+    """Frames of one sequence as one ``video=[frames]`` call; unreadable frames are dropped from it as errors."""
+    started = time.perf_counter()
+    results: dict[str, FrameResult] = {}
+    frames: list[tuple[Sample, Image.Image]] = []
+    for sample in samples:
+        try:
+            frames.append((sample, read_frame(sample.image_path)))
+        except Exception as exc:  # noqa: BLE001
+            results[sample.sample_id] = error_result(
+                sample, f"cannot read image {sample.image_path}: {describe_exception(exc)}"
+            )
+    if frames:
+        kwargs = loaded.probability.call_kwargs if want_probability else {}
+        try:
+            output = loaded.predict(video=[image for _, image in frames], text=prompt, **kwargs)
+            share = (time.perf_counter() - started) / len(frames)
+            for index, (sample, image) in enumerate(frames):
+                results[sample.sample_id] = interpret_output(
+                    output, sample, index, image.height, image.width, share, want_probability
+                )
+        except Exception as exc:  # noqa: BLE001
+            share = (time.perf_counter() - started) / len(frames)
+            message = f"sequence call failed: {describe_exception(exc)}"
+            for sample, _ in frames:
+                results[sample.sample_id] = error_result(sample, message, share)
+    return [results[s.sample_id] for s in samples]
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+def work_units(samples: Sequence[Sample], mode: str) -> list[list[Sample]]:
+    """What one model call covers: a frame (image mode) or a whole sequence (video mode), in sample order."""
+    if mode == "image":
+        return [[s] for s in samples]
+    groups: dict[str, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.video_key, []).append(sample)
+    return list(groups.values())
+
+
+def select_shard(units: list[list[Sample]], shard: tuple[int, int] | None) -> list[list[Sample]]:
+    """Shard ``k`` of ``n`` takes every n-th unit from k: balanced, deterministic, sequences never split."""
+    if shard is None:
+        return units
+    k, n = shard
+    if n < 1 or not 0 <= k < n:
+        raise InferenceError(f"shard {k}/{n} is invalid: use k/n with 0 <= k < n (e.g. --shard 0/2 and --shard 1/2)")
+    return units[k::n]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"k/n"`` → ``(k, n)``; k counts from 0 like accelerate's RANK."""
+    try:
+        k_text, n_text = text.split("/")
+        shard = int(k_text), int(n_text)
+    except ValueError:
+        raise InferenceError(f"--shard {text!r}: expected k/n such as 0/2") from None
+    select_shard([], shard)
+    return shard
+
+
+@dataclass
+class LoopStats:
+    """Timing of one pass of :func:`run_inference`."""
+
+    n_done_before: int = 0
+    n_run: int = 0
+    wall_seconds: float = 0.0
+    model_seconds: float = 0.0
+
+
+def run_inference(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    store: PredictionStore,
+    prompt: str,
+    mode: str = "image",
+    want_probability: bool = False,
+    already_done: set[str] | None = None,
+    progress: bool = True,
+) -> LoopStats:
+    """Predict every sample not yet stored and write each one as soon as it is done (resumable at any point)."""
+    from tqdm import tqdm
+
+    done = set(already_done if already_done is not None else store.sample_ids())
+    units = [[s for s in unit if s.sample_id not in done] for unit in work_units(samples, mode)]
+    units = [unit for unit in units if unit]
+    stats = LoopStats(n_done_before=sum(1 for s in samples if s.sample_id in done))
+    delay = float(os.environ.get(SAMPLE_DELAY_ENV, "0") or 0)
+    todo = sum(len(unit) for unit in units)
+    started = time.perf_counter()
+    with tqdm(total=todo, desc="predict_forward", unit="frame", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True, mininterval=0.5) as bar:
+        if stats.n_done_before:
+            bar.write(f"resuming: {stats.n_done_before} of {len(samples)} samples already stored")
+        for unit in units:
+            if mode == "image":
+                results = [predict_image(loaded, unit[0], prompt, want_probability)]
+            else:
+                results = predict_sequence(loaded, unit, prompt, want_probability)
+            for result in results:
+                store.write(result.record, result.mask, result.probability)
+                stats.model_seconds += float(result.record["seconds"])
+                stats.n_run += 1
+                if delay:
+                    time.sleep(delay)
+            bar.update(len(results))
+    stats.wall_seconds = time.perf_counter() - started
+    return stats
+
+
+# --- the stage ------------------------------------------------------------------------------------------------------
+@dataclass
+class InferenceSummary:
+    """What notebook 02 shows: status counts, speed, and a red banner when anything errored or produced no mask."""
+
+    store_path: Path
+    records: Any  # pandas.DataFrame of this run's samples (contract columns)
+    n_samples: int
+    stats: LoopStats
+    prompt: str
+    prompt_warning: str | None
+    device: str
+    dtype: str
+    mode: str
+    probability_maps: bool
+    probability_note: str
+    fingerprint: str
+    shard: tuple[int, int] | None = None
+    merged: bool | None = None
+    load_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def status_counts(self) -> dict[str, int]:
+        """``{"ok", "no_seg", "error"}`` counts over this run's samples."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for status in self.records["status"] if len(self.records) else []:
+            counts[status] += 1
+        return counts
+
+    @property
+    def frames_per_second(self) -> float:
+        """Frames stored per wall-clock second in this pass (NaN when everything was already stored)."""
+        if not self.stats.n_run or not self.stats.wall_seconds:
+            return float("nan")
+        return self.stats.n_run / self.stats.wall_seconds
+
+    @property
+    def has_problems(self) -> bool:
+        """True when any sample errored or produced no mask."""
+        counts = self.status_counts
+        return bool(counts["error"] or counts["no_seg"])
+
+    def status_table(self):  # -> pandas.DataFrame
+        """Counts and shares per status."""
+        import pandas as pd
+
+        counts = self.status_counts
+        total = max(sum(counts.values()), 1)
+        return pd.DataFrame({"status": list(counts), "samples": list(counts.values()),
+                             "share": [v / total for v in counts.values()]})
+
+    def problems(self):  # -> pandas.DataFrame
+        """The ``error`` and ``no_seg`` samples with the model's text and the error message."""
+        frame = self.records
+        columns = ["sample_id", "status", "error", "text", "seconds"]
+        return frame[frame["status"] != "ok"][columns].reset_index(drop=True)
+
+    def example_ids(self, k: int = 4) -> list[str]:
+        """A few samples to look at: problems first (they matter most), then evenly spread ``ok`` ones."""
+        frame = self.records
+        bad = list(frame[frame["status"] != "ok"]["sample_id"])[: k // 2]
+        ok = list(frame[frame["status"] == "ok"]["sample_id"])
+        step = max(len(ok) // max(k - len(bad), 1), 1)
+        return bad + ok[::step][: k - len(bad)]
+
+    def banner(self) -> str:
+        """One line: the state of this run (what the CLI prints and the HTML shows in colour)."""
+        counts = self.status_counts
+        text = (f"{self.n_samples} samples: {counts['ok']} ok, {counts['no_seg']} no_seg (no [SEG] / no mask), "
+                f"{counts['error']} error")
+        if self.has_problems:
+            return "ATTENTION: " + text + " — see problems(); these samples have EMPTY masks, not substitutes"
+        return text
+
+    def to_text(self) -> str:
+        """Plain-text summary for the CLI."""
+        lines = [self.banner(),
+                 f"store: {self.store_path}  (fingerprint {self.fingerprint}, mode {self.mode})",
+                 f"device {self.device}, dtype {self.dtype}; this pass: {self.stats.n_run} predicted, "
+                 f"{self.stats.n_done_before} already stored, {self.frames_per_second:.2f} frames/s",
+                 f"probability maps: {'stored' if self.probability_maps else 'not stored'} ({self.probability_note})"]
+        if self.shard:
+            lines.append(f"shard {self.shard[0]}/{self.shard[1]}: "
+                         + ("parts merged into the store" if self.merged else
+                            "part written; merge with `vesselnb merge-predictions` when all shards are done"))
+        lines += [f"note: {n}" for n in ([self.prompt_warning] if self.prompt_warning else []) + self.notes]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        colour = "#b00020" if self.has_problems else "#1b5e20"
+        background = "#fdecea" if self.has_problems else "#e8f5e9"
+        counts = self.status_counts
+        rows = [
+            ("store", f"{self.store_path}"), ("fingerprint", self.fingerprint), ("prompt", self.prompt),
+            ("mode", self.mode), ("device / dtype", f"{self.device} / {self.dtype}"),
+            ("this pass", f"{self.stats.n_run} predicted, {self.stats.n_done_before} already stored (resumed)"),
+            ("speed", f"{self.frames_per_second:.2f} frames/s; model load {self.load_seconds:.1f} s"),
+            ("probability maps",
+             ("stored" if self.probability_maps else "NOT available") + f" — {self.probability_note}"),
+        ]
+        if self.shard:
+            rows.append(("shard", f"{self.shard[0]}/{self.shard[1]}, merged: {self.merged}"))
+        notes = ([self.prompt_warning] if self.prompt_warning else []) + self.notes
+        status_cells = "".join(
+            f"<td style='padding:2px 10px'><b>{counts[s]}</b> {s}</td>" for s in STATUSES
+        )
+        table = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
+                        f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+        note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+        return (
+            f"<div style='border-left:6px solid {colour};background:{background};padding:6px 10px;margin:4px 0'>"
+            f"<b style='color:{colour}'>{html.escape(self.banner())}</b>"
+            f"<table><tr>{status_cells}</tr></table></div>"
+            f"<table>{table}</table>" + (f"<ul>{note_html}</ul>" if note_html else "")
+        )
+
+
+def _resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    dist = distributed_context()
+    if shard is None and dist.active:
+        return dist.rank, dist.world_size
+    return shard
+
+
+def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] | None = None,
+                progress: bool = True) -> InferenceSummary:
+    """Stage 02: predict every frame of ``params.data.images`` into ``run_dir/predictions``; resumable.
+
+    ``shard=(k, n)`` (or ``accelerate launch``'s RANK/WORLD_SIZE) runs one part; the last part to finish merges all.
+    Ground truth (``params.data.annotations``) is never read here.
+    """
+    from vesselnb.fingerprint import weights_fingerprint
+
+    run_dir = Path(run_dir)
+    shard = _resolve_shard(shard)
+    inf = params.inference
+    prompt, prompt_warning = prepare_prompt(inf.prompt, inf.strict_prompt)
+    hf_dir = params.hf_model_dir(run_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise InferenceError(f"{hf_dir}: no HF model folder here; run stage 01 (convert) first or set 'hf_model'")
+    if params.data.images is None:
+        raise InferenceError("params: 'data.images' is not set; point it at the folder of frames")
+    samples = list_samples(params.data.images, params.data.image_glob, params.data.name_regex, params.data.limit)
+    fingerprint = weights_fingerprint(hf_dir)
+    predictions = run_dir / PREDICTIONS_DIR
+    meta = read_store_meta(predictions)
+    if meta is not None:  # refuse a mismatch before spending minutes loading weights
+        wanted = {"fingerprint": fingerprint, "prompt": prompt, "mode": inf.mode,
+                  "probability_maps": meta.get("probability_maps")}
+        check_compatible(meta, wanted, where=str(predictions))
+
+    units = select_shard(work_units(samples, inf.mode), shard)
+    mine = [s for unit in units for s in unit]
+    target = predictions / "parts" / part_name(shard) if shard is not None else predictions
+    already: set[str] = set()
+    for folder in {predictions, target}:
+        if read_store_meta(folder) is not None:
+            already |= set(_quiet_store(folder).sample_ids())
+    todo = [s for s in mine if s.sample_id not in already]
+
+    if not todo and (read_store_meta(target) or meta) is not None:
+        # Everything is stored already: do not spend minutes loading weights to predict nothing.
+        done_meta = read_store_meta(target) or meta or {}
+        store = _quiet_store(target) if read_store_meta(target) is not None else None
+        stats = LoopStats(n_done_before=len(mine))
+        want_probability = bool(done_meta.get("probability_maps"))
+        device, dtype_name, load_seconds = "(not loaded)", str(done_meta.get("dtype", "?")), 0.0
+        note = "as stored" if want_probability else "not stored in this store"
+        notes = ["all samples were already stored; the model was not loaded"]
+    else:
+        loaded = load_model(hf_dir, inf.device, inf.dtype, inf.max_memory_per_gpu)
+        want_probability = bool(inf.probability_maps and loaded.probability.available)
+        note = loaded.probability.reason if inf.probability_maps else "not requested (inference.probability_maps)"
+        identity = {"fingerprint": fingerprint, "model_dir": hf_dir, "prompt": prompt, "mode": inf.mode,
+                    "probability_maps": want_probability,
+                    "extra": {"dtype": loaded.plan.dtype_name, "prompt_given": inf.prompt}}
+        if meta is not None:
+            check_compatible(meta, identity, where=str(predictions))
+        store = PredictionStore.create_or_open(target, **identity)
+        stats = run_inference(loaded, mine, store, prompt, inf.mode, want_probability, already, progress)
+        device, dtype_name, load_seconds = loaded.plan.device, loaded.plan.dtype_name, loaded.load_seconds
+        notes = list(loaded.warnings)
+    merged = None
+    if shard is not None:
+        if store is not None and store.path == target:
+            store.mark_part_complete(len(mine))
+        merged = _merge_if_last(predictions, shard[1]) or not (predictions / "parts").exists()
+    final = _quiet_store(predictions) if (shard is None or merged) else _quiet_store(target)
+    wanted_ids = {s.sample_id for s in (samples if final.path == predictions else mine)}
+    frame = final.records_frame()
+    frame = frame[frame["sample_id"].isin(wanted_ids)].reset_index(drop=True)
+    return InferenceSummary(
+        store_path=final.path, records=frame, n_samples=len(wanted_ids), stats=stats, prompt=prompt,
+        prompt_warning=prompt_warning, device=device, dtype=dtype_name, mode=inf.mode,
+        probability_maps=want_probability, probability_note=note, fingerprint=fingerprint, shard=shard,
+        merged=merged, load_seconds=load_seconds, notes=notes,
+    )
+
+
+def _quiet_store(path: Path) -> PredictionStore:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PredictionStore(path)
+
+
+def _merge_if_last(predictions: Path, n_shards: int) -> bool:
+    """Merge the parts when every shard has finished; False (and a hint) when others are still running."""
+    if not all_parts_complete(predictions, n_shards):
+        return False
+    try:
+        merge_parts(predictions)
+    except StoreError as exc:
+        if "merging shard parts right now" in str(exc):
+            return False
+        raise
+    return not (predictions / "parts").exists()
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+def add_cli(subparsers: Any) -> None:
+    """``vesselnb infer`` and ``vesselnb merge-predictions``."""
+    infer = subparsers.add_parser(
+        "infer", help="run stage 02 (predict_forward over the frames) into <run-dir>/predictions",
+        description="Run an HF Sa2VA folder over the frames of a params file. Resumable; for several GPUs use "
+                    "`accelerate launch --num_processes N -m vesselnb.cli infer PARAMS --run-dir DIR`.",
+    )
+    infer.add_argument("params", type=Path, help="params YAML (see params/demo.yaml)")
+    infer.add_argument("--run-dir", type=Path, default=None, help="run folder (default: outputs/<run_name>)")
+    infer.add_argument("--shard", default=None, help="k/n: run only shard k of n (0-based; default under "
+                                                      "accelerate launch: RANK/WORLD_SIZE)")
+    infer.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                       help="override inference.device")
+    infer.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    infer.set_defaults(func=_cli_infer)
+
+    merge = subparsers.add_parser(
+        "merge-predictions", help="merge shard parts (predictions/parts/*) into the run's prediction store",
+    )
+    merge.add_argument("path", type=Path, help="the run folder or its predictions/ folder")
+    merge.add_argument("--allow-incomplete", action="store_true",
+                       help="also merge parts whose shard has not finished (their remaining samples stay missing)")
+    merge.set_defaults(func=_cli_merge)
+
+
+def _cli_infer(args: Any) -> int:
+    from vesselnb.params import load_params
+
+    params = load_params(args.params)
+    if args.device:
+        params.inference.device = args.device
+    run_dir = args.run_dir or Path("outputs") / params.run_name
+    shard = parse_shard(args.shard) if args.shard else None
+    summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
+    print(summary.to_text(), file=sys.stderr if summary.has_problems else sys.stdout)
+    return 0
+
+
+def _cli_merge(args: Any) -> int:
+    path = args.path / PREDICTIONS_DIR if (args.path / PREDICTIONS_DIR).is_dir() else args.path
+    report = merge_parts(path, require_complete=not args.allow_incomplete)
+    print(f"merged {len(report.parts)} part(s) into {report.store}: {report.copied} samples copied, "
+          f"{report.already_present} already present")
+    if report.incomplete_parts:
+        print(f"not merged (shard still running or killed; rerun it): {', '.join(report.incomplete_parts)}",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -10,6 +10,7 @@ directory (papermill runs notebooks from ``notebooks/``).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from vesselnb.errors import ParamsError
 DEFAULT_PROMPT = "<image>Please segment the blood vessel."
 # Users' frame names: Chen_Fang_0000103366__1-4_1_04B2D3CF_frame_000034.jpg -> patient, id, sequence, frame.
 DEFAULT_NAME_REGEX = r"^(?P<patient>.+?)_(?P<patient_id>\d+)__(?P<sequence>.+)_frame_(?P<frame>\d+)$"
+# run_name becomes a folder under outputs/; "_..." (demo assets) and "compare_..." (comparisons) are reserved there.
+RUN_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
@@ -252,6 +255,11 @@ def _check_paths(params: RunParams, source: Path) -> None:
 
 
 def _check_values(params: RunParams, source: Path) -> None:
+    if not RUN_NAME_PATTERN.match(params.run_name) or params.run_name.startswith("compare_"):
+        raise ParamsError(
+            f"{source}: key 'run_name' must be a plain folder name (letters, digits, '.', '_', '-', not starting "
+            f"with '_' or 'compare_'), got {params.run_name!r}"
+        )
     if "<image>" not in params.inference.prompt and params.inference.strict_prompt:
         raise ParamsError(
             f"{source}: key 'inference.prompt' has no '<image>' and strict_prompt is on; "

@@ -1,7 +1,233 @@
-"""Placeholder: see docs/contracts.md. Being written."""
+"""Figures users already know (the 4-panel original / GT / prediction / overlay) plus the TP/FP/FN overlay.
+
+Figures are built as :class:`matplotlib.figure.Figure` objects without pyplot's global state, so a long report
+never accumulates open figures; :func:`show` displays one as an embedded PNG (small, backend-independent, works
+under papermill) and closes it.
+"""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
-def add_cli(subparsers) -> None:  # noqa: D103 - placeholder until the owner fills it in
-    return None
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+# Colours of the error overlay: true positives white, false positives magenta, false negatives cyan.
+TP_RGB = (255, 255, 255)
+FP_RGB = (255, 0, 255)
+FN_RGB = (0, 255, 255)
+GT_RGB = (255, 0, 0)
+PRED_RGB = (0, 200, 0)
+
+
+def load_frame(path: str | Path) -> np.ndarray:
+    """A frame as RGB uint8 (angiograms are grey; RGB keeps colour overlays simple)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.shape[2] == 4:
+        array = array[..., :3]
+    if array.dtype != np.uint8:
+        top = float(array.max()) if array.size else 1.0
+        array = (array * (255.0 / top if top > 1.0 else 255.0)).clip(0, 255).astype(np.uint8)
+    return array
+
+
+def _fit_mask(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask at the frame's size (nearest-neighbour), or all-False when absent."""
+    if mask is None:
+        return np.zeros(shape, dtype=bool)
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != shape:
+        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
+        mask = np.asarray(resized) > 127
+    return mask
+
+
+def tint(image: np.ndarray, mask: np.ndarray, rgb: tuple[int, int, int], alpha: float = 0.55) -> np.ndarray:
+    """The frame with ``mask`` blended in colour ``rgb`` (the users' "GT in red / prediction in green")."""
+    base = _as_rgb(image).astype(np.float32)
+    mask = _fit_mask(mask, base.shape[:2])
+    base[mask] = (1.0 - alpha) * base[mask] + alpha * np.asarray(rgb, dtype=np.float32)
+    return base.astype(np.uint8)
+
+
+def error_overlay(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """RGB uint8: the dimmed frame with TP white, FP magenta, FN cyan, so misses and false alarms stand out."""
+    base = (_as_rgb(image).astype(np.float32) * 0.5).astype(np.uint8)
+    shape = base.shape[:2]
+    gt = _fit_mask(gt, shape)
+    pred = _fit_mask(pred, shape)
+    base[gt & pred] = TP_RGB
+    base[pred & ~gt] = FP_RGB
+    base[gt & ~pred] = FN_RGB
+    return base
+
+
+def four_panel(
+    image: np.ndarray, gt: np.ndarray | None, pred: np.ndarray | None, title: str = "", *, with_errors: bool = False
+) -> Figure:
+    """Original / GT in red / prediction in green / overlay (both), the figure users drew before.
+
+    With ``with_errors`` a fifth panel shows :func:`error_overlay`.
+    """
+    rgb = _as_rgb(image)
+    shape = rgb.shape[:2]
+    gt_mask = _fit_mask(gt, shape)
+    pred_mask = _fit_mask(pred, shape)
+    both = tint(tint(rgb, gt_mask, GT_RGB, 0.5), pred_mask, PRED_RGB, 0.5)
+    panels = [
+        ("original", rgb),
+        ("ground truth" if gt is not None else "ground truth (none)", tint(rgb, gt_mask, GT_RGB)),
+        ("prediction", tint(rgb, pred_mask, PRED_RGB)),
+        ("overlay (GT red, pred green)", both),
+    ]
+    if with_errors:
+        panels.append(("TP white / FP magenta / FN cyan", error_overlay(rgb, gt_mask, pred_mask)))
+    fig = Figure(figsize=(2.6 * len(panels), 2.9), layout="constrained")
+    axes = fig.subplots(1, len(panels))
+    for ax, (label, picture) in zip(axes, panels, strict=True):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def image_grid(
+    pictures: Sequence[np.ndarray], titles: Sequence[str], columns: int = 4, cell_inches: float = 2.4
+) -> Figure:
+    """Pictures in a grid with small titles (galleries); an empty list gives a figure saying so."""
+    n = max(len(pictures), 1)
+    columns = max(1, min(columns, n))
+    rows = (n + columns - 1) // columns
+    fig = Figure(figsize=(cell_inches * columns, (cell_inches + 0.35) * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    if not pictures:
+        axes[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    for ax, picture, title in zip(axes, pictures, titles, strict=False):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(title, fontsize=7)
+    return fig
+
+
+def prediction_panels(store: Any, sample_ids: Iterable[str], columns: int = 4) -> Figure:
+    """Frames with their predicted mask in green (no ground truth): notebook 02's quick look at a store.
+
+    ``store`` is a :class:`vesselnb.store.PredictionStore`; each record's ``image`` path is read for the frame.
+    """
+    records = {record["sample_id"]: record for record in store.records()}
+    pictures, titles = [], []
+    for sample_id in sample_ids:
+        record = records.get(sample_id)
+        if record is None:
+            continue
+        mask = store.mask(sample_id)
+        try:
+            frame = load_frame(record["image"])
+        except OSError:
+            frame = np.zeros((*mask.shape, 3), dtype=np.uint8)
+        pictures.append(tint(frame, mask, PRED_RGB))
+        titles.append(f"{_short(sample_id)}\n{record.get('status', '?')}, {int(mask.sum())} px")
+    return image_grid(pictures, titles, columns=columns)
+
+
+def _short(text: str, limit: int = 34) -> str:
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+
+
+def figure_png(fig: Figure, dpi: int = 80) -> bytes:
+    """PNG bytes of a figure; the dpi bounds the size of reports that embed it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Write a figure as PNG (creating the folder) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
+
+
+def show(fig: Figure, dpi: int = 80) -> None:
+    """Display a figure as an embedded PNG, then close it so long runs do not hold every figure in memory."""
+    from IPython.display import Image as IPImage
+    from IPython.display import display
+
+    display(IPImage(data=figure_png(fig, dpi=dpi), format="png"))
+    close(fig)
+
+
+def close(fig: Figure) -> None:
+    """Release a figure (pyplot-managed or not)."""
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    fig.clear()
+
+
+def gallery(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], title: str = "",
+            thumbnail: int = 256) -> Figure:
+    """One line per sample: original / GT red / prediction green / overlay / TP-FP-FN, with the metrics as title.
+
+    Frames are downsampled to ``thumbnail`` pixels so a report of many galleries stays small.
+    """
+    n = max(len(rows), 1)
+    fig = Figure(figsize=(11.0, 2.6 * n + 0.4), layout="constrained")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if not rows:
+        ax = fig.subplots()
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no scored samples", ha="center", va="center")
+        return fig
+    labels = ("original", "GT (red)", "prediction (green)", "overlay", "TP white/FP magenta/FN cyan")
+    for sub, (image, gt, pred, caption) in zip(np.atleast_1d(fig.subfigures(n, 1)), rows, strict=True):
+        rgb, gt_small, pred_small = _thumbnail(image, gt, pred, thumbnail)
+        pictures = (
+            rgb,
+            tint(rgb, gt_small, GT_RGB),
+            tint(rgb, pred_small, PRED_RGB),
+            tint(tint(rgb, gt_small, GT_RGB, 0.5), pred_small, PRED_RGB, 0.5),
+            error_overlay(rgb, gt_small, pred_small),
+        )
+        sub.suptitle(caption, fontsize=7.5)
+        for ax, picture, label in zip(sub.subplots(1, 5), pictures, labels, strict=True):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(label, fontsize=7)
+            ax.set_axis_off()
+    return fig
+
+
+def _thumbnail(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, size: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frame and masks shrunk to at most ``size`` px (masks by nearest neighbour so thin vessels stay visible)."""
+    rgb = _as_rgb(image)
+    height, width = rgb.shape[:2]
+    gt_mask, pred_mask = _fit_mask(gt, (height, width)), _fit_mask(pred, (height, width))
+    scale = size / max(height, width)
+    if scale >= 1.0:
+        return rgb, gt_mask, pred_mask
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small = np.asarray(Image.fromarray(rgb).resize((shape[1], shape[0]), Image.BILINEAR))
+    return small, _shrink_mask(gt_mask, shape), _shrink_mask(pred_mask, shape)
+
+
+def _shrink_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Downsample keeping any pixel that touches the mask (max pooling), so one-pixel vessels do not vanish."""
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.BOX)
+    return np.asarray(resized) > 0

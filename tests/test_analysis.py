@@ -1,0 +1,183 @@
+"""Stage 03 on real prediction stores written through PredictionStore: tables, summaries, flags, files, notebook."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from _analysis_fixtures import make_dataset, run_params, thin_branch_mask, write_store
+
+from vesselnb.analysis import analyze_stage, patient_bootstrap_ci
+from vesselnb.errors import StageError
+
+CONTRACT_COLUMNS = [
+    "sample_id", "patient", "sequence", "frame", "status", "gt_area", "pred_area", "dice", "iou", "precision",
+    "recall", "specificity", "cldice", "betti0_error", "betti1_error", "hd95", "assd", "nsd", "recall_thin",
+    "recall_medium", "recall_thick",
+]
+SUMMARY_KEYS = {"run_name", "n_samples", "n_scored", "status_counts", "headline", "ci95", "nan_counts", "inf_counts",
+                "flags", "predictions_hash"}
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    root = tmp_path_factory.mktemp("analysis")
+    return root, make_dataset(root, size=SIZE)
+
+
+def _thin_missed(gts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {sample_id: gt & ~thin_branch_mask(SIZE, index) for index, (sample_id, gt) in enumerate(sorted(gts.items()))}
+
+
+def _codes(report) -> set[str]:
+    return {flag.code for flag in report.flags}
+
+
+def test_store_holding_the_ground_truth_raises_the_sanity_flags(dataset) -> None:
+    root, gts = dataset
+    run_dir = root / "runs_gt" / "gt_as_pred"
+    write_store(run_dir, root / "images", gts)
+    report = analyze_stage(run_params(root), run_dir)
+    assert {"predictions_equal_gt", "suspicious_perfect_dice"} <= _codes(report)
+    html = report._repr_html_()
+    assert html.index("predictions_equal_gt") < html.index("<table")  # the banner comes first
+    summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["headline"]["dice"] == 1.0 and summary["headline"]["ciou"] == 1.0
+    assert {flag["code"] for flag in summary["flags"]} >= {"predictions_equal_gt"}
+
+
+def test_missed_thin_branches_show_in_width_recall_and_the_files(dataset) -> None:
+    root, gts = dataset
+    run_dir = root / "runs_thin" / "thin_missed"
+    ids = sorted(gts)
+    statuses = {ids[0]: "no_seg", ids[1]: "error"}
+    write_store(run_dir, root / "images", _thin_missed(gts), status=lambda sample_id: statuses.get(sample_id, "ok"))
+    report = analyze_stage(run_params(root, max_error_rate=0.01, max_no_seg_rate=0.01), run_dir)
+    table = pd.read_parquet(run_dir / "analysis" / "metrics.parquet")
+    assert list(table.columns[: len(CONTRACT_COLUMNS) + 1]) == CONTRACT_COLUMNS[:5] + ["has_gt"] + CONTRACT_COLUMNS[5:]
+    assert len(table) == len(gts)  # no_seg and error samples are kept and scored as empty masks
+    assert table.set_index("sample_id").loc[ids[0], "dice"] == 0.0
+    assert math.isinf(table.set_index("sample_id").loc[ids[1], "hd95"])
+    ok = table[table["status"] == "ok"]
+    assert ok["recall_thin"].mean() < ok["recall_thick"].mean() - 0.2
+    assert ok["dice"].mean() > 0.85
+    summary = json.loads((run_dir / "analysis" / "summary.json").read_text())
+    assert summary["status_counts"] == {"ok": len(gts) - 2, "no_seg": 1, "error": 1}
+    assert summary["inf_counts"]["hd95"] == 2 and summary["nan_counts"]["precision"] == 2
+    assert {"error_rate", "no_seg_rate"} <= _codes(report)
+    assert "predictions_equal_gt" not in _codes(report)
+    frame = report.summary_table()
+    assert frame.loc["dice", "ci95_low"] <= frame.loc["dice", "mean (macro)"] <= frame.loc["dice", "ci95_high"]
+    assert {"worst_k", "best_k", "histograms"} <= {p.stem for p in (run_dir / "analysis" / "figures").glob("*.png")}
+    assert list(report.per_patient().index) and report.per_sequence().index.nlevels == 2
+    worst = report.ranked("dice").iloc[0]["sample_id"]
+    assert worst in (ids[0], ids[1])
+
+
+def test_frames_without_annotation_are_listed_not_scored(dataset, tmp_path: Path) -> None:
+    root, gts = dataset
+    copy = tmp_path / "data"
+    shutil.copytree(root / "images", copy / "images")
+    shutil.copytree(root / "masks", copy / "masks")
+    dropped = sorted(gts)[2]
+    (copy / "masks" / f"{dropped}_mask.png").unlink()
+    run_dir = tmp_path / "runs" / "missing_gt"
+    write_store(run_dir, copy / "images", gts)
+    report = analyze_stage(run_params(copy), run_dir)
+    row = report.table.set_index("sample_id").loc[dropped]
+    assert not row["has_gt"] and math.isnan(row["dice"])
+    assert report.summary["n_scored"] == len(gts) - 1
+    assert "frames_without_gt" in _codes(report)
+
+
+def test_identical_predictions_of_two_runs_are_flagged(dataset) -> None:
+    root, gts = dataset
+    predictions = _thin_missed(gts)
+    first, second = root / "runs_same" / "iter_3672", root / "runs_same" / "iter_12192"
+    write_store(first, root / "images", predictions, fingerprint="aaaaaaaaaaaaaaaa")
+    write_store(second, root / "images", predictions, fingerprint="bbbbbbbbbbbbbbbb")
+    analyze_stage(run_params(root, run_name="iter_3672"), first)
+    report = analyze_stage(run_params(root, run_name="iter_12192"), second)
+    assert "same_predictions_as_other_run" in _codes(report)
+    assert any("iter_3672" in flag.message for flag in report.flags)
+
+
+def test_threshold_sweep_finds_the_threshold_that_recovers_thin_vessels(dataset) -> None:
+    root, gts = dataset
+    run_dir = root / "runs_prob" / "with_probabilities"
+    thin = {sample_id: thin_branch_mask(SIZE, index) for index, sample_id in enumerate(sorted(gts))}
+    probabilities = {}
+    for sample_id, gt in gts.items():
+        probability = np.full(gt.shape, 20, dtype=np.uint8)
+        probability[gt] = 230
+        probability[thin[sample_id]] = 90  # thin vessels are faint: only a low threshold keeps them
+        probabilities[sample_id] = probability
+    predictions = {sample_id: probabilities[sample_id] > 127 for sample_id in gts}
+    write_store(run_dir, root / "images", predictions, probabilities=probabilities)
+    report = analyze_stage(run_params(root), run_dir)
+    sweep = report.sweep
+    assert sweep is not None
+    best = sweep.loc[sweep["dice"].idxmax(), "threshold"]
+    assert 20 / 255 < best < 90 / 255
+    assert report.summary["best_threshold"] == best
+    assert sweep["cldice"].notna().sum() >= 5
+    assert (root / "runs_prob" / "with_probabilities" / "analysis" / "figures" / "threshold_sweep.png").is_file()
+    lower = analyze_stage(run_params(root, threshold=0.2), run_dir)
+    assert lower.summary["headline"]["dice"] == 1.0  # re-binarised at 0.2 the faint vessels are back
+
+
+def test_patient_bootstrap_does_not_shrink_with_frames_per_patient() -> None:
+    """Frames of one patient are not independent: copying each patient's frames must not narrow the CI."""
+    rng = np.random.default_rng(0)
+    per_patient = rng.random(8)
+    one = pd.Series(per_patient)
+    patients = pd.Series([f"p{i}" for i in range(8)])
+    many = pd.Series(np.repeat(per_patient, 50))
+    many_patients = pd.Series(np.repeat(patients.to_numpy(), 50))
+    low1, high1 = patient_bootstrap_ci(one, patients, n_boot=2000)
+    low2, high2 = patient_bootstrap_ci(many, many_patients, n_boot=2000)
+    assert high2 - low2 == pytest.approx(high1 - low1, rel=0.05)
+    assert low1 < per_patient.mean() < high1
+    assert all(math.isnan(v) for v in patient_bootstrap_ci(one[:3], pd.Series(["p"] * 3)))
+
+
+def test_missing_store_is_a_stage_error(dataset, tmp_path: Path) -> None:
+    root, _ = dataset
+    with pytest.raises(StageError, match="predictions"):
+        analyze_stage(run_params(root), tmp_path / "no_run")
+
+
+@pytest.mark.slow
+def test_notebook_runs_under_papermill_with_static_fallback(dataset, tmp_path: Path) -> None:
+    root, gts = dataset
+    run_dir = tmp_path / "runs" / "nb"
+    write_store(run_dir, root / "images", _thin_missed(gts))
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        f"run_name: nb\nhf_model: {tmp_path}\ndata:\n  images: {root / 'images'}\n  annotations: {root / 'masks'}\n"
+        "  annotation_format: mask_png\nanalysis:\n  bootstrap_samples: 100\n  gallery_k: 2\n"
+    )
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "03_error_analysis.ipynb"
+    out = tmp_path / "out.ipynb"
+    result = subprocess.run(
+        [sys.executable, "-m", "papermill", str(notebook), str(out), "-p", "params_path", str(params),
+         "-p", "run_dir", str(run_dir), "--cwd", str(notebook.parent)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    executed = json.loads(out.read_text())
+    outputs = [o for cell in executed["cells"] if cell["cell_type"] == "code" for o in cell.get("outputs", [])]
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any("Sanity checks passed" in "".join(h) or "WARNING" in "".join(h) for h in html)
+    assert any("no interactive widget frontend" in "".join(h) for h in html)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+    assert (run_dir / "analysis" / "summary.json").is_file()

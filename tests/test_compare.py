@@ -1,0 +1,135 @@
+"""Comparing runs: paired statistics on metrics tables, then whole run folders built by the real stages."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vesselnb.compare import (
+    PAIRED_METRICS,
+    _find_iteration,
+    _jsonable,
+    _unique_labels,
+    paired_comparison,
+    wilcoxon_p,
+)
+
+
+def _metrics_table(seed: int, n_patients: int = 4, frames: int = 6, shift: float = 0.0) -> pd.DataFrame:
+    """A metrics table in the analysis/metrics.parquet layout; ``shift`` moves Dice/clDice up and HD95 down."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        for f in range(frames):
+            dice = float(np.clip(0.55 + 0.05 * p + rng.normal(0, 0.04) + shift, 0, 1))
+            rows.append(
+                {
+                    "sample_id": f"P{p}_{p:04d}__s_frame_{f:06d}",
+                    "patient": f"P{p}",
+                    "status": "ok",
+                    "dice": dice,
+                    "cldice": float(np.clip(dice - 0.05 + rng.normal(0, 0.02), 0, 1)),
+                    "hd95": float(max(0.0, 20 - 40 * shift + rng.normal(0, 2))),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_better_run_wins_with_the_expected_sign() -> None:
+    worse = _metrics_table(seed=1)
+    better = _metrics_table(seed=2, shift=0.15)
+    forward = paired_comparison(worse, better, "short", "long", n_boot=500)
+    backward = paired_comparison(better, worse, "long", "short", n_boot=500)
+    assert forward.better == "long" and backward.better == "long"
+    row = forward.stats.loc["dice"]
+    assert row["delta_mean"] > 0.1 and row["ci95_lo"] > 0 and row["wilcoxon_p"] < 0.01
+    assert row["wins"] > row["losses"]
+    # HD95: lower is better, so B's wins come with a negative Δ.
+    hd = forward.stats.loc["hd95"]
+    assert hd["delta_mean"] < 0 and hd["wins"] > hd["losses"]
+    assert backward.stats.loc["dice", "delta_mean"] == pytest.approx(-row["delta_mean"])
+    assert backward.stats.loc["dice", "losses"] == row["wins"]
+    assert "long is better than short" in forward.verdict
+
+
+def test_a_run_against_itself_has_zero_delta_and_no_winner() -> None:
+    table = _metrics_table(seed=3)
+    same = paired_comparison(table, table.copy(), "a", "a#2", n_boot=200)
+    for metric in PAIRED_METRICS:
+        row = same.stats.loc[metric]
+        assert row["delta_mean"] == 0 and row["wilcoxon_p"] == 1.0
+        assert row["ties"] == len(table) and row["wins"] == 0 and row["losses"] == 0
+    assert same.better is None and same.n_left_out == 0 and same.status_changes.empty
+
+
+def test_only_the_intersection_is_compared_and_the_rest_is_counted() -> None:
+    a = _metrics_table(seed=4)
+    b = _metrics_table(seed=5, shift=0.1)
+    a = a.iloc[3:]  # three samples only in b
+    b = b.drop(index=[10, 11])  # two samples only in a
+    pair = paired_comparison(a, b, "a", "b", n_boot=200)
+    assert pair.n_common == len(set(a["sample_id"]) & set(b["sample_id"])) == 24 - 5
+    assert pair.n_left_out == 5 and len(pair.only_b) == 3 and len(pair.only_a) == 2
+    assert set(pair.per_sample["sample_id"]) == set(a["sample_id"]) & set(b["sample_id"])
+
+
+def test_nonfinite_pairs_are_left_out_of_a_metric_and_status_changes_listed() -> None:
+    a = _metrics_table(seed=6)
+    b = a.copy()
+    b.loc[0, ["status", "dice", "hd95"]] = ["no_seg", 0.0, math.inf]
+    b.loc[1, ["status", "cldice"]] = ["error", math.nan]
+    pair = paired_comparison(a, b, "a", "b", n_boot=200)
+    assert pair.stats.loc["hd95", "n_nonfinite"] == 1 and pair.stats.loc["hd95", "n_pairs"] == len(a) - 1
+    assert pair.stats.loc["cldice", "n_nonfinite"] == 1
+    assert pair.stats.loc["dice", "losses"] == 1  # the no_seg sample lost its Dice
+    changes = pair.status_changes.set_index("sample_id")
+    assert changes.loc[a.loc[0, "sample_id"], "status_b"] == "no_seg"
+    assert changes.loc[a.loc[1, "sample_id"], "status_b"] == "error"
+    assert len(changes) == 2
+    per_patient = pair.per_patient.set_index("patient")
+    assert per_patient.loc["P0", "n"] == 6 and per_patient.loc["P0", "dice_delta"] < 0
+
+
+def test_ci_of_the_mean_delta_resamples_patients_not_frames() -> None:
+    # Two patients: one gained 0.2 Dice on every frame, the other nothing. Only whole-patient resampling sees that
+    # the mean gain could be anywhere from 0 to 0.2; a frame bootstrap of 100 frames would give a CI near 0.1.
+    a = pd.DataFrame(
+        {
+            "sample_id": [f"s{i:03d}" for i in range(100)],
+            "patient": ["p0"] * 50 + ["p1"] * 50,
+            "status": "ok",
+            "dice": 0.5,
+            "cldice": 0.5,
+            "hd95": 10.0,
+        }
+    )
+    b = a.copy()
+    b.loc[50:, "dice"] = 0.7
+    row = paired_comparison(a, b, "a", "b", n_boot=2000).stats.loc["dice"]
+    assert row["ci95_lo"] == pytest.approx(0.0) and row["ci95_hi"] == pytest.approx(0.2)
+    assert row["delta_mean"] == pytest.approx(0.1)
+    one_patient = paired_comparison(a.assign(patient="p"), b.assign(patient="p"), n_boot=200).stats.loc["dice"]
+    assert math.isnan(one_patient["ci95_lo"]) and math.isnan(one_patient["ci95_hi"])
+
+
+def test_wilcoxon_handles_zeros_explicitly() -> None:
+    assert wilcoxon_p(np.zeros(7))[0] == 1.0
+    assert wilcoxon_p(np.array([0.0, 0.0, 0.3]))[0] == 1.0
+    p_value, note = wilcoxon_p(np.array([0.0, 0.1, 0.2, 0.3, 0.25, 0.15, 0.12, 0.4]))
+    assert p_value < 0.05 and "Pratt" in note
+    assert math.isnan(wilcoxon_p(np.array([math.nan]))[0])
+
+
+def test_labels_iterations_and_json_helpers() -> None:
+    assert _unique_labels(["demo", "demo", "x", "demo"]) == ["demo", "demo#2", "x", "demo#3"]
+    manifest = {"params": {"checkpoint": {"path": "/w/work_dirs/iter_12192.pth"}}}
+    assert _find_iteration(manifest, {}, "run")[0] == 12192
+    assert _find_iteration({"params": {"iteration": 7, "checkpoint": {}}}, {}, "iter_3")[0] == 7
+    assert _find_iteration({}, {}, "ckpt_iter_3672")[0] == 3672
+    assert _find_iteration({}, {}, "final")[0] is None
+    text = json.dumps(_jsonable({"x": math.nan, "y": np.float32(0.5), "z": [np.int64(3), math.inf]}), allow_nan=False)
+    assert json.loads(text) == {"x": None, "y": 0.5, "z": [3, None]}

@@ -1,0 +1,286 @@
+"""Conversion on small real models: LoRA merge vs peft, layouts, every refusal, resume, fingerprints, diff."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _convert_fixtures import (
+    LORA_TARGETS,
+    load_hf,
+    make_base_folder,
+    make_training_checkpoint,
+    write_training_config,
+)
+from safetensors.torch import load_file
+
+from vesselnb.convert import convert_checkpoint, convert_stage, diff_weights
+from vesselnb.convert.training_config import read_training_config
+from vesselnb.convert.writer import FREE_BYTES_ENV, KILL_AFTER_ENV
+from vesselnb.errors import CheckpointError, ConversionError
+from vesselnb.fingerprint import INDEX_NAME, SHARD_HASHES_KEY, file_sha256, weights_fingerprint
+from vesselnb.params import CheckpointParams, RunParams
+
+SHARD = "20KB"  # several output shards for a ~55 KB model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("convert")
+    base = make_base_folder(root / "base")
+    config = write_training_config(root / "sa2va_tiny.py", base)
+    ckpt_a = make_training_checkpoint(base, root / "work_dirs" / "tiny" / "iter_10.pth", seed=1)
+    ckpt_b = make_training_checkpoint(base, root / "work_dirs" / "tiny" / "iter_20.pth", seed=2)
+    (root / "work_dirs" / "tiny" / "last_checkpoint").write_text(str(ckpt_b.path))
+    out_a = root / "out_a"
+    report_a = convert_checkpoint(ckpt_a.path, base, out_a, training_config=config, shard_size=SHARD)
+    return {"root": root, "base": base, "config": config, "a": ckpt_a, "b": ckpt_b, "out_a": out_a,
+            "report_a": report_a}
+
+
+def _assert_state_equal(folder: Path, expected: dict[str, torch.Tensor]) -> None:
+    model, info = load_hf(folder, torch.bfloat16), None
+    state = model.state_dict()
+    assert set(state) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value, msg=key)
+    del info
+
+
+def test_round_trip_equals_peft_merge_and_loads_with_remote_code(world: dict) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    out = world["out_a"]
+    _, info = AutoModel.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    _assert_state_equal(out, world["a"].expected)  # our merge == peft merge_and_unload of the same adapter
+    report = world["report_a"]
+    n_lora_modules = 2 * len(LORA_TARGETS)  # 2 layers
+    assert report.coverage["merged"] == 2 * n_lora_modules
+    assert report.coverage["only_in_checkpoint"] == report.coverage["shape_mismatch"] == 0
+    assert sum(report.coverage.values()) == len(report.fates)
+    assert report.lora["scale"] == 2.0
+    sources = report.provenance_table.groupby("source").size().to_dict()
+    assert sources["lora_merged"] == n_lora_modules and sources["base"] > 0
+    assert report.components["vision"]["rel_change"] == 0.0 and report.components["llm"]["rel_change"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["template"] == "qwen_chat"  # from the training config
+    assert config["llm_config"]["vocab_size"] == len(AutoTokenizer.from_pretrained(out))
+    assert config["torch_dtype"] == "bfloat16"
+    assert {p.name for p in world["base"].glob("*.py")} <= {p.name for p in out.glob("*.py")}
+
+
+def test_index_records_shard_hashes_and_dtype(world: dict) -> None:
+    out = world["out_a"]
+    index = json.loads((out / INDEX_NAME).read_text())
+    hashes = index["metadata"][SHARD_HASHES_KEY]
+    assert len(hashes) > 1
+    for name, sha in hashes.items():
+        assert file_sha256(out / name) == sha
+        assert all(t.dtype == torch.bfloat16 for t in load_file(out / name).values())
+    assert world["report_a"].fingerprint == weights_fingerprint(out)
+
+
+def test_fp32_on_request(world: dict, tmp_path: Path) -> None:
+    report = convert_checkpoint(world["a"].path, world["base"], tmp_path / "fp32", training_config=world["config"],
+                                dtype="fp32", shard_size=SHARD)
+    tensors = load_file(next((tmp_path / "fp32").glob("model-*.safetensors")))
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    def total(folder: Path) -> int:
+        return json.loads((folder / INDEX_NAME).read_text())["metadata"]["total_size"]
+
+    assert total(tmp_path / "fp32") == 2 * total(world["out_a"])  # every tensor here is floating point
+    assert report.output_bytes > world["report_a"].output_bytes
+
+
+def test_same_checkpoint_twice_same_fingerprint_other_checkpoint_differs(world: dict, tmp_path: Path) -> None:
+    again = convert_checkpoint(world["a"].path, world["base"], tmp_path / "again", training_config=world["config"],
+                               shard_size=SHARD)
+    other = convert_checkpoint(world["b"].path, world["base"], tmp_path / "b", training_config=world["config"],
+                               shard_size=SHARD)
+    assert again.fingerprint == world["report_a"].fingerprint
+    assert other.fingerprint != world["report_a"].fingerprint
+    diff = diff_weights(tmp_path / "again", world["out_a"])
+    assert diff.identical and diff.n_identical == len(diff.tensors)
+    diff = diff_weights(world["out_a"], tmp_path / "b")
+    assert not diff.identical
+    table = diff.component_table.set_index("component")
+    assert table.loc["vision", "n_identical"] == table.loc["vision", "n_tensors"]  # frozen part untouched
+    assert table.loc["llm", "rel_norm"] > 0
+
+
+def test_diff_training_checkpoint_vs_hf_folder_on_mapped_names(world: dict) -> None:
+    diff = diff_weights(world["a"].path, world["out_a"])
+    names = set(diff.tensors["hf_key"])
+    assert "mlp1.1.weight" in names and "grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.g_weight" in names
+    rows = diff.tensors.set_index("hf_key")
+    assert bool(rows.loc["mlp1.1.weight", "identical"])  # copied verbatim in bf16
+    assert any(".lora_A" in k for k in diff.only_in_a)  # LoRA factors have no HF counterpart: listed, not hidden
+
+
+def test_work_dir_last_checkpoint_and_deepspeed_folder(world: dict, tmp_path: Path) -> None:
+    via_dir = convert_checkpoint(world["root"] / "work_dirs" / "tiny", world["base"], tmp_path / "wd",
+                                 training_config=world["config"], shard_size=SHARD)
+    assert via_dir.source["file"] == str(world["b"].path)
+    ds_path = tmp_path / "iter_20_ds.pth"
+    from _convert_fixtures import _save
+
+    _save(world["b"].state_dict, ds_path, "deepspeed")
+    via_ds = convert_checkpoint(ds_path, world["base"], tmp_path / "ds", training_config=world["config"],
+                                shard_size=SHARD)
+    assert via_ds.source["layout"] == "deepspeed"
+    assert via_ds.fingerprint == via_dir.fingerprint
+
+
+def test_zero3_partitioned_folder_says_how_to_consolidate(world: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "iter_5.pth"
+    folder.mkdir()
+    torch.save({"optimizer_state_dict": {}}, folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match="zero_to_fp32"):
+        convert_checkpoint(folder, world["base"], tmp_path / "out", training_config=world["config"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_26b_pretrained_into_8b_shape_mismatch_refused(world: dict, tmp_path: Path) -> None:
+    big = {k: v for k, v in load_file(next(world["base"].glob("model-*.safetensors"))).items()}
+    big = {"text_hidden_fcs.0.weight": torch.zeros(48, 48, dtype=torch.bfloat16),
+           "text_hidden_fcs.0.bias": torch.zeros(48, dtype=torch.bfloat16)}
+    pretrained = tmp_path / "sa2va_26b.pth"
+    torch.save(big, pretrained)
+    out = tmp_path / "out"
+    with pytest.raises(ConversionError, match=r"text_hidden_fcs\.0\.weight.*\[48, 48\] vs base \[32, 32\]"):
+        convert_checkpoint(world["a"].path, world["base"], out, training_config=world["config"],
+                           pretrained_pth=pretrained)
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+    report = convert_checkpoint(world["a"].path, world["base"], out, training_config=world["config"],
+                                pretrained_pth=pretrained, allow_shape_mismatch=True, shard_size=SHARD)
+    assert report.coverage["shape_mismatch"] == 2 and any("shape mismatch" in w for w in report.warnings)
+    assert "background:#b00020" in report._repr_html_().replace(" ", "") or "#b00020" in report._repr_html_()
+
+
+def test_missing_lora_half_and_unknown_key_refused(world: dict, tmp_path: Path) -> None:
+    state = dict(world["a"].state_dict)
+    dropped = next(k for k in state if k.endswith("layers.1.mlp.down_proj.lora_B.default.weight"))
+    del state[dropped]
+    state["mllm.model.language_model.base_model.model.model.extra_head.weight"] = torch.zeros(2, 2)
+    path = tmp_path / "bad.pth"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ConversionError) as info:
+        convert_checkpoint(path, world["base"], tmp_path / "out", training_config=world["config"])
+    assert "layers.1.mlp.down_proj" in str(info.value) and "extra_head" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_alpha_required_without_config_and_rank_checked(world: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="lora_alpha is unknown"):
+        convert_checkpoint(world["a"].path, world["base"], tmp_path / "out")
+    with pytest.raises(ConversionError, match="rank 4"):
+        convert_checkpoint(world["a"].path, world["base"], tmp_path / "out", lora_r=8, lora_alpha=16)
+    report = convert_checkpoint(world["a"].path, world["base"], tmp_path / "out", lora_r=4, lora_alpha=8,
+                                shard_size=SHARD)
+    assert report.fingerprint == world["report_a"].fingerprint  # config template differs only in config.json
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # executed by an unsafe unpickler: creates the marker file
+        return (open, (str(self.marker), "w"))
+
+
+def test_malicious_pickle_refused_without_running_it(world: dict, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": dict(world["a"].state_dict), "meta": _Payload(marker)}, path)
+    with pytest.raises(CheckpointError, match="trust-pickle"):
+        convert_checkpoint(path, world["base"], tmp_path / "out", training_config=world["config"])
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_truncated_checkpoint_refused(world: dict, tmp_path: Path) -> None:
+    data = world["a"].path.read_bytes()
+    path = tmp_path / "iter_10.pth"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        convert_checkpoint(path, world["base"], tmp_path / "out", training_config=world["config"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_little_disk_refused_with_bytes(world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FREE_BYTES_ENV, "10000")
+    with pytest.raises(ConversionError, match=r"needs [\d,]+ bytes .* but 10,000 bytes"):
+        convert_checkpoint(world["a"].path, world["base"], tmp_path / "out", training_config=world["config"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unchanged_checkpoint_warns_loudly(world: dict, tmp_path: Path) -> None:
+    untrained = make_training_checkpoint(world["base"], tmp_path / "iter_0.pth", seed=3, trained=False)
+    report = convert_checkpoint(untrained.path, world["base"], tmp_path / "out", training_config=world["config"],
+                                shard_size=SHARD)
+    assert any("CHANGES NOTHING" in w for w in report.warnings)
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vesselnb.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_killed_conversion_leaves_no_folder_and_resumes(world: dict, tmp_path: Path) -> None:
+    out = tmp_path / "hf"
+    args = ["convert", str(world["a"].path), "--base", str(world["base"]), "--config", str(world["config"]),
+            "--out", str(out), "--shard-size", SHARD]
+    killed = _cli(*args, env={KILL_AFTER_ENV: "2"})
+    assert killed.returncode == -9
+    assert not out.exists()
+    partial = list(tmp_path.glob(".hf.partial-*"))
+    assert len(partial) == 1 and len(list(partial[0].glob("model-*.safetensors"))) == 2
+    resumed = _cli(*args, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    record = json.loads(resumed.stdout)
+    assert any("resumed: 2 of" in n for n in record["notes"])
+    assert record["fingerprint"] == world["report_a"].fingerprint
+    assert not list(tmp_path.glob(".hf.partial-*"))
+
+
+def test_cli_error_is_one_line_and_exit_2(world: dict, tmp_path: Path) -> None:
+    result = _cli("convert", str(tmp_path / "nope.pth"), "--base", str(world["base"]), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "checkpoint not found" in result.stderr and "Traceback" not in result.stderr
+    result = _cli("diff", str(world["out_a"]), str(world["a"].path))
+    assert result.returncode == 0 and "weights differ" in result.stdout
+
+
+def test_training_config_read_without_importing(tmp_path: Path) -> None:
+    config = read_training_config(write_training_config(tmp_path / "c.py", Path("/base"), r=64, alpha=128))
+    assert (config.lora_r, config.lora_alpha, config.lora_scale) == (64, 128.0, 2.0)
+    assert config.template == "qwen_chat" and config.base_model_path == "/base" and "[SEG]" in config.special_tokens
+    assert "xtuner" not in sys.modules
+
+
+def test_stage_writes_conversion_json_reuses_and_flags_identical_runs(world: dict, tmp_path: Path) -> None:
+    def params(path: Path) -> RunParams:
+        return RunParams(run_name="r", checkpoint=CheckpointParams(path=path, base_model=world["base"],
+                                                                   training_config=world["config"], shard_size=SHARD))
+
+    first = convert_stage(params(world["a"].path), tmp_path / "run_a")
+    record = json.loads((tmp_path / "run_a" / "conversion.json").read_text())
+    assert record["fingerprint"] == first.fingerprint == world["report_a"].fingerprint
+    assert record["source"]["bytes"] == world["a"].path.stat().st_size and record["coverage"]["merged"] > 0
+    again = convert_stage(params(world["a"].path), tmp_path / "run_a")
+    assert again.skipped and "same inputs" in again.skipped
+    # another run whose checkpoint is a copy under another name: same weights -> loud warning naming run_a
+    copy = tmp_path / "iter_99.pth"
+    copy.write_bytes(world["a"].path.read_bytes())
+    twin = convert_stage(params(copy), tmp_path / "run_twin")
+    assert any("IDENTICAL WEIGHTS" in w and "run_a" in w for w in twin.warnings)
+    given = convert_stage(RunParams(hf_model=world["out_a"]), tmp_path / "run_given")
+    assert given.skipped and given.fingerprint == world["report_a"].fingerprint
+    html = twin._repr_html_()
+    assert "IDENTICAL WEIGHTS" in html and "#b00020" in html
+    assert not twin.coverage_table.empty and not twin.component_table.empty

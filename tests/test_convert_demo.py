@@ -1,0 +1,57 @@
+"""The demo's training checkpoints convert to what direct training saved (reference_hf), and notebook 01 runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vesselnb.convert import convert_checkpoint, diff_weights
+from vesselnb.fingerprint import INDEX_NAME
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory):
+    from vesselnb.demo import ensure_demo_assets
+
+    return ensure_demo_assets(tmp_path_factory.mktemp("demo") / "assets")
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+    out = {}
+    for name in sorted(set(weight_map.values())):
+        with safe_open(str(folder / name), framework="pt") as handle:
+            out.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return out
+
+
+def test_demo_iter_400_reproduces_reference_and_loads(demo, tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    out = tmp_path / "iter_400"
+    report = convert_checkpoint(demo.checkpoints["long"], demo.base_model, out, training_config=demo.training_config)
+    assert not report.warnings, report.warnings
+    assert report.coverage["merged"] > 0 and report.coverage["shape_mismatch"] == 0
+    ours, reference = _tensors(out), _tensors(demo.reference_hf["long"])
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(ours[key].float(), value.float(), rtol=1.6e-2, atol=1e-3, msg=key)
+    model = AutoModel.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    loaded = model.state_dict()
+    for key, value in ours.items():
+        assert torch.equal(loaded[key].to(value.dtype), value), key
+
+
+def test_demo_short_vs_long_differ_same_twice_identical(demo, tmp_path: Path) -> None:
+    config = demo.training_config
+    short = convert_checkpoint(demo.checkpoints["short"], demo.base_model, tmp_path / "s", training_config=config)
+    long_a = convert_checkpoint(demo.checkpoints["long"], demo.base_model, tmp_path / "a", training_config=config)
+    long_b = convert_checkpoint(demo.checkpoints["long"], demo.base_model, tmp_path / "b", training_config=config)
+    assert short.fingerprint != long_a.fingerprint
+    assert long_a.fingerprint == long_b.fingerprint
+    diff = diff_weights(tmp_path / "s", tmp_path / "a")
+    assert not diff.identical and diff.n_identical < len(diff.tensors)

@@ -1,0 +1,171 @@
+"""Inference pieces that need no model: the CUDA shim, device planning, prompt handling, sharding, output parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vesselnb.data import Sample
+from vesselnb.device import DistributedContext, cuda_shim, distributed_context, plan_device
+from vesselnb.errors import InferenceError
+from vesselnb.infer import (
+    PromptWarning,
+    interpret_output,
+    parse_shard,
+    prepare_prompt,
+    select_shard,
+    work_units,
+)
+
+
+# --- CUDA shim ------------------------------------------------------------------------------------------------------
+def _originals() -> tuple:
+    return torch.Tensor.cuda, torch.device, torch.autocast
+
+
+def test_shim_runs_upstream_cuda_idioms_on_cpu_and_restores_everything() -> None:
+    before = _originals()
+    conv = torch.nn.Conv2d(3, 4, 3).to(torch.bfloat16)  # bf16 weights, as Sa2VA ships them
+    frames = torch.randn(1, 3, 8, 8)  # float input, as SAM2's mask path gets it
+    with cuda_shim():
+        ids = torch.tensor([1, 2, 3]).cuda()  # (1) predict_forward's .cuda()
+        assert ids.device.type == "cpu"
+        assert torch.randn(2).cuda(0, non_blocking=True).device.type == "cpu"
+        device = torch.device("cuda")  # (2) SAM2 init_state
+        assert device.type == "cpu" and torch.device("cuda", 0).type == "cpu" and torch.device("cuda:1").type == "cpu"
+        assert torch.device("cpu").type == "cpu" and torch.device("meta").type == "meta"
+        assert isinstance(ids.device, torch.device)
+        assert torch.zeros(2, device=device).device.type == "cpu"
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # (3) SAM2's autocast
+            out = conv(frames)
+        assert out.dtype == torch.bfloat16
+    assert _originals() == before
+
+
+def test_without_the_shim_the_bf16_mask_path_fails_on_cpu() -> None:
+    """Guards the test above: the failure the shim exists for really happens on this machine."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a CPU-only machine")
+    conv = torch.nn.Conv2d(3, 4, 3).to(torch.bfloat16)
+    with pytest.warns(UserWarning), torch.autocast("cuda", dtype=torch.bfloat16), pytest.raises(RuntimeError):
+        conv(torch.randn(1, 3, 8, 8))
+
+
+def test_shim_restores_after_an_exception() -> None:
+    before = _originals()
+    with pytest.raises(ValueError), cuda_shim():
+        raise ValueError("boom")
+    assert _originals() == before
+    if not torch.cuda.is_available():
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.zeros(1).cuda()  # the real .cuda() is back
+
+
+# --- device planning ------------------------------------------------------------------------------------------------
+def test_cpu_plan_defaults_to_fp32_and_honours_an_explicit_dtype() -> None:
+    assert plan_device("cpu").dtype == torch.float32
+    assert plan_device("cpu", "bf16").dtype == torch.bfloat16
+    plan = plan_device("cpu")
+    assert plan.is_cpu and plan.device_map is None and plan.dtype_name == "fp32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_requested_without_gpu_says_so() -> None:
+    with pytest.raises(InferenceError, match="no CUDA GPU"):
+        plan_device("cuda")
+    assert plan_device("auto").device == "cpu"
+
+
+def test_bad_device_or_dtype_is_a_clear_error() -> None:
+    with pytest.raises(InferenceError, match="device"):
+        plan_device("tpu")
+    with pytest.raises(InferenceError, match="dtype"):
+        plan_device("cpu", "int8")
+
+
+def test_distributed_context_reads_launcher_variables() -> None:
+    assert distributed_context({}) == DistributedContext(0, 1, 0)
+    ctx = distributed_context({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})
+    assert ctx.active and (ctx.rank, ctx.world_size, ctx.local_rank) == (3, 4, 1)
+    with pytest.raises(InferenceError, match="accelerate launch"):
+        distributed_context({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+# --- prompt ---------------------------------------------------------------------------------------------------------
+def test_prompt_without_image_token_is_fixed_with_a_warning() -> None:
+    with pytest.warns(PromptWarning, match="<image>"):
+        prompt, message = prepare_prompt("Please segment the blood vessel.")
+    assert prompt == "<image>Please segment the blood vessel." and message
+
+
+def test_prompt_without_image_token_is_refused_in_strict_mode() -> None:
+    with pytest.raises(InferenceError, match="strict"):
+        prepare_prompt("Please segment the blood vessel.", strict=True)
+    with pytest.raises(InferenceError, match="empty"):
+        prepare_prompt("  ")
+    assert prepare_prompt("<image>\nSegment.", strict=True) == ("<image>\nSegment.", None)
+
+
+# --- sharding -------------------------------------------------------------------------------------------------------
+def _samples() -> list[Sample]:
+    return [Sample(f"P_1__s{seq}_frame_{f:06d}", Path(f"/x/{seq}{f}.jpg"), "P_1", f"s{seq}", f)
+            for seq in range(3) for f in range(4)]
+
+
+def test_shards_partition_the_work_and_keep_sequences_whole() -> None:
+    samples = _samples()
+    for mode in ("image", "video"):
+        units = work_units(samples, mode)
+        parts = [select_shard(units, (k, 2)) for k in range(2)]
+        ids = [s.sample_id for part in parts for unit in part for s in unit]
+        assert sorted(ids) == sorted(s.sample_id for s in samples) and len(ids) == len(set(ids))
+    video_units = work_units(samples, "video")
+    assert [len(u) for u in video_units] == [4, 4, 4]
+    assert {s.sequence for s in video_units[1]} == {"s1"}
+
+
+def test_shard_text_is_validated() -> None:
+    assert parse_shard("1/2") == (1, 2)
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(InferenceError, match="shard"):
+            parse_shard(bad)
+
+
+# --- parsing predict_forward's answer ---------------------------------------------------------------------------
+SAMPLE = Sample("s", Path("/x/s.jpg"), "P", "S", 0)
+
+
+def test_several_seg_masks_are_or_ed_and_counted() -> None:
+    first = np.zeros((1, 4, 6), bool)
+    first[0, 0, 0] = True
+    second = np.zeros((1, 4, 6), bool)
+    second[0, 3, 5] = True
+    result = interpret_output({"prediction": "[SEG] and [SEG]<|im_end|>", "prediction_masks": [first, second]},
+                              SAMPLE, 0, 4, 6, 0.5, want_probability=False)
+    assert result.record["status"] == "ok" and result.record["n_seg"] == 2
+    assert result.mask.sum() == 2 and result.mask[0, 0] and result.mask[3, 5]
+    assert result.record["mask_resized_from"] is None and result.probability is None
+
+
+def test_no_seg_text_or_no_mask_is_no_seg_with_an_empty_mask() -> None:
+    full = np.ones((1, 4, 6), bool)
+    no_token = interpret_output({"prediction": "Sorry.", "prediction_masks": [full]}, SAMPLE, 0, 4, 6, 0.1, False)
+    no_mask = interpret_output({"prediction": "[SEG]", "prediction_masks": []}, SAMPLE, 0, 4, 6, 0.1, False)
+    for result in (no_token, no_mask):
+        assert result.record["status"] == "no_seg" and not result.mask.any() and result.mask.shape == (4, 6)
+
+
+def test_other_size_masks_are_resized_and_recorded_with_probabilities() -> None:
+    mask = np.zeros((1, 2, 3), bool)
+    mask[0, :, :1] = True
+    prob = np.where(mask, 0.9, 0.1).astype(np.float32)
+    result = interpret_output({"prediction": "[SEG]", "prediction_masks": [mask], "probability_maps": [prob]},
+                              SAMPLE, 0, 4, 6, 0.1, want_probability=True)
+    assert result.record["mask_resized_from"] == [2, 3]
+    assert result.mask.shape == (4, 6) and result.mask[:, :2].all() and not result.mask[:, 2:].any()
+    assert result.probability is not None and result.probability.dtype == np.uint8
+    assert result.probability.shape == (4, 6)
+    assert result.probability.max() == round(0.9 * 255) and result.probability.min() == round(0.1 * 255)

@@ -1,0 +1,199 @@
+"""Reading mmengine / DeepSpeed training checkpoints without running the pickle's code.
+
+A ``.pth`` is a pickle: loading it with plain ``torch.load`` can run anything the file says. We load with
+``weights_only=True`` (tensors and plain containers only) plus a short allow-list of the harmless objects real
+Sa2VA checkpoints carry in ``meta`` / ``message_hub`` (``TorchVersion``, mmengine ``HistoryBuffer``, config dicts,
+numpy arrays). mmengine need not be installed: its classes are replaced by inert stand-ins that only hold data.
+Anything else is refused unless the user passes ``trust_pickle`` (which runs the pickle's code).
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vesselnb.errors import CheckpointError
+
+DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
+TRUST_PICKLE_FLAG = "--trust-pickle-runs-code"
+
+
+class _InertRecord:
+    """Stand-in for a class from a package we do not import (mmengine): keeps the pickled state as data."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["_state"] = state
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} (data only)>"
+
+
+class HistoryBuffer(_InertRecord):
+    """mmengine.logging.HistoryBuffer, as data."""
+
+
+class ConfigDict(dict):
+    """mmengine.config.ConfigDict (a dict subclass), as data."""
+
+
+class _ConfigRecord(_InertRecord):
+    """mmengine.config.Config, as data."""
+
+
+def _allowed_globals() -> list[Any]:
+    """The allow-list: (object, 'module.Name') pairs a real Sa2VA checkpoint needs beyond torch's defaults."""
+    import numpy as np
+    from torch.torch_version import TorchVersion
+
+    allowed: list[Any] = [TorchVersion, (TorchVersion, "torch.torch_version.TorchVersion")]
+    for module in ("mmengine.logging.history_buffer", "mmengine.logging"):
+        allowed.append((HistoryBuffer, f"{module}.HistoryBuffer"))
+    for module in ("mmengine.config.config", "mmengine.config"):
+        allowed.append((ConfigDict, f"{module}.ConfigDict"))
+        allowed.append((_ConfigRecord, f"{module}.Config"))
+    # numpy arrays and scalars in message_hub: reconstruction from raw bytes, no code.
+    try:
+        from numpy._core import multiarray  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray
+    for prefix in ("numpy.core.multiarray", "numpy._core.multiarray"):  # pickles name either, by writer's numpy
+        allowed.append((multiarray._reconstruct, f"{prefix}._reconstruct"))
+        allowed.append((multiarray.scalar, f"{prefix}.scalar"))
+    allowed += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for dtype in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_):
+        dtype_class = type(np.dtype(dtype))
+        allowed.append((dtype_class, f"numpy.dtypes.{dtype_class.__name__}"))
+    return allowed
+
+
+@dataclass
+class CheckpointSource:
+    """Where the tensors of a training checkpoint live, after resolving work dirs and DeepSpeed folders."""
+
+    given: Path
+    file: Path  # the file holding the tensors
+    layout: str  # "mmengine" (.pth with state_dict), "deepspeed" (module), "flat" (plain state dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.file.stat().st_size
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a path means: a ``.pth`` file, a work dir's ``last_checkpoint``, or a DeepSpeed folder."""
+    given = Path(path)
+    if not given.exists():
+        raise CheckpointError(f"{given}: checkpoint not found (give an iter_N.pth file or its work dir)")
+    if given.is_dir() and (given / "last_checkpoint").is_file() and not (given / DEEPSPEED_MODEL_FILE).exists():
+        named = (given / "last_checkpoint").read_text(encoding="utf-8").strip()
+        target = Path(named)
+        if not target.exists():
+            target = given / Path(named).name  # the work dir was moved: last_checkpoint holds an old absolute path
+        if not target.exists():
+            raise CheckpointError(
+                f"{given / 'last_checkpoint'} names {named}, which does not exist; pass the .pth file directly"
+            )
+        return target
+    return given
+
+
+def _deepspeed_model_file(folder: Path) -> Path:
+    model_file = folder / DEEPSPEED_MODEL_FILE
+    if model_file.is_file():
+        return model_file
+    shards = sorted(folder.glob("*optim_states.pt")) + sorted(folder.glob("zero_pp_rank_*"))
+    if shards:
+        raise CheckpointError(
+            f"{folder}: a DeepSpeed ZeRO-3 folder with partitioned states only ({shards[0].name}, ...) and no "
+            f"{DEEPSPEED_MODEL_FILE}. Consolidate it first, e.g. `python {folder.parent}/zero_to_fp32.py "
+            f"{folder.parent} consolidated.pth --tag {folder.name}` (DeepSpeed's script, written beside the "
+            "checkpoint) or deepspeed.utils.zero_to_fp32.convert_zero_checkpoint_to_fp32_state_dict, then convert "
+            "the consolidated file."
+        )
+    raise CheckpointError(
+        f"{folder}: a folder without last_checkpoint or {DEEPSPEED_MODEL_FILE}; pass the iter_N.pth file"
+    )
+
+
+def _torch_load(file: Path, trust_pickle: bool) -> Any:
+    """torch.load with the allow-list; errors become CheckpointError naming the file and the fix."""
+    try:
+        if trust_pickle:
+            return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = _unsafe_globals_hint(file)
+        raise CheckpointError(
+            f"{file}: refused to load: the pickle needs objects outside the safe allow-list{detail} "
+            f"({first_line}). Loading it would run code from the file. If you trust its origin, pass "
+            f"{TRUST_PICKLE_FLAG} (params: checkpoint.trust_pickle: true)."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"{file}: cannot read this checkpoint ({type(exc).__name__}: {str(exc).strip().splitlines()[0]}). "
+            "It may be truncated (an interrupted save or copy) or not a torch checkpoint; check its size against "
+            "the original and copy it again."
+        ) from None
+
+
+def _unsafe_globals_hint(file: Path) -> str:
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
+    except Exception:  # noqa: BLE001 - only a hint for the message
+        return ""
+    return f": {', '.join(names[:5])}" if names else ""
+
+
+def _tensor_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where}: expected a state dict (mapping of names to tensors), got {type(obj).__name__}")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    others = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not tensors:
+        raise CheckpointError(f"{where}: holds no tensors; is this a training checkpoint?")
+    if others:
+        raise CheckpointError(f"{where}: entries that are not tensors: {others[:5]}; not a state dict")
+    return tensors
+
+
+def load_training_state_dict(
+    path: str | Path, trust_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], CheckpointSource]:
+    """The tensors of a training checkpoint (mmengine ``state_dict``, DeepSpeed ``module`` or a flat dict).
+
+    Tensors stay memory-mapped (``mmap=True``), so reading a 3 GB checkpoint costs no RAM until a tensor is used.
+    """
+    given = Path(path)
+    target = resolve_checkpoint(given)
+    if target.is_dir():
+        file = _deepspeed_model_file(target)
+        payload = _torch_load(file, trust_pickle)
+        module = payload.get("module") if isinstance(payload, Mapping) else None
+        if module is None:
+            raise CheckpointError(
+                f"{file}: 'module' is empty (ZeRO-3 keeps weights in the partitioned files); consolidate with "
+                "DeepSpeed's zero_to_fp32.py and convert the consolidated file"
+            )
+        return _tensor_dict(module, f"{file} ['module']"), CheckpointSource(given, file, "deepspeed")
+    payload = _torch_load(target, trust_pickle)
+    if isinstance(payload, Mapping) and "state_dict" in payload:
+        return _tensor_dict(payload["state_dict"], f"{target} ['state_dict']"), CheckpointSource(
+            given, target, "mmengine"
+        )
+    if isinstance(payload, Mapping) and "module" in payload and isinstance(payload["module"], Mapping):
+        return _tensor_dict(payload["module"], f"{target} ['module']"), CheckpointSource(given, target, "deepspeed")
+    return _tensor_dict(payload, str(target)), CheckpointSource(given, target, "flat")
+
+
+def load_flat_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A ``pretrained_pth`` (flat dict, or an mmengine checkpoint whose ``state_dict`` is used as xtuner does)."""
+    tensors, _ = load_training_state_dict(path, trust_pickle)
+    return tensors

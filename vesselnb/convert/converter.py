@@ -1,0 +1,489 @@
+"""Training checkpoint + base HF folder (+ optional pretrained_pth) -> a verified HF folder.
+
+Output = base, overridden by ``pretrained_pth``, overridden by the checkpoint, with LoRA pairs merged as
+W + scale · B·A (scale = alpha / r, from the training config). Tensors are produced one at a time and written one
+shard at a time, so peak memory is about one shard plus the largest tensor whatever the model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from vesselnb.convert.checkpoint import load_flat_state_dict, load_training_state_dict, resolve_checkpoint
+from vesselnb.convert.coverage import ComponentStats, ConversionReport
+from vesselnb.convert.hf_folder import (
+    BaseFolder,
+    build_config,
+    check_remote_code,
+    copy_support_files,
+    remote_code_files,
+    tokenizer_length,
+)
+from vesselnb.convert.keymap import BLOCKING_MISSING, MergePlan, TensorPlan, build_merge_plan
+from vesselnb.convert.training_config import TrainingConfig, read_training_config
+from vesselnb.convert.writer import ShardedWriter, free_bytes, parse_size, plan_shards, shard_file_name, tensor_nbytes
+from vesselnb.errors import ConversionError
+from vesselnb.fingerprint import INDEX_NAME, weights_fingerprint
+
+RECORD_NAME = "vesselnb_conversion.json"  # written into the HF folder: the report and its input fingerprint
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_LIST_LIMIT = 12
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def input_fingerprint(
+    checkpoint_file: Path, base: BaseFolder, pretrained: Path | None, config: Path | None, options: dict[str, Any]
+) -> str:
+    """Identity of everything a conversion reads (files by path/size/mtime, config text, options): 16 hex."""
+    parts = {
+        "checkpoint": _file_identity(checkpoint_file),
+        "base": [_file_identity(base.path / f) for f in sorted(set(base.key_to_file.values()))]
+        + [
+            _file_identity(p)
+            for p in sorted(base.path.iterdir())
+            if p.is_file() and not p.name.endswith(".safetensors")
+        ],
+        "pretrained": _file_identity(pretrained) if pretrained else None,
+        "config": hashlib.sha256(config.read_bytes()).hexdigest() if config else None,
+        "options": options,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _name_keys(fates: Iterable[Any]) -> str:
+    fates = list(fates)
+    shown = "; ".join(f"{f.key} -> {f.hf_key or '?'} ({f.detail})" for f in fates[:_LIST_LIMIT])
+    return shown + (f"; … and {len(fates) - _LIST_LIMIT} more" if len(fates) > _LIST_LIMIT else "")
+
+
+def _check_plan(plan: MergePlan, allow_shape_mismatch: bool, allow_missing: bool, warnings: list[str]) -> None:
+    mismatched = plan.keys_in("shape_mismatch")
+    if mismatched:
+        message = (
+            f"{len(mismatched)} tensors do not fit the base model's shapes: {_name_keys(mismatched)}. "
+            "A checkpoint or pretrained_pth from another model size (e.g. a 26B model's text_hidden_fcs "
+            "6144 into an 8B model's 3584) would be silently skipped by a strict=False load."
+        )
+        if not allow_shape_mismatch:
+            raise ConversionError(
+                message + " Fix the inputs, or allow it explicitly (--allow-shape-mismatch / "
+                "checkpoint.allow_shape_mismatch: true) to keep the base tensors for these keys."
+            )
+        warnings.append("ALLOWED shape mismatch, base tensors kept: " + message)
+    unexplained = [f for cat in BLOCKING_MISSING for f in plan.keys_in(cat)]
+    if unexplained:
+        message = (
+            f"{len(unexplained)} keys are unaccounted for: {_name_keys(unexplained)}. "
+            "Is the base folder the one training started from, and is the LoRA target list right?"
+        )
+        if not allow_missing:
+            raise ConversionError(
+                message + " Allow it explicitly with --allow-missing "
+                "(checkpoint.allow_missing: true) to drop them / keep base tensors."
+            )
+        warnings.append("ALLOWED unaccounted keys: " + message)
+
+
+def _lora_scale(plan: MergePlan, config: TrainingConfig) -> float | None:
+    if not any(t.lora for t in plan.tensors.values()):
+        return None
+    if plan.lora_rank == -1:
+        raise ConversionError("LoRA pairs of different ranks in one checkpoint; cannot merge with one alpha/r")
+    if config.lora_alpha is None:
+        raise ConversionError(
+            "the checkpoint holds LoRA pairs but lora_alpha is unknown (it is not stored in the .pth): give the "
+            "training config (--config / checkpoint.training_config) or --lora-alpha and --lora-r"
+        )
+    if config.lora_r is None:
+        raise ConversionError(f"LoRA rank r unknown: give --lora-r (the checkpoint's tensors say {plan.lora_rank})")
+    if config.lora_r != plan.lora_rank:
+        raise ConversionError(
+            f"LoRA r={config.lora_r} from {config.source or 'the arguments'} but the checkpoint's lora_A tensors "
+            f"have rank {plan.lora_rank}: the config is not the one this checkpoint was trained with"
+        )
+    return config.lora_scale
+
+
+class _Producer:
+    """Builds each output tensor from its plan and accumulates provenance statistics."""
+
+    def __init__(
+        self,
+        base: BaseFolder,
+        checkpoint: dict[str, torch.Tensor],
+        pretrained: dict[str, torch.Tensor],
+        scale: float | None,
+        dtype: torch.dtype,
+    ) -> None:
+        self.base, self.checkpoint, self.pretrained = base, checkpoint, pretrained
+        self.scale, self.dtype = scale, dtype
+        self._current_shard: str | None = None
+
+    def _out_dtype(self, reference: torch.Tensor) -> torch.dtype:
+        return self.dtype if reference.is_floating_point() else reference.dtype
+
+    def produce(self, plan: TensorPlan) -> tuple[torch.Tensor, dict[str, Any]]:
+        shard = self.base.key_to_file[plan.hf_key]
+        if self._current_shard not in (None, shard):
+            self.base.release(self._current_shard)  # keys come in base-shard order: done with that one
+        self._current_shard = shard
+        base_tensor = self.base.get_tensor(plan.hf_key)
+        out_dtype = self._out_dtype(base_tensor)
+        if plan.checkpoint_key is not None:
+            weight, input_key = self.checkpoint[plan.checkpoint_key], plan.checkpoint_key
+        elif plan.pretrained_key is not None:
+            weight, input_key = self.pretrained[plan.pretrained_key], plan.pretrained_key
+        else:
+            weight, input_key = base_tensor, None
+        merge_delta_sq = None
+        if plan.lora is not None:
+            a, b = self.checkpoint[plan.lora.a_key], self.checkpoint[plan.lora.b_key]
+            out, merge_delta_sq = _merge_lora(weight, a, b, float(self.scale), plan.lora.embedding, out_dtype)
+            input_key = plan.lora.a_key.replace(".lora_A", ".lora_{A,B}")
+            if weight is not base_tensor:
+                merge_delta_sq = None  # the merge started from another weight: measure against the base below
+        else:
+            out = weight.to(out_dtype) if weight.dtype != out_dtype else weight
+        row: dict[str, Any] = {
+            "hf_key": plan.hf_key,
+            "component": plan.component,
+            "source": plan.source,
+            "input_key": input_key,
+            "shape": list(out.shape),
+        }
+        floating = base_tensor.is_floating_point()
+        base_sq = _sq_norm(base_tensor) if floating else 0.0
+        if plan.source == "base" or not floating:
+            row.update(rel_change=0.0, identical_to_base=True, delta_sq=0.0, base_sq=base_sq)
+        else:
+            # After rounding to bf16 an output can equal the base only if |delta| <= ~2^-9 |base|: beyond 2^-7 the
+            # (costly) element-wise comparison is skipped.
+            surely_changed = merge_delta_sq is not None and merge_delta_sq > base_sq * 2.0**-14
+            identical = not surely_changed and out.dtype == base_tensor.dtype and torch.equal(out, base_tensor)
+            if identical:
+                delta_sq = 0.0
+            elif merge_delta_sq is not None:
+                delta_sq = merge_delta_sq
+            else:
+                delta_sq = _sq_diff_norm(out, base_tensor)
+            rel = (delta_sq**0.5 / base_sq**0.5) if base_sq > 0 else (0.0 if delta_sq == 0 else float("inf"))
+            row.update(rel_change=rel, identical_to_base=identical, delta_sq=delta_sq, base_sq=base_sq)
+        return out.contiguous(), row
+
+
+_CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32 at a time: statistics and merges never hold a full fp32 copy
+
+
+def _row_chunks(tensor: torch.Tensor) -> int:
+    per_row = max(1, tensor[0].numel()) if tensor.dim() > 0 and tensor.shape[0] > 0 else 1
+    return max(1, _CHUNK_ELEMENTS // per_row)
+
+
+def _sq_norm(tensor: torch.Tensor) -> float:
+    """Squared L2 norm, accumulated in fp32 (bf16 inputs are reduced in fp32 by torch without a copy)."""
+    return float(torch.linalg.vector_norm(tensor).double() ** 2) if tensor.numel() else 0.0
+
+
+def _sq_diff_norm(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Squared L2 norm of a - b, by row chunks (a display statistic: computed in the tensors' own dtype)."""
+    if a.dim() == 0 or a.dtype != b.dtype:
+        return float(torch.linalg.vector_norm(a.double() - b.double()) ** 2)
+    rows = _row_chunks(a)
+    total = 0.0
+    for start in range(0, a.shape[0], rows):
+        total += float(torch.linalg.vector_norm(a[start : start + rows] - b[start : start + rows]).double() ** 2)
+    return total
+
+
+def _merge_lora(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, embedding: bool, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, float]:
+    """W + scale * B @ A in fp32 by row chunks, rounded once to ``out_dtype`` (peft's merge, then a cast).
+
+    peft stores an embedding's LoRA transposed: delta = (B @ A).T. Returns the output and |scale * B @ A|^2,
+    the latter exactly from r x r products: |BA|^2 = trace((B^T B)(A A^T)).
+    """
+    a32 = a.double() if a.dtype == torch.float64 else a.float()
+    b32 = b.float()
+    if embedding:  # delta = (B @ A).T = A^T @ B^T: rows of the weight <-> columns of A
+        left, right = a32.T.contiguous() * scale, b32.T.contiguous()
+    else:
+        left, right = b32, a32 * scale
+    delta_sq = float(torch.trace((left.T @ left) @ (right @ right.T)).double())
+    out = torch.empty(weight.shape, dtype=out_dtype)
+    rows = _row_chunks(weight)
+    buffer = torch.empty((min(rows, weight.shape[0]), weight.shape[1]), dtype=torch.float32)
+    for start in range(0, weight.shape[0], rows):
+        stop = min(start + rows, weight.shape[0])
+        chunk = buffer[: stop - start]
+        torch.mm(left[start:stop], right, out=chunk)
+        torch.add(weight[start:stop], chunk, out=chunk)
+        out[start:stop].copy_(chunk)
+    return out, delta_sq
+
+
+def _is_ours(folder: Path) -> bool:
+    return (folder / RECORD_NAME).is_file()
+
+
+def read_record(hf_dir: Path) -> ConversionReport | None:
+    """The report stored in a finished vesselnb HF folder (None if absent or unfinished)."""
+    record = Path(hf_dir) / RECORD_NAME
+    if not record.is_file() or not (Path(hf_dir) / INDEX_NAME).is_file():
+        return None
+    try:
+        return ConversionReport.from_json(json.loads(record.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError):
+        return None
+
+
+def convert_checkpoint(
+    checkpoint: str | Path,
+    base_model: str | Path | None,
+    output_dir: str | Path,
+    *,
+    training_config: str | Path | None = None,
+    pretrained_pth: str | Path | None = None,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_target_modules: list[str] | None = None,
+    dtype: str = "bf16",
+    shard_size: str | int = "5GB",
+    allow_shape_mismatch: bool = False,
+    allow_missing: bool = False,
+    trust_pickle: bool = False,
+    check_free_space: bool = True,
+    reuse_existing: bool = True,
+) -> ConversionReport:
+    """Convert a training checkpoint into a HF folder at ``output_dir``; every key accounted for.
+
+    Raises :class:`~vesselnb.errors.ConversionError` / :class:`~vesselnb.errors.CheckpointError` before anything
+    is written at ``output_dir`` when inputs do not fit, the disk is too small or the pickle is unsafe.
+    """
+    started = time.monotonic()
+    output_dir = Path(output_dir)
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} not supported; use one of {sorted(DTYPES)} (bf16 = training dtype)")
+    out_dtype = DTYPES[dtype]
+    config = read_training_config(training_config) if training_config else TrainingConfig()
+    config.lora_r = lora_r if lora_r is not None else config.lora_r
+    config.lora_alpha = float(lora_alpha) if lora_alpha is not None else config.lora_alpha
+    config.lora_target_modules = lora_target_modules or config.lora_target_modules
+    warnings: list[str] = []
+    notes: list[str] = []
+
+    base_path = _resolve_base(base_model, config)
+    pretrained_path = _resolve_pretrained(pretrained_pth, config, warnings)
+    checkpoint_file_hint = resolve_checkpoint(checkpoint)
+    base = BaseFolder(base_path)
+    try:
+        ckpt_tensors, source = load_training_state_dict(checkpoint, trust_pickle)
+        options = {
+            "dtype": dtype,
+            "shard_size": parse_size(shard_size),
+            "lora": [config.lora_r, config.lora_alpha, config.lora_target_modules, config.use_rslora],
+            "template": config.template,
+            "allow": [allow_shape_mismatch, allow_missing],
+            "format": 1,
+        }
+        in_key = input_fingerprint(
+            source.file, base, pretrained_path, Path(training_config) if training_config else None, options
+        )
+        existing = read_record(output_dir) if reuse_existing else None
+        if existing is not None and existing.input_fingerprint == in_key:
+            existing.fingerprint = weights_fingerprint(output_dir)
+            existing.skipped = "already converted from the same inputs (input fingerprint matches); not redone"
+            existing.seconds = time.monotonic() - started
+            return existing
+        pretrained = load_flat_state_dict(pretrained_path, trust_pickle) if pretrained_path else {}
+        plan = build_merge_plan(
+            {k: tuple(v.shape) for k, v in ckpt_tensors.items()},
+            base.shapes,
+            {k: tuple(v.shape) for k, v in pretrained.items()},
+            config.lora_r,
+            config.lora_target_modules,
+        )
+        _check_plan(plan, allow_shape_mismatch, allow_missing, warnings)
+        scale = _lora_scale(plan, config)
+
+        missing_modules = check_remote_code(base.path, base.config())
+        if missing_modules:
+            raise ConversionError(
+                f"{base.path}: the remote code imports modules absent from the folder: {missing_modules}. The "
+                "converted folder could not load; complete the base folder with those .py files."
+            )
+        vocab = tokenizer_length(base.path)
+        hf_config = build_config(base.config(), config.template, None, out_dtype)
+        vocab = _check_vocab(vocab, base, hf_config, warnings)
+
+        keys = sorted(base.shapes, key=lambda k: (base.key_to_file[k], k))
+        sizes = [
+            (k, tensor_nbytes(base.shapes[k], out_dtype if base.dtypes[k].is_floating_point else base.dtypes[k]))
+            for k in keys
+        ]
+        shards = plan_shards(sizes, parse_size(shard_size))
+        names = [shard_file_name(i, len(shards)) for i in range(len(shards))]
+        writer = ShardedWriter(output_dir, in_key)
+        writer.prepare()
+        needed = sum(n for _, n in sizes) + sum(
+            f.stat().st_size for f in base.path.rglob("*") if f.is_file() and not f.name.endswith(".safetensors")
+        )
+        needed -= writer.bytes_already_done()
+        if check_free_space:
+            free = free_bytes(output_dir.parent)
+            if needed > free:
+                raise ConversionError(
+                    f"not enough disk space at {output_dir.parent}: the conversion needs {needed:,} bytes "
+                    f"({needed / 1e9:.2f} GB, dtype {dtype}) but {free:,} bytes ({free / 1e9:.2f} GB) are free. "
+                    "Free space or choose another output folder; nothing was written."
+                )
+
+        producer = _Producer(base, ckpt_tensors, pretrained, scale, out_dtype)
+        provenance: list[dict[str, Any]] = []
+        progress = tqdm(total=sum(n for _, n in sizes), unit="B", unit_scale=True, desc="convert")
+        for name, shard_keys in zip(names, shards, strict=True):
+            record = writer.resume(name, shard_keys)
+            if record is None:
+                tensors: dict[str, torch.Tensor] = {}
+                rows = []
+                for key in shard_keys:
+                    tensors[key], row = producer.produce(plan.tensors[key])
+                    rows.append(row)
+                record = writer.write(name, tensors, {"rows": rows})
+                del tensors
+            provenance.extend(record.stats["rows"])
+            progress.update(sum(tensor_nbytes(m["shape"], getattr(torch, m["dtype"])) for m in record.keys.values()))
+        progress.close()
+        if writer.resumed:
+            notes.append(f"resumed: {len(writer.resumed)} of {len(names)} shards were already written and verified")
+
+        copied = copy_support_files(base.path, writer.temp)
+        n_code = len(remote_code_files(base.path))
+        notes.append(f"copied {len(copied)} support files ({n_code} remote-code .py)")
+        if vocab is not None:
+            from vesselnb.convert.hf_folder import set_vocab_size
+
+            set_vocab_size(hf_config, vocab)
+        (writer.temp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
+
+        components = _components(provenance)
+        changed = [r for r in provenance if not r["identical_to_base"]]
+        if not changed:
+            warnings.append(
+                "THIS CHECKPOINT CHANGES NOTHING vs the base model: every output tensor equals the base. The "
+                "checkpoint's trained tensors are identical to the base's (untrained, or the wrong base folder)."
+            )
+        writer.verify(names)
+        report = ConversionReport(
+            output_dir=str(output_dir),
+            fingerprint="",
+            dtype=dtype,
+            source={
+                "path": str(Path(checkpoint)),
+                "file": str(source.file),
+                "bytes": source.nbytes,
+                "layout": source.layout,
+            },
+            base_model=str(base.path),
+            input_fingerprint=in_key,
+            output_bytes=0,
+            coverage=plan.counts(),
+            components=components,
+            warnings=warnings,
+            notes=notes,
+            lora={"r": config.lora_r, "alpha": config.lora_alpha, "scale": scale, "targets": plan.lora_targets},
+            resumed_shards=len(writer.resumed),
+            n_shards=len(names),
+            fates=[vars(f) for f in plan.fates],
+            provenance=[{k: v for k, v in r.items() if k not in ("delta_sq", "base_sq")} for r in provenance],
+        )
+        report.save(writer.temp / RECORD_NAME)
+        writer.write_index(names, {"vesselnb_input_fingerprint": in_key, "vesselnb_source": str(source.file)})
+        writer.publish(_is_ours)
+        report.fingerprint = weights_fingerprint(output_dir)
+        report.output_bytes = sum(f.stat().st_size for f in output_dir.rglob("*") if f.is_file())
+        report.seconds = time.monotonic() - started
+        report.save(output_dir / RECORD_NAME)
+        del checkpoint_file_hint
+        return report
+    finally:
+        base.close()
+
+
+def _components(provenance: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    stats: dict[str, ComponentStats] = {}
+    for row in provenance:
+        comp = stats.setdefault(row["component"], ComponentStats())
+        comp.n_tensors += 1
+        comp.delta_sq += row["delta_sq"]
+        comp.base_sq += row["base_sq"]
+        comp.sources[row["source"]] += 1
+    return {
+        name: {"rel_change": s.rel_change, "n_tensors": s.n_tensors, "sources": s.sources} for name, s in stats.items()
+    }
+
+
+def _resolve_base(base_model: str | Path | None, config: TrainingConfig) -> Path:
+    if base_model is not None:
+        return Path(base_model)
+    if config.base_model_path:
+        candidate = Path(config.base_model_path)
+        if not candidate.is_absolute() and config.source is not None:
+            for root in (config.source.parent, Path.cwd()):
+                if (root / candidate).is_dir():
+                    return root / candidate
+        if candidate.is_dir():
+            return candidate
+        raise ConversionError(
+            f"{config.source}: the config's base model path {config.base_model_path!r} is not found here; "
+            "pass the base HF folder explicitly (--base / checkpoint.base_model)"
+        )
+    raise ConversionError("no base HF folder: pass --base (params: checkpoint.base_model) or a training config")
+
+
+def _resolve_pretrained(pretrained_pth: str | Path | None, config: TrainingConfig, warnings: list[str]) -> Path | None:
+    if pretrained_pth is not None:
+        path = Path(pretrained_pth)
+        if not path.is_file():
+            raise ConversionError(f"{path}: pretrained_pth not found")
+        return path
+    if config.pretrained_pth:
+        candidate = Path(config.pretrained_pth)
+        roots = [Path.cwd()] + ([config.source.parent] if config.source else [])
+        for root in roots:
+            if (root / candidate).is_file():
+                return root / candidate
+        warnings.append(
+            f"the training config names pretrained_pth {config.pretrained_pth!r}, which is not found here: keys the "
+            "checkpoint lacks are taken from the base folder instead. Pass pretrained_pth explicitly if it differs."
+        )
+    return None
+
+
+def _check_vocab(vocab: int | None, base: BaseFolder, hf_config: dict[str, Any], warnings: list[str]) -> int | None:
+    """vocab_size must be len(tokenizer); the embedding rows must agree or the folder cannot load."""
+    if vocab is None:
+        warnings.append(f"{base.path}: no tokenizer files; vocab_size left as in the base config")
+        return None
+    embed_keys = [k for k in base.shapes if k.endswith(("embed_tokens.weight", "tok_embeddings.weight"))]
+    rows = {base.shapes[k][0] for k in embed_keys}
+    if rows and rows != {vocab}:
+        warnings.append(
+            f"len(tokenizer)={vocab} but the embedding has {sorted(rows)} rows: vocab_size kept at the embedding "
+            "size so the folder loads; tokens beyond the tokenizer are unused, tokens beyond the embedding break"
+        )
+        return max(rows)
+    _ = hf_config
+    return vocab

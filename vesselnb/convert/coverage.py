@@ -1,0 +1,184 @@
+"""The conversion report: coverage of every key, provenance of every output tensor, per-component change.
+
+It is what makes a conversion trustworthy: a reader sees at a glance which tensors came from the checkpoint, which
+were LoRA-merged, which were carried over from the base, and how much each model part moved.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vesselnb.convert.keymap import CATEGORIES, COMPONENTS
+
+SOURCES = ("checkpoint", "lora_merged", "pretrained", "base")
+
+
+@dataclass
+class ComponentStats:
+    """Sums to aggregate a component's relative change: sqrt(sum |out - base|^2) / sqrt(sum |base|^2)."""
+
+    n_tensors: int = 0
+    delta_sq: float = 0.0
+    base_sq: float = 0.0
+    sources: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCES, 0))
+
+    @property
+    def rel_change(self) -> float:
+        return math.sqrt(self.delta_sq) / math.sqrt(self.base_sq) if self.base_sq > 0 else 0.0
+
+
+@dataclass
+class ConversionReport:
+    """Result of :func:`vesselnb.convert.convert_checkpoint` / ``convert_stage``; displays itself in a notebook."""
+
+    output_dir: str
+    fingerprint: str
+    dtype: str
+    source: dict[str, Any]  # {"path", "bytes", "layout", "file"}
+    base_model: str | None = None
+    input_fingerprint: str | None = None
+    output_bytes: int = 0
+    coverage: dict[str, int] = field(default_factory=dict)
+    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skipped: str | None = None  # why conversion did not run (already done, hf_model given)
+    lora: dict[str, Any] = field(default_factory=dict)
+    resumed_shards: int = 0
+    n_shards: int = 0
+    seconds: float = 0.0
+    fates: list[dict[str, Any]] = field(default_factory=list)
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+
+    # --- tables -------------------------------------------------------------------------------------------------
+    @property
+    def coverage_table(self) -> pd.DataFrame:
+        """One row per category: how many keys, what it means, a few example keys."""
+        rows = []
+        for category, meaning in CATEGORIES.items():
+            keys = [f["key"] for f in self.fates if f["category"] == category]
+            count = self.coverage.get(category, len(keys))
+            rows.append(
+                {
+                    "category": category,
+                    "keys": count,
+                    "meaning": meaning,
+                    "examples": ", ".join(keys[:3]) + (" …" if len(keys) > 3 else ""),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    @property
+    def keys_table(self) -> pd.DataFrame:
+        """Every input key's fate (checkpoint, pretrained_pth and base keys)."""
+        return pd.DataFrame(self.fates, columns=["key", "origin", "category", "hf_key", "detail"])
+
+    @property
+    def provenance_table(self) -> pd.DataFrame:
+        """One row per output tensor: where it came from and its relative change vs the base."""
+        return pd.DataFrame(
+            self.provenance,
+            columns=["hf_key", "component", "source", "input_key", "shape", "rel_change", "identical_to_base"],
+        )
+
+    @property
+    def component_table(self) -> pd.DataFrame:
+        """Per model part: tensors by source and relative change vs the base."""
+        rows = []
+        for name in COMPONENTS:
+            comp = self.components.get(name)
+            if not comp:
+                continue
+            rows.append(
+                {"component": name, "n_tensors": comp["n_tensors"], **comp["sources"], "rel_change": comp["rel_change"]}
+            )
+        return pd.DataFrame(rows)
+
+    # --- serialisation --------------------------------------------------------------------------------------------
+    def to_json(self, with_tables: bool = True) -> dict[str, Any]:
+        data = asdict(self)
+        if not with_tables:
+            data.pop("fates")
+            data.pop("provenance")
+        return data
+
+    def conversion_json(self) -> dict[str, Any]:
+        """The ``run_dir/conversion.json`` record of docs/contracts.md (plus a few extra keys)."""
+        return {
+            "fingerprint": self.fingerprint,
+            "source": {"path": self.source.get("path"), "bytes": self.source.get("bytes")},
+            "coverage": self.coverage,
+            "components": self.components,
+            "warnings": self.warnings,
+            "dtype": self.dtype,
+            "output_dir": self.output_dir,
+            "output_bytes": self.output_bytes,
+            "skipped": self.skipped,
+            "notes": self.notes,
+            "input_fingerprint": self.input_fingerprint,
+            "base_model": self.base_model,
+            "lora": self.lora,
+            "seconds": round(self.seconds, 2),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ConversionReport:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+
+    # --- display ------------------------------------------------------------------------------------------------
+    def summary_lines(self) -> list[str]:
+        lines = [
+            f"output: {self.output_dir}",
+            f"fingerprint: {self.fingerprint}  dtype: {self.dtype}  bytes: {self.output_bytes:,}",
+        ]
+        if self.source.get("path"):
+            lines.append(f"source: {self.source['path']} ({self.source.get('bytes', 0):,} bytes)")
+        if self.skipped:
+            lines.append(f"skipped: {self.skipped}")
+        if self.coverage:
+            lines.append("coverage: " + ", ".join(f"{k}={v}" for k, v in self.coverage.items() if v))
+        for name, comp in self.components.items():
+            lines.append(
+                f"  {name:16s} n={comp['n_tensors']:5d} rel_change={comp['rel_change']:.3e} "
+                + " ".join(f"{s}={n}" for s, n in comp["sources"].items() if n)
+            )
+        lines += [f"WARNING: {w}" for w in self.warnings] + [f"note: {n}" for n in self.notes]
+        return lines
+
+    def __str__(self) -> str:
+        return "\n".join(self.summary_lines())
+
+    def _repr_html_(self) -> str:
+        colour = "#b00020" if self.warnings else "#1b5e20"
+        title = "Conversion with warnings" if self.warnings else "Conversion OK"
+        if self.skipped:
+            title += " (skipped: " + html.escape(self.skipped) + ")"
+        items = "".join(f"<li><b>{html.escape(w)}</b></li>" for w in self.warnings)
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+        parts = [
+            f'<div style="border-left:6px solid {colour};padding:6px 10px;background:{colour}14">'
+            f'<div style="color:{colour};font-weight:bold;font-size:1.1em">{title}</div>'
+            f"<div>fingerprint <code>{html.escape(self.fingerprint)}</code> · dtype {self.dtype} · "
+            f"{self.output_bytes / 1e9:.3f} GB · {html.escape(self.output_dir)}</div>"
+            f"<ul>{items}{notes}</ul></div>"
+        ]
+        if self.coverage:
+            table = self.coverage_table
+            parts.append("<h4>Coverage (every key accounted for)</h4>" + table[table["keys"] > 0].to_html(index=False))
+        if self.components:
+            parts.append(
+                "<h4>Per component: sources and relative change vs base</h4>"
+                + self.component_table.to_html(index=False, float_format=lambda v: f"{v:.3e}")
+            )
+        return "\n".join(parts)

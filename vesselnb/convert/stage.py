@@ -1,0 +1,94 @@
+"""Stage 01 for the notebook and the runner: convert (or fingerprint) and write ``run_dir/conversion.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vesselnb.convert.converter import convert_checkpoint, read_record
+from vesselnb.convert.coverage import ConversionReport
+from vesselnb.fingerprint import weights_fingerprint
+from vesselnb.params import RunParams
+
+CONVERSION_JSON = "conversion.json"
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _given_folder_report(hf_dir: Path) -> ConversionReport:
+    """``hf_model`` set: nothing to convert; record the fingerprint (and vesselnb's record if the folder has one)."""
+    fingerprint = weights_fingerprint(hf_dir)
+    report = read_record(hf_dir)
+    reason = "params.hf_model names an already converted folder: conversion not run, fingerprint recorded only"
+    if report is None:
+        config = (
+            json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+            if (hf_dir / "config.json").is_file()
+            else {}
+        )
+        report = ConversionReport(
+            output_dir=str(hf_dir),
+            fingerprint=fingerprint,
+            dtype=str(config.get("torch_dtype", "unknown")),
+            source={"path": str(hf_dir), "bytes": _folder_bytes(hf_dir)},
+        )
+    report.fingerprint = fingerprint
+    report.output_dir = str(hf_dir)
+    report.output_bytes = _folder_bytes(hf_dir)
+    report.skipped = reason
+    return report
+
+
+def _same_weights_elsewhere(report: ConversionReport, run_dir: Path) -> None:
+    """Warn loudly when another run folder beside this one recorded the same fingerprint from another source."""
+    parent = run_dir.resolve().parent
+    for other in sorted(parent.iterdir()):
+        record = other / CONVERSION_JSON
+        if other.resolve() == run_dir.resolve() or not record.is_file():
+            continue
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        if data.get("fingerprint") != report.fingerprint:
+            continue
+        other_source = (data.get("source") or {}).get("path")
+        if other_source and other_source == report.source.get("path"):
+            report.notes.append(f"run {other.name} converted the same source to the same weights")
+            continue
+        report.warnings.append(
+            f"IDENTICAL WEIGHTS: run '{other.name}' ({other_source}) has the same weights fingerprint "
+            f"{report.fingerprint} as this run ({report.source.get('path')}). Two different checkpoints converted to "
+            "the same weights: check that each run converts its own checkpoint (see `vesselnb diff`)."
+        )
+
+
+def convert_stage(params: RunParams, run_dir: str | Path) -> ConversionReport:
+    """Convert ``params.checkpoint`` into ``params.hf_model_dir(run_dir)`` (or fingerprint ``params.hf_model``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if params.hf_model is not None:
+        report = _given_folder_report(Path(params.hf_model))
+    else:
+        ckpt = params.checkpoint
+        report = convert_checkpoint(
+            ckpt.path,
+            ckpt.base_model,
+            params.hf_model_dir(run_dir),
+            training_config=ckpt.training_config,
+            pretrained_pth=ckpt.pretrained_pth,
+            lora_r=ckpt.lora.r,
+            lora_alpha=ckpt.lora.alpha,
+            lora_target_modules=ckpt.lora.target_modules,
+            dtype=ckpt.dtype,
+            shard_size=ckpt.shard_size,
+            allow_shape_mismatch=ckpt.allow_shape_mismatch,
+            allow_missing=ckpt.allow_missing,
+            trust_pickle=ckpt.trust_pickle,
+            check_free_space=ckpt.check_free_space,
+        )
+    _same_weights_elsewhere(report, run_dir)
+    (run_dir / CONVERSION_JSON).write_text(json.dumps(report.conversion_json(), indent=2), encoding="utf-8")
+    return report

@@ -1,0 +1,314 @@
+"""Sharded safetensors writing that cannot leave a half folder behind.
+
+Shards are written into a hidden temp folder beside the target (``.<name>.partial-<input key>``), each one
+atomically (``*.tmp`` then ``os.replace``) with its SHA-256 and per-tensor CRC-32 recorded in ``progress.json``.
+An interrupted run with the same inputs resumes from the shards already done, after re-hashing them. When every
+shard is written, each is reopened and every key's dtype, shape and checksum is checked against what was meant to
+be written; the index goes in last and the folder is renamed into place in one step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from vesselnb.errors import ConversionError
+from vesselnb.fingerprint import INDEX_NAME, SHARD_HASHES_KEY, file_sha256
+
+PROGRESS_NAME = "progress.json"
+# Tests: cap the free space the preflight sees (bytes), to simulate a full disk without filling one.
+FREE_BYTES_ENV = "VESSELNB_FREE_BYTES_LIMIT"
+# Tests: SIGKILL this process right after N shards are finished, to simulate an interrupted conversion.
+KILL_AFTER_ENV = "VESSELNB_TEST_KILL_AFTER_SHARDS"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000 (transformers' convention: GB = 10^9, GiB = 2^30)."""
+    if isinstance(size, int):
+        return size
+    match = _SIZE_RE.match(str(size))
+    unit = (match.group(2) or "").upper() if match else None
+    if not match or unit not in _UNITS:
+        raise ConversionError(f"shard size {size!r} not understood; write e.g. '5GB', '500MB' or a byte count")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes (cheap per-tensor check; the shard SHA-256 is the fingerprint)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    return zlib.crc32(flat.view(torch.uint8).numpy())
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, order-preserving split; a tensor larger than the limit gets a shard of its own (as transformers)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for key, nbytes in sizes:
+        if current and current_bytes + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(key)
+        current_bytes += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_file_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def free_bytes(folder: Path) -> int:
+    """Free space where ``folder`` lives, capped by ``VESSELNB_FREE_BYTES_LIMIT`` when set (tests)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    limit = os.environ.get(FREE_BYTES_ENV)
+    return min(free, int(limit)) if limit else free
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+_SAFETENSORS_DTYPES = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Write a safetensors file straight from the tensors' memory, hashing the bytes on their way out.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a Python ``bytes`` and we would then read the
+    file back to hash it: two extra passes over multi-GB shards. The format is a little-endian u64 header length,
+    a JSON header padded to 8 bytes, then the tensors back to back; every shard is reopened with ``safe_open``
+    afterwards (:meth:`ShardedWriter.verify`), so the library itself checks what we wrote.
+    Returns the file's SHA-256 and ``{key: {dtype, shape, crc32}}``.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    flat: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ConversionError(f"{key}: dtype {tensor.dtype} cannot be stored in safetensors here")
+        flat[key] = tensor.detach().contiguous().reshape(-1)
+        nbytes = flat[key].numel() * flat[key].element_size()
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    digest = hashlib.sha256()
+    keys: dict[str, dict[str, Any]] = {}
+    # CRC-32 on a second thread while this one hashes and writes (both release the GIL on large buffers).
+    with open(path, "wb") as handle, ThreadPoolExecutor(max_workers=1) as crc_pool:
+        for chunk in (struct.pack("<Q", len(header_bytes)), header_bytes):
+            handle.write(chunk)
+            digest.update(chunk)
+        crcs = {}
+        for key, tensor in flat.items():
+            data = memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+            crcs[key] = crc_pool.submit(zlib.crc32, data)
+            handle.write(data)
+            digest.update(data)
+        for key, future in crcs.items():
+            keys[key] = {
+                "dtype": str(tensors[key].dtype).replace("torch.", ""),
+                "shape": list(tensors[key].shape),
+                "crc32": future.result(),
+            }
+        handle.flush()
+        os.fsync(handle.fileno())
+    return digest.hexdigest(), keys
+
+
+@dataclass
+class ShardRecord:
+    """What was written into one shard: its hash and, per key, dtype / shape / CRC-32, plus caller stats."""
+
+    name: str
+    sha256: str
+    nbytes: int
+    keys: dict[str, dict[str, Any]]
+    stats: dict[str, Any]
+
+
+class ShardedWriter:
+    """Writes one HF folder's shards into a resumable temp folder beside ``target``."""
+
+    def __init__(self, target: Path, input_key: str) -> None:
+        self.target = Path(target)
+        self.temp = self.target.parent / f".{self.target.name}.partial-{input_key}"
+        self.progress_path = self.temp / PROGRESS_NAME
+        self.records: dict[str, ShardRecord] = {}
+        self.resumed: list[str] = []
+
+    def prepare(self) -> None:
+        """Create the temp folder; drop partial folders of other inputs for the same target; load progress."""
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.target.parent.glob(f".{self.target.name}.partial-*"):
+            if stale != self.temp and stale.is_dir():
+                shutil.rmtree(stale)
+        self.temp.mkdir(exist_ok=True)
+        if self.progress_path.is_file():
+            try:
+                raw = json.loads(self.progress_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                raw = {}
+            for name, rec in raw.items():
+                self.records[name] = ShardRecord(name, rec["sha256"], rec["nbytes"], rec["keys"], rec["stats"])
+
+    def bytes_already_done(self) -> int:
+        return sum(r.nbytes for r in self.records.values() if (self.temp / r.name).is_file())
+
+    def resume(self, name: str, keys: list[str]) -> ShardRecord | None:
+        """The record of a shard finished by an earlier run, if its file still hashes to what was recorded."""
+        record = self.records.get(name)
+        path = self.temp / name
+        if record is None or not path.is_file() or list(record.keys) != keys:
+            return None
+        if path.stat().st_size != record.nbytes or file_sha256(path) != record.sha256:
+            path.unlink()
+            return None
+        self.resumed.append(name)
+        return record
+
+    def write(self, name: str, tensors: dict[str, torch.Tensor], stats: dict[str, Any]) -> ShardRecord:
+        """Write one shard atomically (``.tmp`` + fsync + ``os.replace``) and record it."""
+        final = self.temp / name
+        tmp = final.with_name(name + ".tmp")
+        sha, keys = write_safetensors(tmp, tensors, {"format": "pt"})
+        os.replace(tmp, final)
+        record = ShardRecord(name, sha, final.stat().st_size, keys, stats)
+        self.records[name] = record
+        _atomic_write_text(
+            self.progress_path,
+            json.dumps(
+                {
+                    n: {"sha256": r.sha256, "nbytes": r.nbytes, "keys": r.keys, "stats": r.stats}
+                    for n, r in self.records.items()
+                }
+            ),
+        )
+        kill_after = os.environ.get(KILL_AFTER_ENV)
+        if kill_after and len(self.records) - len(self.resumed) >= int(kill_after):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return record
+
+    def verify(self, shard_names: list[str]) -> None:
+        """Reopen every shard: keys, dtype, shape and CRC-32 of every tensor must be what was meant to be written."""
+        problems: list[str] = []
+        for name in tqdm(shard_names, desc="verify shards", unit="shard", leave=False):
+            record = self.records[name]
+            with safe_open(str(self.temp / name), framework="pt") as handle:
+                found = set(handle.keys())
+                if found != set(record.keys):
+                    problems.append(f"{name}: keys differ ({sorted(found ^ set(record.keys))[:3]})")
+                    continue
+                for key, meant in record.keys.items():
+                    tensor = handle.get_tensor(key)
+                    got = (str(tensor.dtype).replace("torch.", ""), list(tensor.shape), tensor_crc32(tensor))
+                    if got != (meant["dtype"], meant["shape"], meant["crc32"]):
+                        problems.append(f"{name}:{key}: wrote {got}, meant {tuple(meant.values())}")
+        if problems:
+            raise ConversionError(
+                f"{self.temp}: written shards do not read back as written ({len(problems)} problems, e.g. "
+                f"{problems[:3]}); the disk may be failing. Nothing was moved to {self.target}."
+            )
+
+    def write_index(self, shard_names: list[str], extra_metadata: dict[str, Any]) -> None:
+        """The index, last: its presence marks a finished folder."""
+        weight_map = {key: name for name in shard_names for key in self.records[name].keys}
+        total = sum(
+            tensor_nbytes(m["shape"], getattr(torch, m["dtype"]))
+            for name in shard_names
+            for m in self.records[name].keys.values()
+        )
+        metadata = {
+            "total_size": total,
+            SHARD_HASHES_KEY: {n: self.records[n].sha256 for n in shard_names},
+            **extra_metadata,
+        }
+        index = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+        _atomic_write_text(self.temp / INDEX_NAME, json.dumps(index, indent=2))
+
+    def publish(self, replace_existing: Callable[[Path], bool]) -> None:
+        """Move the finished temp folder to the target in one rename (an old vesselnb folder is replaced)."""
+        self.progress_path.unlink(missing_ok=True)
+        if self.target.exists():
+            if not replace_existing(self.target):
+                raise ConversionError(
+                    f"{self.target} exists and was not written by vesselnb; move it away or choose another "
+                    f"output folder. The finished conversion is kept in {self.temp}."
+                )
+            old = self.target.with_name(f".{self.target.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.target, old)
+            os.replace(self.temp, self.target)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.temp, self.target)

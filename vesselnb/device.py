@@ -1,0 +1,189 @@
+"""Where and in what precision the model runs, and the scoped shim that lets upstream Sa2VA code run on a CPU.
+
+The upstream remote code (``modeling_sa2va_chat.py`` + its SAM2) assumes CUDA in three places
+(``sa2va_facts.md`` §7):
+
+1. ``torch.tensor(ids).cuda()`` in ``predict_forward`` and ``.cuda()`` on frames, memory tensors and mask logits
+   inside SAM2;
+2. SAM2's video predictor ``init_state`` builds ``torch.device("cuda")`` for ``device`` and ``storage_device``;
+3. SAM2's mask path runs under ``torch.autocast("cuda", dtype=torch.bfloat16)``: on a CPU that autocast is disabled,
+   so with bf16 weights the mask down-sampler sees a float input and a bf16 bias and fails.
+
+:func:`cuda_shim` patches exactly these three entry points for the duration of a ``with`` block, and restores the
+originals on exit (also after an exception), so nothing leaks into the user's session: ``Tensor.cuda`` moves to the
+CPU instead, ``torch.device("cuda...")`` becomes ``torch.device("cpu")``, and ``torch.autocast("cuda", ...)``
+becomes a CPU autocast with the same dtype. It is process-global while active (torch has no other hook), so do not
+run CUDA work in other threads meanwhile. It is only entered when the model runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vesselnb.errors import InferenceError
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """How to place the model: ``device`` for inputs, ``device_map``/``max_memory`` for ``from_pretrained``."""
+
+    device: str  # "cpu", "cuda", "cuda:1"
+    dtype: torch.dtype
+    device_map: Any = None  # None (plain .to(device)), "auto", or {"": index}
+    max_memory: dict[Any, str] | None = None
+
+    @property
+    def is_cpu(self) -> bool:
+        """True when the CUDA shim is needed to run upstream code."""
+        return self.device == "cpu"
+
+    @property
+    def dtype_name(self) -> str:
+        """"bf16"/"fp16"/"fp32" for records and reports."""
+        return {v: k for k, v in _DTYPES.items()}[self.dtype]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in an ``accelerate launch`` / ``torchrun`` job (from RANK/WORLD_SIZE/LOCAL_RANK)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        """True when launched as one of several processes."""
+        return self.world_size > 1
+
+
+def distributed_context(environ: dict[str, str] | None = None) -> DistributedContext:
+    """Read the launcher's environment variables; a plain ``python`` run is rank 0 of 1."""
+    env = os.environ if environ is None else environ
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise InferenceError(
+            "RANK/WORLD_SIZE/LOCAL_RANK are not integers; launch with `accelerate launch -m vesselnb.cli infer ...`"
+        ) from None
+    return DistributedContext(rank=rank, world_size=max(world, 1), local_rank=local)
+
+
+def plan_device(
+    device: str = "auto",
+    dtype: str = "auto",
+    max_memory_per_gpu: str | None = None,
+    dist: DistributedContext | None = None,
+) -> DevicePlan:
+    """Resolve ``device: auto|cpu|cuda`` and ``dtype: auto|bf16|fp16|fp32`` into a :class:`DevicePlan`.
+
+    ``auto`` dtype is bf16 on a GPU (what Sa2VA was trained in) and fp32 on a CPU (~8× faster there on CPUs without
+    bf16 units). Under a data-parallel launch each process takes its own GPU (``cuda:LOCAL_RANK``); otherwise a GPU
+    run uses accelerate's ``device_map="auto"``, optionally capped per GPU so a model larger than one card spreads.
+    Asking for CUDA without a usable GPU raises :class:`InferenceError` with the fix, never a silent CPU run.
+    """
+    dist = dist or DistributedContext()
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise InferenceError(f"device {device!r} is not one of auto, cpu, cuda (set 'inference.device')")
+    cuda_ok = torch.cuda.is_available()
+    if device.startswith("cuda") and not cuda_ok:
+        raise InferenceError(
+            f"device '{device}' was requested but no CUDA GPU is visible to torch {torch.__version__} "
+            f"(CUDA build: {torch.version.cuda or 'none'}). Set 'inference.device: cpu' (slow), or install a CUDA "
+            "build of torch and check CUDA_VISIBLE_DEVICES / nvidia-smi."
+        )
+    use_cuda = device.startswith("cuda") or (device == "auto" and cuda_ok)
+    if dtype not in ("auto", *_DTYPES):
+        raise InferenceError(f"dtype {dtype!r} is not one of auto, bf16, fp16, fp32 (set 'inference.dtype')")
+    torch_dtype = _DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if use_cuda else torch.float32)
+    if not use_cuda:
+        return DevicePlan(device="cpu", dtype=torch_dtype)
+    if dist.active:
+        if dist.local_rank >= torch.cuda.device_count():
+            raise InferenceError(
+                f"LOCAL_RANK {dist.local_rank} but only {torch.cuda.device_count()} GPU(s) visible; launch with "
+                "`accelerate launch --num_processes <number of GPUs>`"
+            )
+        return DevicePlan(device=f"cuda:{dist.local_rank}", dtype=torch_dtype, device_map={"": dist.local_rank})
+    if device.startswith("cuda:"):
+        index = int(device.split(":", 1)[1])
+        return DevicePlan(device=device, dtype=torch_dtype, device_map={"": index})
+    max_memory = None
+    if max_memory_per_gpu:
+        max_memory = {i: max_memory_per_gpu for i in range(torch.cuda.device_count())}
+    return DevicePlan(device="cuda:0", dtype=torch_dtype, device_map="auto", max_memory=max_memory)
+
+
+# --- the CPU shim -------------------------------------------------------------------------------------------------
+def _cpu_device(spec: Any = None, index: int | None = None) -> torch.device:
+    """``torch.device`` constructor that turns any CUDA device into the CPU (other devices unchanged)."""
+    real = _REAL_DEVICE
+    if isinstance(spec, real):
+        return real("cpu") if spec.type == "cuda" else spec
+    if isinstance(spec, int):
+        return real("cpu")
+    if isinstance(spec, str) and spec.split(":", 1)[0] == "cuda":
+        return real("cpu")
+    return real(spec) if index is None else real(spec, index)
+
+
+class _DeviceMeta(type):
+    """Makes the stand-in both callable like ``torch.device`` and transparent to ``isinstance`` checks."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> torch.device:
+        return _cpu_device(*args, **kwargs)
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, _REAL_DEVICE)
+
+
+class _CpuDevice(metaclass=_DeviceMeta):
+    """Stand-in for ``torch.device`` while the shim is active."""
+
+
+def _tensor_cuda_to_cpu(self: torch.Tensor, device: Any = None, non_blocking: bool = False, **_: Any) -> torch.Tensor:
+    """Replacement for ``Tensor.cuda``: keep the tensor on the CPU (``.to`` returns ``self`` when already there)."""
+    return self.to("cpu", non_blocking=non_blocking)
+
+
+class _CpuAutocast(torch.autocast):
+    """``torch.autocast`` that runs a ``"cuda"`` request as a CPU autocast with the same dtype."""
+
+    def __init__(self, device_type: str, dtype: torch.dtype | None = None, enabled: bool = True,
+                 cache_enabled: bool | None = None) -> None:
+        if device_type == "cuda":
+            device_type = "cpu"
+            if dtype is None:
+                dtype = torch.bfloat16
+        super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+
+_REAL_DEVICE = torch.device
+
+
+@contextlib.contextmanager
+def cuda_shim() -> Iterator[None]:
+    """Within the block, upstream code written for CUDA runs on the CPU (see the module docstring); always restored."""
+    saved = (torch.Tensor.cuda, torch.device, torch.autocast)
+    torch.Tensor.cuda = _tensor_cuda_to_cpu  # type: ignore[method-assign]
+    torch.device = _CpuDevice  # type: ignore[misc, assignment]
+    torch.autocast = _CpuAutocast  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, torch.device, torch.autocast = saved  # type: ignore[misc, method-assign]
+
+
+def maybe_cuda_shim(plan: DevicePlan) -> contextlib.AbstractContextManager[None]:
+    """The shim on the CPU, nothing on a GPU (where the upstream assumptions hold)."""
+    return cuda_shim() if plan.is_cpu else contextlib.nullcontext()

@@ -127,7 +127,8 @@ def build_run(root: Path, n_frames: int, n_distinct: int, rng: np.random.Generat
     for index in range(n_frames):
         patient, rest = divmod(index, 40)
         sequence, frame = divmod(rest, 10)
-        stem = f"Bench_Patient_{patient:04d}_{1000000 + patient:010d}__{sequence}-1_1_ABCD{sequence:04d}_frame_{frame:06d}"
+        stem = (f"Bench_Patient_{patient:04d}_{1000000 + patient:010d}__{sequence}-1_1_ABCD{sequence:04d}"
+                f"_frame_{frame:06d}")
         gt = np.roll(trees[index % n_distinct], int(rng.integers(-8, 9)), axis=1)
         pred = prediction_like(gt, rng)
         picture = (190 - 100 * ndimage.gaussian_filter(gt.astype(float), 1.5) + rng.normal(0, 10, gt.shape))
@@ -135,7 +136,8 @@ def build_run(root: Path, n_frames: int, n_distinct: int, rng: np.random.Generat
         Image.fromarray(gt).save(masks / f"{stem}_mask.png")
         probability = np.where(pred, 200, 25).astype(np.uint8)
         status = "ok" if index % 97 else "no_seg"
-        record = {"sample_id": stem, "image": str(images / f"{stem}.jpg"), "patient": "", "sequence": "", "frame": frame,
+        record = {"sample_id": stem, "image": str(images / f"{stem}.jpg"), "patient": "", "sequence": "",
+                  "frame": frame,
                   "status": status, "text": "[SEG]", "n_seg": 1, "seconds": 0.1, "error": None, "height": SIZE,
                   "width": SIZE, "mask_resized_from": None, "has_probability": True}
         store.write(record, pred if status == "ok" else np.zeros_like(pred), probability)

@@ -258,6 +258,7 @@ def make_training_checkpoint(
         keep = (
             "lora_" in name
             or "modules_to_save" in name
+            or "original_module" in name  # peft keeps the untrained copy too; the trained one must win
             or name.startswith(("mlp1.", "text_hidden_fcs."))
             or "sam_mask_decoder" in name
             or "fuser" in name

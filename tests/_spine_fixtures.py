@@ -56,7 +56,8 @@ display(fig); plt.close(fig)
 import json, pathlib
 out = pathlib.Path(out_dir); out.mkdir(parents=True, exist_ok=True)
 names = [pathlib.Path(d).name for d in run_dirs]
-(out / "comparison.json").write_text(json.dumps({"runs": names, "headline": {"dice_delta": 0.05, "p_value": 0.01}}))
+headline = {"text": "b is better on dice", "dice_delta": 0.05, "ci95": [0.01, 0.09], "p_value": 0.01}
+(out / "comparison.json").write_text(json.dumps({"runs": names, "headline": headline}))
 print("compared", names)
 """,
 }

@@ -63,7 +63,8 @@ def test_missed_thin_branches_show_in_width_recall_and_the_files(dataset) -> Non
     write_store(run_dir, root / "images", _thin_missed(gts), status=lambda sample_id: statuses.get(sample_id, "ok"))
     report = analyze_stage(run_params(root, max_error_rate=0.01, max_no_seg_rate=0.01), run_dir)
     table = pd.read_parquet(run_dir / "analysis" / "metrics.parquet")
-    assert list(table.columns[: len(CONTRACT_COLUMNS) + 1]) == CONTRACT_COLUMNS[:5] + ["has_gt"] + CONTRACT_COLUMNS[5:]
+    assert list(table.columns[: len(CONTRACT_COLUMNS)]) == CONTRACT_COLUMNS
+    assert {"has_gt", "tp", "fp", "fn", "tn"} <= set(table.columns)
     assert len(table) == len(gts)  # no_seg and error samples are kept and scored as empty masks
     assert table.set_index("sample_id").loc[ids[0], "dice"] == 0.0
     assert math.isinf(table.set_index("sample_id").loc[ids[1], "hd95"])
@@ -90,13 +91,15 @@ def test_frames_without_annotation_are_listed_not_scored(dataset, tmp_path: Path
     shutil.copytree(root / "masks", copy / "masks")
     dropped = sorted(gts)[2]
     (copy / "masks" / f"{dropped}_mask.png").unlink()
+    not_predicted = sorted(gts)[3]
     run_dir = tmp_path / "runs" / "missing_gt"
-    write_store(run_dir, copy / "images", gts)
+    write_store(run_dir, copy / "images", {k: v for k, v in gts.items() if k != not_predicted})
     report = analyze_stage(run_params(copy), run_dir)
     row = report.table.set_index("sample_id").loc[dropped]
     assert not row["has_gt"] and math.isnan(row["dice"])
-    assert report.summary["n_scored"] == len(gts) - 1
-    assert "frames_without_gt" in _codes(report)
+    assert report.summary["n_scored"] == len(gts) - 2
+    assert {"frames_without_gt", "frames_not_predicted"} <= _codes(report)
+    assert report.summary["frames_without_prediction"] == 1
 
 
 def test_identical_predictions_of_two_runs_are_flagged(dataset) -> None:

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from _compare_fixtures import build_run, copy_hf_folder
 
 from vesselnb.compare import (
     PAIRED_METRICS,
     _find_iteration,
     _jsonable,
     _unique_labels,
+    compare_stage,
     paired_comparison,
     wilcoxon_p,
 )
+from vesselnb.errors import StageError, VesselnbError
+
+SUBSET = 10  # frames in the subset run
 
 
 def _metrics_table(seed: int, n_patients: int = 4, frames: int = 6, shift: float = 0.0) -> pd.DataFrame:
@@ -133,3 +139,115 @@ def test_labels_iterations_and_json_helpers() -> None:
     assert _find_iteration({}, {}, "final")[0] is None
     text = json.dumps(_jsonable({"x": math.nan, "y": np.float32(0.5), "z": [np.int64(3), math.inf]}), allow_nan=False)
     assert json.loads(text) == {"x": None, "y": 0.5, "z": [3, None]}
+
+
+# --- whole run folders, built by the real inference and analysis stages on the demo checkpoints ------------------
+
+
+@pytest.fixture(scope="session")
+def demo_runs(demo_assets, tmp_path_factory) -> dict[str, Path]:
+    """Four finished runs: the two demo checkpoints, the better one again under another name and HF folder, and
+    the worse one on a subset of the frames."""
+    outputs = tmp_path_factory.mktemp("compare_outputs")
+    hf = demo_assets.reference_hf
+    twin_hf = copy_hf_folder(hf["long"], outputs / "hf_copies" / "renamed_model")
+    return {
+        "short": build_run(outputs, "short", hf["short"], demo_assets, iteration=50),
+        "long": build_run(outputs, "long", hf["long"], demo_assets, iteration=400),
+        "long_twin": build_run(outputs, "long_twin", twin_hf, demo_assets, iteration=400),
+        "short_subset": build_run(outputs, "short_subset", hf["short"], demo_assets, limit=SUBSET),
+    }
+
+
+def _banner_first(html_text: str) -> bool:
+    """The red identity banner is shown before any metric table."""
+    return "Same model?" in html_text and html_text.index("Same model?") < html_text.index("Paired metrics")
+
+
+@pytest.mark.slow
+def test_demo_checkpoints_the_longer_training_wins(demo_runs, tmp_path) -> None:
+    report = compare_stage([demo_runs["short"], demo_runs["long"]], tmp_path / "cmp")
+    pair = report.pairs[0]
+    summaries = [json.loads((demo_runs[n] / "analysis" / "summary.json").read_text()) for n in ("short", "long")]
+    assert summaries[1]["headline"]["dice"] > summaries[0]["headline"]["dice"]  # the demo's design, seen by stage 03
+    assert pair.better == "long" and pair.stats.loc["dice", "delta_mean"] > 0
+    assert pair.stats.loc["dice", "wins"] > pair.stats.loc["dice", "losses"]
+    assert pair.n_common == len(pair.per_sample) and pair.n_left_out == 0
+    assert not report.identity_alert
+    weights = pair.weights
+    assert weights is not None and (weights["rel_norm"] > 0).any() and "llm" in weights.index
+    written = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert written["runs"] == ["short", "long"] and written["headline"]["better"] == "long"
+    assert written["pairs"][0]["delta_mean"]["dice"] == pytest.approx(pair.stats.loc["dice", "delta_mean"])
+    for relative in written["figures"].values():
+        assert (tmp_path / "cmp" / relative).stat().st_size > 1000
+    page = report._repr_html_()
+    assert "Same model?" not in page and "data:image/png;base64," in page
+
+
+@pytest.mark.slow
+def test_a_run_compared_with_itself_shows_zero_delta_and_the_banner(demo_runs, tmp_path) -> None:
+    report = compare_stage([demo_runs["long"], demo_runs["long"]], tmp_path / "self")
+    pair = report.pairs[0]
+    assert (pair.a, pair.b) == ("long", "long#2")
+    assert (pair.stats["delta_mean"].fillna(0) == 0).all() and pair.better is None
+    assert report.identity["identical_weights"] == [["long", "long#2"]]
+    assert report.identity["identical_predictions"] == [["long", "long#2"]]
+    assert _banner_first(report._repr_html_())
+    assert report.headline["identity_alert"] is True
+
+
+@pytest.mark.slow
+def test_identical_weights_under_another_name_trigger_the_banner(demo_runs, tmp_path) -> None:
+    report = compare_stage([demo_runs["long"], demo_runs["long_twin"]], tmp_path / "twin")
+    assert report.runs[0].hf_dir != report.runs[1].hf_dir  # two folders, two names ...
+    assert report.runs[0].fingerprint == report.runs[1].fingerprint  # ... one model
+    assert ["long", "long_twin"] in report.identity["identical_weights"]
+    weights = report.pairs[0].weights
+    assert weights is not None and (weights["rel_norm"] == 0).all()  # the converter's diff agrees
+    assert _banner_first(report._repr_html_())
+
+
+@pytest.mark.slow
+def test_runs_over_different_sample_sets_compare_the_intersection(demo_runs, tmp_path) -> None:
+    report = compare_stage([demo_runs["short_subset"], demo_runs["long"]], tmp_path / "subset")
+    pair = report.pairs[0]
+    n_long = len(pd.read_parquet(demo_runs["long"] / "analysis" / "metrics.parquet"))
+    assert pair.n_common == SUBSET and pair.n_left_out == n_long - SUBSET and len(pair.only_b) == n_long - SUBSET
+    assert int(pair.stats.loc["dice", "n_pairs"]) <= SUBSET
+    assert f"{n_long - SUBSET} left out" in report._repr_html_()
+    assert report.to_json()["pairs"][0]["n_left_out"] == n_long - SUBSET
+
+
+@pytest.mark.slow
+def test_a_series_of_checkpoints_gets_a_curve_and_the_identity_check(demo_runs, tmp_path) -> None:
+    runs = [demo_runs["short"], demo_runs["long"], demo_runs["long_twin"]]
+    report = compare_stage(runs, tmp_path / "series")
+    assert [(p.a, p.b) for p in report.pairs] == [("short", "long"), ("long", "long_twin"), ("short", "long_twin")]
+    assert list(report.series["iteration"]) == [50, 400, 400]
+    assert report.figures["series"].is_file()
+    assert report.headline["a"] == "short" and report.headline["b"] == "long_twin"
+    assert report.headline["identity_alert"] is True and "Metrics vs training iteration" in report._repr_html_()
+
+
+def test_missing_stage_output_names_the_file_and_the_command(tmp_path) -> None:
+    run = tmp_path / "half_done"
+    (run / "predictions").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"params_file": "/x/params/half_done.yaml"}))
+    with pytest.raises(StageError, match=r"metrics\.parquet.*vesselnb run /x/params/half_done\.yaml"):
+        compare_stage([run, run], tmp_path / "out")
+    with pytest.raises(VesselnbError, match="at least two"):
+        compare_stage([run], tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_notebook_04_runs_under_papermill_and_renders_the_report(demo_runs, tmp_path) -> None:
+    from vesselnb.runner import COMPARE_STAGE, default_notebooks_dir, execute_stage
+
+    out_dir = tmp_path / "compare_short_vs_long"
+    parameters = {"run_dirs": [str(demo_runs["short"]), str(demo_runs["long"])], "out_dir": str(out_dir)}
+    outcome = execute_stage(COMPARE_STAGE, parameters, out_dir, default_notebooks_dir(), header={}, progress=False)
+    assert outcome.status == "ok", outcome.error
+    page = (out_dir / "04_compare_checkpoints.html").read_text(encoding="utf-8")
+    assert "Checkpoint comparison" in page and "Paired metrics" in page
+    assert json.loads((out_dir / "comparison.json").read_text())["runs"] == ["short", "long"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -40,17 +39,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (root / "work_dirs" / "tiny" / "last_checkpoint").write_text(str(ckpt_b.path))
     out_a = root / "out_a"
     report_a = convert_checkpoint(ckpt_a.path, base, out_a, training_config=config, shard_size=SHARD)
-    return {"root": root, "base": base, "config": config, "a": ckpt_a, "b": ckpt_b, "out_a": out_a,
-            "report_a": report_a}
+    return {
+        "root": root,
+        "base": base,
+        "config": config,
+        "a": ckpt_a,
+        "b": ckpt_b,
+        "out_a": out_a,
+        "report_a": report_a,
+    }
 
 
 def _assert_state_equal(folder: Path, expected: dict[str, torch.Tensor]) -> None:
-    model, info = load_hf(folder, torch.bfloat16), None
-    state = model.state_dict()
+    state = load_hf(folder, torch.bfloat16).state_dict()
     assert set(state) == set(expected)
     for key, value in expected.items():
         torch.testing.assert_close(state[key], value, msg=key)
-    del info
 
 
 def test_round_trip_equals_peft_merge_and_loads_with_remote_code(world: dict) -> None:
@@ -64,6 +68,7 @@ def test_round_trip_equals_peft_merge_and_loads_with_remote_code(world: dict) ->
     n_lora_modules = 2 * len(LORA_TARGETS)  # 2 layers
     assert report.coverage["merged"] == 2 * n_lora_modules
     assert report.coverage["only_in_checkpoint"] == report.coverage["shape_mismatch"] == 0
+    assert report.coverage["superseded"] == 2  # embed_tokens / lm_head original_module: the trained copy won
     assert sum(report.coverage.values()) == len(report.fates)
     assert report.lora["scale"] == 2.0
     sources = report.provenance_table.groupby("source").size().to_dict()
@@ -88,10 +93,17 @@ def test_index_records_shard_hashes_and_dtype(world: dict) -> None:
 
 
 def test_fp32_on_request(world: dict, tmp_path: Path) -> None:
-    report = convert_checkpoint(world["a"].path, world["base"], tmp_path / "fp32", training_config=world["config"],
-                                dtype="fp32", shard_size=SHARD)
+    report = convert_checkpoint(
+        world["a"].path,
+        world["base"],
+        tmp_path / "fp32",
+        training_config=world["config"],
+        dtype="fp32",
+        shard_size=SHARD,
+    )
     tensors = load_file(next((tmp_path / "fp32").glob("model-*.safetensors")))
     assert all(t.dtype == torch.float32 for t in tensors.values())
+
     def total(folder: Path) -> int:
         return json.loads((folder / INDEX_NAME).read_text())["metadata"]["total_size"]
 
@@ -100,10 +112,12 @@ def test_fp32_on_request(world: dict, tmp_path: Path) -> None:
 
 
 def test_same_checkpoint_twice_same_fingerprint_other_checkpoint_differs(world: dict, tmp_path: Path) -> None:
-    again = convert_checkpoint(world["a"].path, world["base"], tmp_path / "again", training_config=world["config"],
-                               shard_size=SHARD)
-    other = convert_checkpoint(world["b"].path, world["base"], tmp_path / "b", training_config=world["config"],
-                               shard_size=SHARD)
+    again = convert_checkpoint(
+        world["a"].path, world["base"], tmp_path / "again", training_config=world["config"], shard_size=SHARD
+    )
+    other = convert_checkpoint(
+        world["b"].path, world["base"], tmp_path / "b", training_config=world["config"], shard_size=SHARD
+    )
     assert again.fingerprint == world["report_a"].fingerprint
     assert other.fingerprint != world["report_a"].fingerprint
     diff = diff_weights(tmp_path / "again", world["out_a"])
@@ -125,15 +139,21 @@ def test_diff_training_checkpoint_vs_hf_folder_on_mapped_names(world: dict) -> N
 
 
 def test_work_dir_last_checkpoint_and_deepspeed_folder(world: dict, tmp_path: Path) -> None:
-    via_dir = convert_checkpoint(world["root"] / "work_dirs" / "tiny", world["base"], tmp_path / "wd",
-                                 training_config=world["config"], shard_size=SHARD)
+    via_dir = convert_checkpoint(
+        world["root"] / "work_dirs" / "tiny",
+        world["base"],
+        tmp_path / "wd",
+        training_config=world["config"],
+        shard_size=SHARD,
+    )
     assert via_dir.source["file"] == str(world["b"].path)
     ds_path = tmp_path / "iter_20_ds.pth"
     from _convert_fixtures import _save
 
     _save(world["b"].state_dict, ds_path, "deepspeed")
-    via_ds = convert_checkpoint(ds_path, world["base"], tmp_path / "ds", training_config=world["config"],
-                                shard_size=SHARD)
+    via_ds = convert_checkpoint(
+        ds_path, world["base"], tmp_path / "ds", training_config=world["config"], shard_size=SHARD
+    )
     assert via_ds.source["layout"] == "deepspeed"
     assert via_ds.fingerprint == via_dir.fingerprint
 
@@ -148,20 +168,35 @@ def test_zero3_partitioned_folder_says_how_to_consolidate(world: dict, tmp_path:
 
 
 def test_26b_pretrained_into_8b_shape_mismatch_refused(world: dict, tmp_path: Path) -> None:
-    big = {k: v for k, v in load_file(next(world["base"].glob("model-*.safetensors"))).items()}
-    big = {"text_hidden_fcs.0.weight": torch.zeros(48, 48, dtype=torch.bfloat16),
-           "text_hidden_fcs.0.bias": torch.zeros(48, dtype=torch.bfloat16)}
+    big = {
+        "text_hidden_fcs.0.weight": torch.zeros(48, 48, dtype=torch.bfloat16),
+        "text_hidden_fcs.0.bias": torch.zeros(48, dtype=torch.bfloat16),
+        "mllm.model.vision_model.embeddings.weight": torch.ones(16, 16, dtype=torch.bfloat16),  # fits: taken
+    }
     pretrained = tmp_path / "sa2va_26b.pth"
     torch.save(big, pretrained)
     out = tmp_path / "out"
     with pytest.raises(ConversionError, match=r"text_hidden_fcs\.0\.weight.*\[48, 48\] vs base \[32, 32\]"):
-        convert_checkpoint(world["a"].path, world["base"], out, training_config=world["config"],
-                           pretrained_pth=pretrained)
+        convert_checkpoint(
+            world["a"].path, world["base"], out, training_config=world["config"], pretrained_pth=pretrained
+        )
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
-    report = convert_checkpoint(world["a"].path, world["base"], out, training_config=world["config"],
-                                pretrained_pth=pretrained, allow_shape_mismatch=True, shard_size=SHARD)
+    report = convert_checkpoint(
+        world["a"].path,
+        world["base"],
+        out,
+        training_config=world["config"],
+        pretrained_pth=pretrained,
+        allow_shape_mismatch=True,
+        shard_size=SHARD,
+    )
     assert report.coverage["shape_mismatch"] == 2 and any("shape mismatch" in w for w in report.warnings)
-    assert "background:#b00020" in report._repr_html_().replace(" ", "") or "#b00020" in report._repr_html_()
+    assert "#b00020" in report._repr_html_()  # red banner
+    rows = report.provenance_table.set_index("hf_key")
+    assert rows.loc["vision_model.embeddings.weight", "source"] == "pretrained"
+    assert rows.loc["text_hidden_fcs.0.weight", "source"] == "checkpoint"  # the checkpoint still wins
+    weights = load_hf(out).state_dict()
+    assert torch.equal(weights["vision_model.embeddings.weight"], torch.ones(16, 16))
 
 
 def test_missing_lora_half_and_unknown_key_refused(world: dict, tmp_path: Path) -> None:
@@ -182,8 +217,9 @@ def test_lora_alpha_required_without_config_and_rank_checked(world: dict, tmp_pa
         convert_checkpoint(world["a"].path, world["base"], tmp_path / "out")
     with pytest.raises(ConversionError, match="rank 4"):
         convert_checkpoint(world["a"].path, world["base"], tmp_path / "out", lora_r=8, lora_alpha=16)
-    report = convert_checkpoint(world["a"].path, world["base"], tmp_path / "out", lora_r=4, lora_alpha=8,
-                                shard_size=SHARD)
+    report = convert_checkpoint(
+        world["a"].path, world["base"], tmp_path / "out", lora_r=4, lora_alpha=8, shard_size=SHARD
+    )
     assert report.fingerprint == world["report_a"].fingerprint  # config template differs only in config.json
 
 
@@ -222,20 +258,36 @@ def test_too_little_disk_refused_with_bytes(world: dict, tmp_path: Path, monkeyp
 
 def test_unchanged_checkpoint_warns_loudly(world: dict, tmp_path: Path) -> None:
     untrained = make_training_checkpoint(world["base"], tmp_path / "iter_0.pth", seed=3, trained=False)
-    report = convert_checkpoint(untrained.path, world["base"], tmp_path / "out", training_config=world["config"],
-                                shard_size=SHARD)
+    report = convert_checkpoint(
+        untrained.path, world["base"], tmp_path / "out", training_config=world["config"], shard_size=SHARD
+    )
     assert any("CHANGES NOTHING" in w for w in report.warnings)
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vesselnb.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vesselnb.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_killed_conversion_leaves_no_folder_and_resumes(world: dict, tmp_path: Path) -> None:
     out = tmp_path / "hf"
-    args = ["convert", str(world["a"].path), "--base", str(world["base"]), "--config", str(world["config"]),
-            "--out", str(out), "--shard-size", SHARD]
+    args = [
+        "convert",
+        str(world["a"].path),
+        "--base",
+        str(world["base"]),
+        "--config",
+        str(world["config"]),
+        "--out",
+        str(out),
+        "--shard-size",
+        SHARD,
+    ]
     killed = _cli(*args, env={KILL_AFTER_ENV: "2"})
     assert killed.returncode == -9
     assert not out.exists()
@@ -265,8 +317,12 @@ def test_training_config_read_without_importing(tmp_path: Path) -> None:
 
 def test_stage_writes_conversion_json_reuses_and_flags_identical_runs(world: dict, tmp_path: Path) -> None:
     def params(path: Path) -> RunParams:
-        return RunParams(run_name="r", checkpoint=CheckpointParams(path=path, base_model=world["base"],
-                                                                   training_config=world["config"], shard_size=SHARD))
+        return RunParams(
+            run_name="r",
+            checkpoint=CheckpointParams(
+                path=path, base_model=world["base"], training_config=world["config"], shard_size=SHARD
+            ),
+        )
 
     first = convert_stage(params(world["a"].path), tmp_path / "run_a")
     record = json.loads((tmp_path / "run_a" / "conversion.json").read_text())

@@ -17,7 +17,16 @@ from vesselnb.fingerprint import INDEX_NAME
 def demo(tmp_path_factory: pytest.TempPathFactory):
     from vesselnb.demo import ensure_demo_assets
 
-    return ensure_demo_assets(tmp_path_factory.mktemp("demo") / "assets")
+    # Small settings (the demo owner's advice for tests): same layout, fewer frames and iterations.
+    return ensure_demo_assets(
+        tmp_path_factory.mktemp("demo") / "assets",
+        n_patients=2,
+        sequences_per_patient=2,
+        frames_per_sequence=3,
+        short_iters=30,
+        long_iters=200,
+        pretrain_iters=100,
+    )
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -29,7 +38,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_demo_iter_400_reproduces_reference_and_loads(demo, tmp_path: Path) -> None:
+def test_demo_long_checkpoint_reproduces_reference_and_loads(demo, tmp_path: Path) -> None:
     from transformers import AutoModel
 
     out = tmp_path / "iter_400"
@@ -55,3 +64,39 @@ def test_demo_short_vs_long_differ_same_twice_identical(demo, tmp_path: Path) ->
     assert long_a.fingerprint == long_b.fingerprint
     diff = diff_weights(tmp_path / "s", tmp_path / "a")
     assert not diff.identical and diff.n_identical < len(diff.tensors)
+
+
+@pytest.mark.slow
+def test_notebook_01_runs_with_papermill(demo, tmp_path: Path) -> None:
+    import papermill
+    import yaml
+
+    params_path = tmp_path / "demo_convert.yaml"
+    params_path.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "nb01",
+                "checkpoint": {
+                    "path": str(demo.checkpoints["long"]),
+                    "training_config": str(demo.training_config),
+                    "base_model": str(demo.base_model),
+                },
+                "data": {"images": str(demo.images_dir), "annotations": str(demo.annotations)},
+            }
+        )
+    )
+    run_dir = tmp_path / "outputs" / "nb01"
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "01_convert.ipynb"
+    executed = tmp_path / "01_convert.ipynb"
+    papermill.execute_notebook(
+        str(notebook),
+        str(executed),
+        cwd=str(notebook.parent),
+        kernel_name="python3",
+        parameters={"params_path": str(params_path), "run_dir": str(run_dir)},
+        progress_bar=False,
+    )
+    record = json.loads((run_dir / "conversion.json").read_text())
+    assert record["fingerprint"] and record["coverage"]["merged"] > 0 and (run_dir / "hf_model" / INDEX_NAME).is_file()
+    text = executed.read_text()
+    assert record["fingerprint"] in text and "Coverage" in text

@@ -165,3 +165,16 @@ def test_unreadable_or_unknown_annotations_raise_data_errors(tmp_path: Path) -> 
     odd.write_text(json.dumps({"something": 1}))
     with pytest.raises(DataError, match="annotation_format"):
         load_ground_truth(odd, samples)
+
+
+def test_nested_polygons_are_reported_under_union_and_become_holes_under_even_odd(tmp_path: Path) -> None:
+    samples = _frames(tmp_path / "images", [NAME], size=(40, 40))
+    path = tmp_path / "annotations.json"
+    entry = {"image": f"{NAME}.jpg", "mask": [square(5, 5, 35, 35), square(15, 15, 25, 25)], "text": ["v", "v"]}
+    path.write_text(json.dumps([entry]))
+    union = load_ground_truth(path, samples)
+    assert union.report.nested_polygons == 1 and union.mask(NAME)[20, 20]
+    assert any("even_odd" in warning for warning in union.report.warnings)
+    even_odd = load_ground_truth(path, samples, polygon_fill="even_odd")
+    assert not even_odd.mask(NAME)[20, 20] and even_odd.mask(NAME)[10, 10]
+    assert even_odd.report.nested_polygons == 0 and not even_odd.report.warnings

@@ -109,6 +109,18 @@ def test_betti_numbers_count_components_and_holes() -> None:
     assert vm.betti_errors(ring, two_blobs) == (1, 1)
 
 
+def test_fast_euler_number_agrees_with_scikit_image_and_labelling() -> None:
+    from skimage.measure import euler_number
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        mask = rng.random((30, 40)) < rng.uniform(0.1, 0.8)
+        assert vm.euler_number_8(mask) == euler_number(mask, connectivity=2)
+        _, components = ndimage.label(mask, structure=np.ones((3, 3)))
+        _, background = ndimage.label(~np.pad(mask, 1))
+        assert vm.betti_numbers(mask) == (components, background - 1)
+
+
 def test_skeleton_survives_inputs_that_crashed_scikit_image() -> None:
     """An all-foreground frame and masks touching the border once segfaulted skeletonize: run in a subprocess."""
     code = (

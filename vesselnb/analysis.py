@@ -48,14 +48,14 @@ SUMMARY_METRICS: dict[str, bool] = {
     "betti1_error": False,
 }
 TABLE_COLUMNS = [
-    "sample_id", "patient", "sequence", "frame", "status", "has_gt", "gt_area", "pred_area",
+    "sample_id", "patient", "sequence", "frame", "status", "gt_area", "pred_area",
     "dice", "iou", "precision", "recall", "specificity", "cldice", "betti0_error", "betti1_error",
     "hd95", "assd", "nsd", "recall_thin", "recall_medium", "recall_thick",
 ]
-EXTRA_COLUMNS = ["tp", "fp", "fn", "tn", "cl_tprec", "cl_tsens", "has_probability", "image"]
+EXTRA_COLUMNS = ["has_gt", "tp", "fp", "fn", "tn", "cl_tprec", "cl_tsens", "has_probability", "image"]
 SWEEP_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 CLDICE_SWEEP_THRESHOLDS = np.round(np.arange(0.1, 0.91, 0.1), 2)
-CLDICE_SWEEP_MAX_SAMPLES = 100  # skeletons per threshold are the costly part; a fixed subsample keeps it bounded
+CLDICE_SWEEP_MAX_SAMPLES = 60  # skeletons per threshold are the costly part; a fixed subsample keeps it bounded
 SUSPICIOUS_PERFECT_SHARE = 0.1
 IDENTICAL_TO_GT_SHARE = 0.5
 
@@ -106,8 +106,10 @@ def _prediction_mask(store: Any, sample_id: str, record: dict[str, Any], shape: 
 
 def _sweep_counts(gt: np.ndarray, probability: np.ndarray) -> np.ndarray:
     """(n_thresholds, 3) TP / FP / FN at each sweep threshold, from two 256-bin histograms (no re-thresholding)."""
-    on_gt = np.bincount(probability[gt], minlength=256)
-    everywhere = np.bincount(probability.ravel(), minlength=256)
+    codes = probability.astype(np.uint16) | (gt.astype(np.uint16) << 8)  # one pass: value + 256 * inside-GT
+    histogram = np.bincount(codes.ravel(), minlength=512)
+    on_gt = histogram[256:]
+    everywhere = histogram[:256] + on_gt
     cuts = np.floor(SWEEP_THRESHOLDS * 255.0).astype(int) + 1  # predicted = value > t * 255
     above_gt = np.cumsum(on_gt[::-1])[::-1]
     above_all = np.cumsum(everywhere[::-1])[::-1]
@@ -543,6 +545,16 @@ class AnalysisReport:
             rows.append((frame, gt, pred, sample_title(row)))
         return viz.gallery(rows, title=f"{'worst' if worst else 'best'} {len(rows)} by {metric}")
 
+    def show_figure(self, name: str) -> None:
+        """Display a figure saved under ``analysis/figures`` (rendered once by the stage, not again here)."""
+        from IPython.display import HTML, Image, display
+
+        path = self.figures.get(name)
+        if path is None or not Path(path).is_file():
+            display(HTML(f"<i>No figure '{html.escape(name)}' for this run.</i>"))
+            return
+        display(Image(filename=str(path)))
+
     def browser(self) -> Any:
         """Interactive sample browser (ipywidgets) in JupyterLab; static figures under papermill."""
         from vesselnb.widgets import SampleBrowser
@@ -599,7 +611,10 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
     except StoreError as exc:
         raise StageError(f"{exc} (stage 03 reads the predictions of stage 02)") from None
     samples = list_samples(data.images, data.image_glob, data.name_regex or DEFAULT_NAME_REGEX, data.limit)
-    gt = load_ground_truth(data.annotations, samples, data.annotation_format)
+    # `data.polygon_fill` ("union" = the users' cv2.fillPoly loop, "even_odd" = holes as inner polygons) is read
+    # when the params schema has it; until then the users' rule applies.
+    gt = load_ground_truth(data.annotations, samples, data.annotation_format,
+                           polygon_fill=getattr(data, "polygon_fill", None) or "union")
     scoring = ScoringSettings(
         store_path=str(store.path), threshold=settings.threshold, nsd_tolerance_px=settings.nsd_tolerance_px,
         width_bins_px=(float(settings.width_bins_px[0]), float(settings.width_bins_px[1])),
@@ -613,6 +628,11 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
     predictions_hash = store.predictions_hash()
     others = other_run_hashes(run_dir, settings.compare_to)
     flags = sanity_flags(table, settings, predictions_hash, others, gt.report.warnings)
+    not_predicted = sorted(set(gt.sample_ids()) - set(table["sample_id"]))
+    if not_predicted:
+        flags.append(Flag("warning", "frames_not_predicted",
+                          f"{len(not_predicted)} annotated frame(s) have no prediction in the store (inference "
+                          f"unfinished or limited?); first: {not_predicted[0]}"))
     frame = summary_table(table, n_boot=settings.bootstrap_samples)
     status_counts = {status: int((table["status"] == status).sum()) for status in ("ok", "no_seg", "error")}
     summary = {
@@ -630,7 +650,7 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
         "threshold": settings.threshold,
         "best_threshold": None if sweep is None else float(sweep.loc[sweep["dice"].idxmax(), "threshold"]),
         "ground_truth": gt.report.as_dict(),
-        "frames_without_prediction": len(set(gt.sample_ids()) - set(table["sample_id"])),
+        "frames_without_prediction": len(not_predicted),
     }
     report = AnalysisReport(params.run_name, run_dir, table, summary, flags, frame, sweep, gt,
                             settings.threshold, settings.gallery_k)

@@ -13,7 +13,11 @@ def build_parser() -> argparse.ArgumentParser:
     from vesselnb import compare, infer, runner
     from vesselnb.convert import cli as convert_cli
 
-    parser = argparse.ArgumentParser(prog="vesselnb", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vesselnb",
+        description="Convert, run and analyse fine-tuned Sa2VA vessel-segmentation checkpoints. "
+                    "Start with `vesselnb demo`; then `vesselnb run params/<run>.yaml` (see README.md).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     runner.add_cli(sub)  # run, compare, demo, index
     convert_cli.add_cli(sub)  # convert, diff

@@ -19,6 +19,7 @@ import base64
 import html
 import itertools
 import json
+import logging
 import math
 import re
 import time
@@ -427,7 +428,7 @@ def _save(fig: Figure, path: Path) -> Path:
 def _scatter_figure(pair: PairedComparison) -> Figure:
     """Per-sample A against B for each metric: points off the diagonal are where the runs differ."""
     metrics = list(pair.stats.index)
-    fig = Figure(figsize=(4.2 * len(metrics), 4.0))
+    fig = Figure(figsize=(4.2 * len(metrics), 4.0), layout="constrained")
     for axis, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
         x = pair.per_sample[f"{metric}_a"].to_numpy(dtype=float)
         y = pair.per_sample[f"{metric}_b"].to_numpy(dtype=float)
@@ -443,7 +444,6 @@ def _scatter_figure(pair: PairedComparison) -> Figure:
         axis.set_title(f"{metric} ({pair.stats.loc[metric, 'better_when']} is better)")
     if len(pair.per_sample["patient"].unique()) <= 12:
         fig.axes[0].legend(fontsize=7, title="patient", title_fontsize=7)
-    fig.tight_layout()
     return fig
 
 
@@ -461,18 +461,26 @@ def _ground_truth_reader(run: RunInputs, sample_ids: list[str]) -> tuple[Any, st
     data = run.params.get("data") or {}
     if not data.get("annotations") or not data.get("images"):
         return None, f"{run.run_dir / 'manifest.json'}: no data paths recorded, so the panels show no ground truth"
+    data_log = logging.getLogger("vesselnb.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)  # stage 03 already reported this dataset's annotation warnings
     try:
-        wanted = set(sample_ids)
-        samples = [
-            s
-            for s in list_samples(
-                data["images"], data.get("image_glob") or "*.jpg", data.get("name_regex") or DEFAULT_NAME_REGEX
-            )
-            if s.sample_id in wanted
-        ]
-        truth = load_ground_truth(data["annotations"], samples, data.get("annotation_format") or "auto")
+        samples = list_samples(
+            data["images"],
+            data.get("image_glob") or "*.jpg",
+            data.get("name_regex") or DEFAULT_NAME_REGEX,
+            data.get("limit"),
+        )
+        truth = load_ground_truth(
+            data["annotations"],
+            [s for s in samples if s.sample_id in set(sample_ids)],
+            data.get("annotation_format") or "auto",
+            data.get("polygon_fill") or "union",
+        )
     except VesselnbError as exc:
         return None, f"ground truth not shown in the panels: {exc}"
+    finally:
+        data_log.setLevel(level)
     return (lambda sample_id: truth.mask(sample_id) if sample_id in truth else None), ""
 
 
@@ -483,7 +491,7 @@ def _disagreement_figure(
 
     The A-vs-B panel is ``viz.error_overlay`` with A in the place of ground truth, so its colours read as above.
     """
-    fig = Figure(figsize=(13, 3.4 * len(sample_ids)))
+    fig = Figure(figsize=(13, 3.4 * len(sample_ids)), layout="constrained")
     axes = fig.subplots(len(sample_ids), 4, squeeze=False)
     records_a = {r["sample_id"]: r for r in run_a.store.records()}
     for row, sample_id in zip(axes, sample_ids, strict=True):
@@ -518,26 +526,26 @@ def _disagreement_figure(
         f"{run_a.label}, magenta only {run_b.label}",
         fontsize=9,
     )
-    fig.tight_layout()
     return fig
 
 
 def _series_figure(series: pd.DataFrame) -> Figure:
-    """Headline metrics against training iteration, with each run's bootstrap CI as error bars."""
+    """Mean metrics against training iteration (run order when a run has none), patient-bootstrap CIs as bars."""
+    by_iteration = bool(series["iteration"].notna().all())
+    x_column = "iteration" if by_iteration else "position"
     metrics = [m for m in PAIRED_METRICS if m in series.columns]
-    fig = Figure(figsize=(4.2 * len(metrics), 3.6))
+    fig = Figure(figsize=(4.2 * len(metrics), 3.6), layout="constrained")
     for axis, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
-        data = series.dropna(subset=[metric]).sort_values("iteration")
+        data = series.dropna(subset=[metric]).sort_values(x_column)
         lower = (data[metric] - data[f"{metric}_lo"]).clip(lower=0).fillna(0)
         upper = (data[f"{metric}_hi"] - data[metric]).clip(lower=0).fillna(0)
-        axis.errorbar(data["iteration"], data[metric], yerr=[lower, upper], marker="o", capsize=3)
+        axis.errorbar(data[x_column], data[metric], yerr=[lower, upper], marker="o", capsize=3)
         for _, point in data.iterrows():
             axis.annotate(
-                point["run"], (point["iteration"], point[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                point["run"], (point[x_column], point[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points"
             )
-        axis.set_xlabel("training iteration")
-        axis.set_title(f"{metric} ({'higher' if PAIRED_METRICS[metric] else 'lower'} is better)")
-    fig.tight_layout()
+        axis.set_xlabel("training iteration" if by_iteration else "run order (some runs have no iteration)")
+        axis.set_title(f"mean {metric} ({'higher' if PAIRED_METRICS[metric] else 'lower'} is better)")
     return fig
 
 
@@ -757,7 +765,7 @@ def _series_table(runs: list[RunInputs], n_boot: int, seed: int) -> pd.DataFrame
         table = run.metrics
         if "has_gt" in table.columns:
             table = table[table["has_gt"].astype(bool)]
-        row: dict[str, Any] = {"run": run.label, "iteration": run.iteration if run.iteration is not None else position}
+        row: dict[str, Any] = {"run": run.label, "iteration": run.iteration, "position": position}
         for metric in PAIRED_METRICS:
             values = table[metric].astype(float)
             finite = np.isfinite(values)
@@ -766,7 +774,8 @@ def _series_table(runs: list[RunInputs], n_boot: int, seed: int) -> pd.DataFrame
             row[f"{metric}_lo"], row[f"{metric}_hi"] = low, high
         row["n_scored"] = len(table)
         rows.append(row)
-    return pd.DataFrame(rows).sort_values("iteration").reset_index(drop=True)
+    table = pd.DataFrame(rows)
+    return table.sort_values("iteration" if table["iteration"].notna().all() else "position").reset_index(drop=True)
 
 
 def compare_stage(
@@ -831,7 +840,7 @@ def compare_stage(
         if any(run.iteration is None for run in loaded):
             notes.append(
                 "some runs have no iteration (params 'iteration' or iter_N in the checkpoint name): "
-                "their position in the list is used on the curve"
+                "the curve uses the order of the runs instead"
             )
 
     headline_pair = pairs[-1] if len(loaded) > 2 else pairs[0]

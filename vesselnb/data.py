@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from skimage import draw
+from skimage import draw, measure
 
 from vesselnb.errors import DataError
 from vesselnb.params import DEFAULT_NAME_REGEX
@@ -123,6 +123,7 @@ class GroundTruthReport:
     clipped_points: int = 0
     skipped_polygons: int = 0  # fewer than 3 points
     skipped_shapes: dict[str, int] = field(default_factory=dict)  # LabelMe shape types we do not fill
+    nested_polygons: int = 0  # polygons lying inside another one of their frame: holes, if the exporter drew them
     warnings: list[str] = field(default_factory=list)
 
     def warn(self, message: str) -> None:
@@ -147,6 +148,7 @@ class GroundTruthReport:
             "clipped_points": self.clipped_points,
             "skipped_polygons": self.skipped_polygons,
             "skipped_shapes": dict(self.skipped_shapes),
+            "nested_polygons": self.nested_polygons,
             "warnings": list(self.warnings),
         }
 
@@ -321,10 +323,14 @@ def load_ground_truth(
                 if (image.height, image.width) != (height, width):
                     report.rescaled[stem] = ((image.width, image.height), (width, height))
         for polygon in entry.polygons:
-            outside = (polygon[:, 0] < 0) | (polygon[:, 0] > width) | (polygon[:, 1] < 0) | (polygon[:, 1] > height)
+            # The frame spans [-0.5, size - 0.5] in pixel-centre coordinates and [0, size] in corner ones: both fine.
+            x, y = polygon[:, 0], polygon[:, 1]
+            outside = (x < -0.5) | (x > width) | (y < -0.5) | (y > height)
             if outside.any():
                 report.clipped_polygons += 1
                 report.clipped_points += int(outside.sum())
+        if polygon_fill == "union":
+            report.nested_polygons += _count_nested(entry.polygons)
         found[stem] = entry
     report.annotated = len(found)
     report.missing = sorted(set(by_stem) - set(found))
@@ -346,12 +352,33 @@ def _summarise_problems(report: GroundTruthReport) -> None:
         report.warn(f"{report.skipped_polygons} polygon(s) with fewer than 3 points were skipped")
     if report.skipped_shapes:
         report.warn(f"LabelMe shapes not filled (not polygons): {report.skipped_shapes}")
+    if report.nested_polygons:
+        report.warn(f"{report.nested_polygons} polygon(s) lie inside another polygon of their frame and were filled "
+                    "(union rule, as cv2.fillPoly per polygon). If your exporter draws holes as inner polygons, set "
+                    "'data.polygon_fill: even_odd'")
     if report.missing:
         report.warn(f"{len(report.missing)} frame(s) have no annotation and are not scored; first: "
                     f"{report.missing[0]}")
     if report.unmatched:
         report.warn(f"{len(report.unmatched)} annotation(s) name frames not in the image folder; first: "
                     f"{report.unmatched[0]}")
+
+
+def _count_nested(polygons: list[np.ndarray]) -> int:
+    """Polygons whose vertices all lie inside another polygon of the same frame (bounding boxes first: cheap)."""
+    if len(polygons) < 2:
+        return 0
+    boxes = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in polygons])
+    nested = 0
+    for i, inner in enumerate(polygons):
+        inside_box = ((boxes[:, 0] <= boxes[i, 0]) & (boxes[:, 1] <= boxes[i, 1]) & (boxes[:, 2] >= boxes[i, 2])
+                      & (boxes[:, 3] >= boxes[i, 3]))
+        inside_box[i] = False
+        for j in np.flatnonzero(inside_box):
+            if measure.points_in_poly(inner, polygons[j]).all():
+                nested += 1
+                break
+    return nested
 
 
 def _polygons_from(items: Any, report: GroundTruthReport) -> list[np.ndarray]:

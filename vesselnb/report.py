@@ -29,6 +29,8 @@ MANIFEST_FORMAT = 1
 _VERSIONED = ("vesselnb", "torch", "transformers", "accelerate", "peft", "safetensors", "numpy", "scipy",
               "scikit-image", "monai", "pandas", "matplotlib", "papermill", "nbconvert", "ipykernel")
 _EXTERNAL_SCRIPT = re.compile(r"<script\b[^>]*\bsrc=[\"']?(?:https?:)?//[^>]*>\s*</script>", re.IGNORECASE)
+# tqdm's bar: "label:  42%|████▏     | 5/12 [00:01<00:02,  3.1it/s]"
+_PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*\d+/\d*")
 _EXTERNAL_LINK = re.compile(r"<link\b[^>]*\bhref=[\"']?(?:https?:)?//[^>]*>", re.IGNORECASE)
 
 
@@ -45,6 +47,7 @@ def render_html(executed: Path, html_path: Path, header: dict[str, Any], show_co
     from nbconvert import HTMLExporter
 
     notebook = nbformat.read(str(executed), as_version=4)
+    _drop_progress_bars(notebook)
     exporter = HTMLExporter(
         template_name="lab",
         template_file="vesselnb_report.html",
@@ -63,6 +66,26 @@ def render_html(executed: Path, html_path: Path, header: dict[str, Any], show_co
     body = _EXTERNAL_LINK.sub("", _EXTERNAL_SCRIPT.sub("", body))  # belt and braces: nothing loads from the web
     _write_text_atomic(html_path, body)
     return html_path
+
+
+def _drop_progress_bars(notebook: Any) -> None:
+    """Remove tqdm progress lines from stderr outputs (the .ipynb keeps them): noise in a static report.
+
+    Warnings and tracebacks on stderr stay; a stream left empty is removed.
+    """
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                lines = re.split(r"[\r\n]+", output.get("text", ""))
+                text = "\n".join(line for line in lines if line.strip() and not _PROGRESS_LINE.search(line))
+                if not text:
+                    continue
+                output["text"] = text + "\n"
+            kept.append(output)
+        cell["outputs"] = kept
 
 
 # --- manifests ----------------------------------------------------------------------------------------------------
@@ -273,20 +296,28 @@ def _comparison_row(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _headline_lines(headline: Any) -> list[str]:
-    """Readable lines from comparison.json's ``headline``, whatever its nesting (the compare stage owns it)."""
+    """Readable lines from comparison.json's ``headline``, whatever its nesting (the compare stage owns it).
+
+    A ``text`` entry (the verdict) comes first as it is; other entries become ``key: value``.
+    """
     if headline is None:
         return []
     if isinstance(headline, dict):
-        lines = []
+        lines = [str(headline["text"])] if headline.get("text") else []
+        details = []
         for key, value in headline.items():
+            if key == "text":
+                continue
             if isinstance(value, dict):
                 inner = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
-                lines.append(f"{key}: {inner}")
+                details.append(f"{key}: {inner}")
+            elif isinstance(value, list):
+                details.append(f"{key}: [{', '.join(_fmt(v) for v in value)}]")
             else:
-                lines.append(f"{key}: {_fmt(value)}")
-        return lines[:12]
+                details.append(f"{key}: {_fmt(value)}")
+        return lines + ([" · ".join(details)] if details else [])
     if isinstance(headline, list):
-        return [str(item) for item in headline[:12]]
+        return [str(item) for item in headline[:14]]
     return [str(headline)]
 
 

@@ -270,8 +270,17 @@ def run_params(
             continue
         if progress:
             print(f"[{params.run_name}] {stage.stem} ...", file=sys.stderr, flush=True)
-        outcome = execute_stage(stage, parameters, run_dir, notebooks, header=_header(params, run_dir),
-                                progress=progress, log_output=log_output, show_code=show_code, kernel_name=kernel)
+        outcomes[stage.key].status, outcomes[stage.key].started = "running", now_iso()
+        update_run_manifest(run_dir, params, [outcomes[stage.key]])  # a killed run still says where it stopped
+        try:
+            outcome = execute_stage(stage, parameters, run_dir, notebooks, header=_header(params, run_dir),
+                                    progress=progress, log_output=log_output, show_code=show_code,
+                                    kernel_name=kernel)
+        except KeyboardInterrupt:  # Ctrl-C: the manifest must not claim the stage is still running
+            outcomes[stage.key].status = "failed"
+            outcomes[stage.key].error = {"ename": "KeyboardInterrupt", "evalue": "interrupted by the user"}
+            update_run_manifest(run_dir, params, list(outcomes.values()))
+            raise
         outcomes[stage.key] = outcome
         result.stages = list(outcomes.values())
         update_run_manifest(run_dir, params, [outcome])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import io
 import json
 import os
 import re
@@ -47,6 +48,7 @@ MERGE_LOCK_FILE = ".merge.lock"
 STATUSES = ("ok", "no_seg", "error")
 # store.json keys that must agree before two sets of predictions may share a store.
 IDENTITY_KEYS = ("fingerprint", "prompt", "mode", "probability_maps")
+_STANDARD_META = ("format", "fingerprint", "model_dir", "prompt", "mode", "created", "probability_maps")
 RECORD_KEYS = (
     "sample_id", "image", "patient", "sequence", "frame", "status", "text", "n_seg", "seconds", "error",
     "height", "width", "mask_resized_from", "has_probability",
@@ -70,10 +72,10 @@ def _atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
 
 
 def _png_bytes(image: Image.Image) -> bytes:
-    import io
-
+    """PNG with light compression: masks and probability maps compress well anyway, and zlib's default level costs
+    more time per frame than it saves in bytes."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -394,7 +396,7 @@ def _merge_parts_locked(root: Path, require_complete: bool, durable: bool) -> Me
     main = PredictionStore.create_or_open(
         root, fingerprint=main_meta["fingerprint"], model_dir=main_meta.get("model_dir", ""),
         prompt=main_meta["prompt"], mode=main_meta["mode"], probability_maps=main_meta["probability_maps"],
-        durable=durable,
+        durable=durable, extra={k: v for k, v in main_meta.items() if k not in _STANDARD_META},
     )
     for part in metas:
         if require_complete and not (part / PART_COMPLETE_FILE).is_file():

@@ -187,16 +187,17 @@ def gallery(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], titl
     Frames are downsampled to ``thumbnail`` pixels so a report of many galleries stays small.
     """
     n = max(len(rows), 1)
-    fig = Figure(figsize=(11.0, 2.6 * n + 0.4), layout="constrained")
+    row_inches, title_inches = 2.55, 0.35
+    height = row_inches * n + title_inches
+    fig = Figure(figsize=(11.0, height))  # axes placed by hand: a layout engine costs seconds on 30 images
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=10)
     if not rows:
-        ax = fig.subplots()
-        ax.set_axis_off()
-        ax.text(0.5, 0.5, "no scored samples", ha="center", va="center")
+        fig.text(0.5, 0.5, "no scored samples", ha="center", va="center")
         return fig
     labels = ("original", "GT (red)", "prediction (green)", "overlay", "TP white/FP magenta/FN cyan")
-    for sub, (image, gt, pred, caption) in zip(np.atleast_1d(fig.subfigures(n, 1)), rows, strict=True):
+    cell_w, cell_h = 1.0 / 5, 2.05 / height
+    for index, (image, gt, pred, caption) in enumerate(rows):
         rgb, gt_small, pred_small = _thumbnail(image, gt, pred, thumbnail)
         pictures = (
             rgb,
@@ -205,11 +206,13 @@ def gallery(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], titl
             tint(tint(rgb, gt_small, GT_RGB, 0.5), pred_small, PRED_RGB, 0.5),
             error_overlay(rgb, gt_small, pred_small),
         )
-        sub.suptitle(caption, fontsize=7.5)
-        for ax, picture, label in zip(sub.subplots(1, 5), pictures, labels, strict=True):
-            ax.imshow(picture, interpolation="nearest")
-            ax.set_title(label, fontsize=7)
+        top = 1 - (title_inches + index * row_inches) / height
+        fig.text(0.01, top - 0.08 / height, caption, ha="left", va="top", fontsize=7.5)
+        for column, (picture, label) in enumerate(zip(pictures, labels, strict=True)):
+            ax = fig.add_axes((column * cell_w + 0.005, top - (0.45 / height) - cell_h, cell_w - 0.01, cell_h))
             ax.set_axis_off()
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(label, fontsize=7, pad=2)
     return fig
 
 

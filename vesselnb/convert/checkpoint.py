@@ -182,7 +182,14 @@ def load_training_state_dict(
                 f"{file}: 'module' is empty (ZeRO-3 keeps weights in the partitioned files); consolidate with "
                 "DeepSpeed's zero_to_fp32.py and convert the consolidated file"
             )
-        return _tensor_dict(module, f"{file} ['module']"), CheckpointSource(given, file, "deepspeed")
+        tensors = _tensor_dict(module, f"{file} ['module']")
+        if all(t.numel() == 0 for t in tensors.values()):
+            raise CheckpointError(
+                f"{file}: every tensor in 'module' is empty: a ZeRO-3 checkpoint keeps the weights partitioned in "
+                "the *optim_states.pt files. Consolidate with DeepSpeed's zero_to_fp32.py (written beside the "
+                "checkpoint) and convert the consolidated file."
+            )
+        return tensors, CheckpointSource(given, file, "deepspeed")
     payload = _torch_load(target, trust_pickle)
     if isinstance(payload, Mapping) and "state_dict" in payload:
         return _tensor_dict(payload["state_dict"], f"{target} ['state_dict']"), CheckpointSource(

@@ -286,7 +286,7 @@ def convert_checkpoint(
 
     base_path = _resolve_base(base_model, config)
     pretrained_path = _resolve_pretrained(pretrained_pth, config, warnings)
-    checkpoint_file_hint = resolve_checkpoint(checkpoint)
+    resolve_checkpoint(checkpoint)  # a wrong checkpoint path fails before the base folder is scanned
     base = BaseFolder(base_path)
     try:
         ckpt_tensors, source = load_training_state_dict(checkpoint, trust_pickle)
@@ -329,6 +329,7 @@ def convert_checkpoint(
         vocab = _check_vocab(vocab, base, hf_config, warnings)
 
         keys = sorted(base.shapes, key=lambda k: (base.key_to_file[k], k))
+        out_dtypes = {k: out_dtype if base.dtypes[k].is_floating_point else base.dtypes[k] for k in keys}
         sizes = [
             (k, tensor_nbytes(base.shapes[k], out_dtype if base.dtypes[k].is_floating_point else base.dtypes[k]))
             for k in keys
@@ -356,13 +357,16 @@ def convert_checkpoint(
         for name, shard_keys in zip(names, shards, strict=True):
             record = writer.resume(name, shard_keys)
             if record is None:
-                tensors: dict[str, torch.Tensor] = {}
-                rows = []
-                for key in shard_keys:
-                    tensors[key], row = producer.produce(plan.tensors[key])
-                    rows.append(row)
-                record = writer.write(name, tensors, {"rows": rows})
-                del tensors
+                rows: list[dict[str, Any]] = []
+                specs = [(k, out_dtypes[k], base.shapes[k]) for k in shard_keys]
+
+                def produced(keys: list[str] = shard_keys, rows: list[dict[str, Any]] = rows):
+                    for key in keys:
+                        tensor, row = producer.produce(plan.tensors[key])
+                        rows.append(row)
+                        yield key, tensor
+
+                record = writer.write(name, specs, produced(), lambda rows=rows: {"rows": rows})
             provenance.extend(record.stats["rows"])
             progress.update(sum(tensor_nbytes(m["shape"], getattr(torch, m["dtype"])) for m in record.keys.values()))
         progress.close()
@@ -416,7 +420,6 @@ def convert_checkpoint(
         report.output_bytes = sum(f.stat().st_size for f in output_dir.rglob("*") if f.is_file())
         report.seconds = time.monotonic() - started
         report.save(output_dir / RECORD_NAME)
-        del checkpoint_file_hint
         return report
     finally:
         base.close()

@@ -73,14 +73,6 @@ def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     return count * torch.empty((), dtype=dtype).element_size()
 
 
-def tensor_crc32(tensor: torch.Tensor) -> int:
-    """CRC-32 of a tensor's bytes (cheap per-tensor check; the shard SHA-256 is the fingerprint)."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return 0
-    return zlib.crc32(flat.view(torch.uint8).numpy())
-
-
 def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
     """Greedy, order-preserving split; a tensor larger than the limit gets a shard of its own (as transformers)."""
     shards: list[list[str]] = []
@@ -134,52 +126,85 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def write_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Write a safetensors file straight from the tensors' memory, hashing the bytes on their way out.
+TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape: known before any data exists
 
-    ``safetensors.torch.save_file`` first copies every tensor into a Python ``bytes`` and we would then read the
-    file back to hash it: two extra passes over multi-GB shards. The format is a little-endian u64 header length,
-    a JSON header padded to 8 bytes, then the tensors back to back; every shard is reopened with ``safe_open``
-    afterwards (:meth:`ShardedWriter.verify`), so the library itself checks what we wrote.
-    Returns the file's SHA-256 and ``{key: {dtype, shape, crc32}}``.
-    """
+
+def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
     header: dict[str, Any] = {"__metadata__": metadata}
+    offsets: dict[str, tuple[int, int]] = {}
     offset = 0
-    flat: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise ConversionError(f"{key}: dtype {tensor.dtype} cannot be stored in safetensors here")
-        flat[key] = tensor.detach().contiguous().reshape(-1)
-        nbytes = flat[key].numel() * flat[key].element_size()
+    for key, dtype, shape in specs:
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ConversionError(f"{key}: dtype {dtype} cannot be stored in safetensors here")
+        nbytes = tensor_nbytes(shape, dtype)
         header[key] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
+        offsets[key] = (offset, offset + nbytes)
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
+    return header_bytes + b" " * (-len(header_bytes) % 8), offsets
+
+
+def _write_and_hash(handle: Any, digest: Any, data: memoryview, owner: torch.Tensor) -> None:
+    """Write and hash one tensor's bytes (``owner`` keeps the memory alive until done)."""
+    handle.write(data)
+    digest.update(data)
+    del owner
+
+
+def write_safetensors(
+    path: Path,
+    specs: list[TensorSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    metadata: dict[str, str],
+) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Write a safetensors file tensor by tensor as they are produced, hashing the bytes on their way out.
+
+    The header is written first from ``specs`` (shapes and dtypes are known from the plan), so no more than one
+    tensor is ever held: memory stays near the largest tensor whatever the shard size. ``safetensors``' own
+    ``save_file`` needs every tensor of the shard at once and copies each into a Python ``bytes``, and we would then
+    read the file back to hash it. The format is a little-endian u64 header length, a JSON header padded to 8
+    bytes, then the tensors back to back; every shard is reopened with ``safe_open`` afterwards
+    (:meth:`ShardedWriter.verify`), so the library itself checks what we wrote.
+    Returns the file's SHA-256 and ``{key: {dtype, shape, crc32}}``.
+    """
+    header_bytes, _ = _header(specs, metadata)
+    expected = {key: (dtype, tuple(shape)) for key, dtype, shape in specs}
+    order = [key for key, _, _ in specs]
     digest = hashlib.sha256()
     keys: dict[str, dict[str, Any]] = {}
-    # CRC-32 on a second thread while this one hashes and writes (both release the GIL on large buffers).
-    with open(path, "wb") as handle, ThreadPoolExecutor(max_workers=1) as crc_pool:
+    # Pipeline: while the caller produces the next tensor (LoRA merge, reads), one thread writes + hashes the
+    # previous one and another computes its CRC-32 (file writes, hashlib and zlib release the GIL). At most two
+    # produced tensors are alive at a time.
+    with open(path, "wb") as handle, ThreadPoolExecutor(max_workers=2) as pool:
         for chunk in (struct.pack("<Q", len(header_bytes)), header_bytes):
             handle.write(chunk)
             digest.update(chunk)
-        crcs = {}
-        for key, tensor in flat.items():
-            data = memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
-            crcs[key] = crc_pool.submit(zlib.crc32, data)
-            handle.write(data)
-            digest.update(data)
-        for key, future in crcs.items():
-            keys[key] = {
-                "dtype": str(tensors[key].dtype).replace("torch.", ""),
-                "shape": list(tensors[key].shape),
-                "crc32": future.result(),
-            }
+        written: list[str] = []
+        crcs: dict[str, Any] = {}
+        pending = None
+        for key, tensor in tensors:
+            if len(written) >= len(order) or key != order[len(written)]:
+                raise ConversionError(f"{path}: tensor {key} produced out of the planned order")
+            if (tensor.dtype, tuple(tensor.shape)) != expected[key]:
+                raise ConversionError(f"{path}: {key} is {tensor.dtype} {list(tensor.shape)}, planned {expected[key]}")
+            flat = tensor.detach().contiguous().reshape(-1)
+            data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+            crcs[key] = pool.submit(zlib.crc32, data)
+            if pending is not None:
+                pending.result()  # keeps file order and bounds memory
+            pending = pool.submit(_write_and_hash, handle, digest, data, flat)
+            keys[key] = {"dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape)}
+            written.append(key)
+        if pending is not None:
+            pending.result()
+        for key, crc in crcs.items():
+            keys[key]["crc32"] = crc.result()
+        if written != order:
+            raise ConversionError(f"{path}: {len(order) - len(written)} planned tensors were not produced")
         handle.flush()
         os.fsync(handle.fileno())
     return digest.hexdigest(), keys
@@ -236,13 +261,19 @@ class ShardedWriter:
         self.resumed.append(name)
         return record
 
-    def write(self, name: str, tensors: dict[str, torch.Tensor], stats: dict[str, Any]) -> ShardRecord:
-        """Write one shard atomically (``.tmp`` + fsync + ``os.replace``) and record it."""
+    def write(
+        self,
+        name: str,
+        specs: list[TensorSpec],
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        stats: Callable[[], dict[str, Any]],
+    ) -> ShardRecord:
+        """Write one shard atomically (``.tmp`` + fsync + ``os.replace``) and record it with ``stats()``."""
         final = self.temp / name
         tmp = final.with_name(name + ".tmp")
-        sha, keys = write_safetensors(tmp, tensors, {"format": "pt"})
+        sha, keys = write_safetensors(tmp, specs, tensors, {"format": "pt"})
         os.replace(tmp, final)
-        record = ShardRecord(name, sha, final.stat().st_size, keys, stats)
+        record = ShardRecord(name, sha, final.stat().st_size, keys, stats())
         self.records[name] = record
         _atomic_write_text(
             self.progress_path,
@@ -259,20 +290,38 @@ class ShardedWriter:
         return record
 
     def verify(self, shard_names: list[str]) -> None:
-        """Reopen every shard: keys, dtype, shape and CRC-32 of every tensor must be what was meant to be written."""
+        """Reopen every shard: keys, dtype, shape and CRC-32 of every tensor must be what was meant to be written.
+
+        ``safe_open`` (the library) must accept the file and report each key's dtype and shape; the bytes of each
+        tensor are then read back into one reused buffer and CRC-checked.
+        """
         problems: list[str] = []
+        buffer = bytearray()
         for name in tqdm(shard_names, desc="verify shards", unit="shard", leave=False):
-            record = self.records[name]
-            with safe_open(str(self.temp / name), framework="pt") as handle:
-                found = set(handle.keys())
-                if found != set(record.keys):
-                    problems.append(f"{name}: keys differ ({sorted(found ^ set(record.keys))[:3]})")
-                    continue
+            record, path = self.records[name], self.temp / name
+            with safe_open(str(path), framework="pt") as handle:
+                found = {
+                    k: (handle.get_slice(k).get_dtype(), list(handle.get_slice(k).get_shape())) for k in handle.keys()
+                }
+            if set(found) != set(record.keys):
+                problems.append(f"{name}: keys differ ({sorted(set(found) ^ set(record.keys))[:3]})")
+                continue
+            with open(path, "rb") as raw:
+                header_len = struct.unpack("<Q", raw.read(8))[0]
+                header = json.loads(raw.read(header_len))
+                data_start = 8 + header_len
                 for key, meant in record.keys.items():
-                    tensor = handle.get_tensor(key)
-                    got = (str(tensor.dtype).replace("torch.", ""), list(tensor.shape), tensor_crc32(tensor))
-                    if got != (meant["dtype"], meant["shape"], meant["crc32"]):
-                        problems.append(f"{name}:{key}: wrote {got}, meant {tuple(meant.values())}")
+                    dtype_name = _SAFETENSORS_DTYPES.get(getattr(torch, meant["dtype"]))
+                    if found[key] != (dtype_name, meant["shape"]):
+                        problems.append(f"{name}:{key}: reads as {found[key]}, meant {dtype_name} {meant['shape']}")
+                        continue
+                    start, stop = header[key]["data_offsets"]
+                    if len(buffer) < stop - start:
+                        buffer = bytearray(stop - start)
+                    view = memoryview(buffer)[: stop - start]
+                    raw.seek(data_start + start)
+                    if raw.readinto(view) != stop - start or zlib.crc32(view) != meant["crc32"]:
+                        problems.append(f"{name}:{key}: bytes on disk differ from what was written")
         if problems:
             raise ConversionError(
                 f"{self.temp}: written shards do not read back as written ({len(problems)} problems, e.g. "

@@ -60,7 +60,7 @@ class DemoSettings:
     long_iters: int = 400
     train_sequences: int = 8
     train_frames_per_sequence: int = 4
-    pretrain_iters: int = 150
+    pretrain_iters: int = 100
     seed: int = 0
     build_version: int = BUILD_VERSION
 
@@ -105,6 +105,16 @@ def _demo_config(tokenizer) -> Sa2VADemoChatConfig:
     )
 
 
+_last_progress = [0.0]
+
+
+def _progress(message: str) -> None:
+    """One short line per build phase with its duration (the build is quiet otherwise, apart from tqdm bars)."""
+    now = time.perf_counter()
+    print(f"vesselnb demo: {message} ({now - _last_progress[0]:.1f} s)", flush=True)
+    _last_progress[0] = now
+
+
 def _write_dataset(assets: DemoAssets, settings: DemoSettings) -> None:
     frames = generate_frames(
         settings.seed, settings.n_patients, settings.sequences_per_patient, settings.frames_per_sequence, settings.size
@@ -116,6 +126,7 @@ def _write_dataset(assets: DemoAssets, settings: DemoSettings) -> None:
         Image.fromarray(frame.image).save(assets.images_dir / file_name, quality=95)
         records.append(annotation_record(file_name, frame.mask, DEMO_PROMPT, ANSWER))
     assets.annotations.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    _progress(f"{len(frames)} demo frames + annotations")
 
 
 def _train_models(assets: DemoAssets, settings: DemoSettings, final: DemoAssets) -> None:
@@ -132,8 +143,10 @@ def _train_models(assets: DemoAssets, settings: DemoSettings, final: DemoAssets)
     tokenizer = build_demo_tokenizer()
     model = Sa2VADemoChatModel(_demo_config(tokenizer))
     data = prepare_training_set(model, train_frames, train.coarse_dilation)
+    _progress(f"{len(train_frames)} training frames")
     pretrain(model, tokenizer, data, train, settings.seed)
     save_hf_folder(model, tokenizer, assets.base_model)
+    _progress(f"pre-training ({train.pretrain_iters} iterations) -> base_hf")
 
     config_text = training_config_text(
         final.base_model, final.root / "data" / "train", train, settings.long_iters, settings.short_iters
@@ -154,6 +167,7 @@ def _train_models(assets: DemoAssets, settings: DemoSettings, final: DemoAssets)
         save_hf_folder(merged_copy(trained), tokenizer, assets.reference_hf[key])
 
     finetune(base, tokenizer, data, train, settings.seed, sorted(names), on_save)
+    _progress(f"fine-tuning ({settings.long_iters} iterations) -> checkpoints + reference_hf")
     (assets.work_dir / "last_checkpoint").write_text(str(final.checkpoints["long"]), encoding="utf-8")
 
 
@@ -173,7 +187,7 @@ def ensure_demo_assets(
     size: int = 256,
     short_iters: int = 50,
     long_iters: int = 400,
-    pretrain_iters: int = 150,
+    pretrain_iters: int = 100,
     train_sequences: int = 8,
 ) -> DemoAssets:
     """Build the demo under ``root`` unless a complete build with the same settings is already there.
@@ -209,12 +223,13 @@ def ensure_demo_assets(
     (building / OWNER_MARKER).write_text("built by vesselnb.demo.ensure_demo_assets\n", encoding="utf-8")
     staged = _paths(building, settings)
     print(f"vesselnb demo: building into {root} ...", flush=True)
+    _last_progress[0] = started
     _write_dataset(staged, settings)
     threads = torch.get_num_threads()
     try:
         with torch.random.fork_rng():
             torch.manual_seed(settings.seed)
-            torch.set_num_threads(min(2, os.cpu_count() or 1))
+            torch.set_num_threads(1)  # tiny tensors: threads only add overhead; one thread = same bytes everywhere
             _train_models(staged, settings, final)
     finally:
         torch.set_num_threads(threads)

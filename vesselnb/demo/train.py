@@ -44,10 +44,11 @@ class TrainSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     batch_size: int = 4
-    pretrain_iters: int = 150
+    pretrain_iters: int = 100
     pretrain_lr: float = 3e-3
-    finetune_lr: float = 1.5e-3
-    coarse_dilation: int = 3
+    finetune_lr: float = 3e-3
+    warmup_ratio: float = 0.5  # linear warm-up then cosine decay, as Sa2VA configs (LinearLR + CosineAnnealingLR)
+    coarse_dilation: int = 5
 
 
 @dataclass
@@ -58,6 +59,12 @@ class TrainingSet:
     sam_pixels: torch.Tensor  # (N, 3, S, S)
     fine_targets: torch.Tensor  # (N, S, S) vessel fraction per pixel
     coarse_targets: torch.Tensor  # (N, S, S) dilated vessels (pre-training)
+    features: tuple[torch.Tensor, torch.Tensor] | None = None  # frozen image-encoder output, cached for fine-tuning
+
+    def cache_image_features(self, model: Sa2VADemoChatModel) -> None:
+        """Run the (frozen) SAM2 image encoder once instead of every iteration."""
+        with torch.no_grad():
+            self.features = model.grounding_encoder.sam2_model.encode_image(self.sam_pixels)
 
 
 def prepare_training_set(model: Sa2VADemoChatModel, frames: list[SyntheticFrame], dilation: int) -> TrainingSet:
@@ -127,7 +134,11 @@ def training_step(
     )
     seg_hidden = outputs.hidden_states[-1][torch.arange(batch_size), seg_positions]
     seg_embedding = model.text_hidden_fcs(seg_hidden)
-    logits = model.grounding_encoder.sam2_model.mask_logits(data.sam_pixels[index], seg_embedding)
+    sam2 = model.grounding_encoder.sam2_model
+    if data.features is None:
+        logits = sam2.mask_logits(data.sam_pixels[index], seg_embedding)
+    else:
+        logits = sam2.decode(data.features[0][index], data.features[1][index], seg_embedding)
     return outputs.loss + mask_loss(logits, targets[index])
 
 
@@ -197,17 +208,29 @@ def finetune(
 ) -> None:
     """Fine-tune a LoRA-wrapped model, calling ``on_save(iteration, model, losses)`` at each of ``save_at``."""
     model.preparing_for_generation(tokenizer, torch_dtype=torch.float32)
+    data.cache_image_features(model)
     rng = np.random.default_rng([seed, 2])
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.finetune_lr, weight_decay=0.0)
+    max_iters = max(save_at)
+    warmup = max(int(settings.warmup_ratio * max_iters), 1)
+    schedule = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_iters - warmup, eta_min=0.0),
+        ],
+        milestones=[warmup],
+    )
     losses: list[float] = []
 
     def after_iter(iteration: int, loss: float) -> None:
         losses.append(loss)
+        schedule.step()
         if iteration in save_at:
             on_save(iteration, model, losses)
 
-    _run(model, tokenizer, data, data.fine_targets, optimizer, rng, settings, range(max(save_at)), "finetune", after_iter)
+    _run(model, tokenizer, data, data.fine_targets, optimizer, rng, settings, range(max_iters), "finetune", after_iter)
 
 
 def merged_copy(model: Sa2VADemoChatModel) -> Sa2VADemoChatModel:

@@ -58,7 +58,7 @@ lr = {settings.finetune_lr!r}
 betas = (0.9, 0.999)
 weight_decay = 0.0
 max_norm = 1  # grad clip
-warmup_ratio = 0.0
+warmup_ratio = {settings.warmup_ratio!r}
 
 # Save
 save_steps = {save_steps}
@@ -162,7 +162,20 @@ optim_wrapper = dict(
     dtype='bfloat16'
 )
 
-param_scheduler = []
+param_scheduler = [
+    dict(
+        type=LinearLR,
+        start_factor=1e-3,
+        by_epoch=False,
+        begin=0,
+        end=int(warmup_ratio * max_iters)),
+    dict(
+        type=CosineAnnealingLR,
+        eta_min=0.0,
+        by_epoch=False,
+        begin=int(warmup_ratio * max_iters),
+        end=max_iters)
+]
 
 train_cfg = dict(type=TrainLoop, max_iters=max_iters)
 

@@ -72,26 +72,26 @@ class DemoMemoryEncoder(nn.Module):
 
 
 class DemoMaskDecoder(nn.Module):
-    """Mask logits from image features, modulated (FiLM) by the projected ``[SEG]`` embedding."""
+    """Mask logits from image features, modulated (FiLM) by the projected ``[SEG]`` embedding.
+
+    The context features are conditioned and processed at half resolution, then added to the full-resolution
+    features that keep 1-2 px vessels; all the heavy work stays small enough to train in seconds on a CPU.
+    """
 
     def __init__(self, low_channels: int, high_channels: int, seg_dim: int) -> None:
         super().__init__()
         self.film = nn.Linear(seg_dim, 2 * high_channels)
         self.context = nn.Conv2d(high_channels, high_channels, 3, padding=1)
-        self.fuse = nn.Sequential(
-            nn.Conv2d(low_channels + high_channels, low_channels, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(low_channels, low_channels, 3, padding=1),
-            nn.GELU(),
-        )
+        self.lift = nn.Conv2d(high_channels, low_channels, 1)
+        self.fuse = nn.Conv2d(low_channels, low_channels, 3, padding=1)
         self.mask_head = nn.Conv2d(low_channels, 1, 1)
 
     def forward(self, low: torch.Tensor, high: torch.Tensor, seg_embedding: torch.Tensor) -> torch.Tensor:
         scale, shift = self.film(seg_embedding).chunk(2, dim=-1)
         high = high * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-        high = F.gelu(self.context(F.gelu(high)))
-        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        return self.mask_head(self.fuse(torch.cat([low, high], dim=1)))[:, 0]
+        high = self.lift(F.gelu(self.context(F.gelu(high))))
+        high = F.interpolate(high, size=low.shape[-2:], mode="nearest")
+        return self.mask_head(F.gelu(self.fuse(low + high)))[:, 0]
 
 
 class DemoSAM2(nn.Module):
@@ -112,13 +112,20 @@ class DemoSAM2(nn.Module):
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return ((pixels - mean) / std).to(dtype)
 
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, 3, S, S) pixels -> (low, high) image features (the frozen part; fine-tuning may cache it)."""
+        return self.image_encoder(pixels)
+
+    def decode(self, low: torch.Tensor, high: torch.Tensor, seg_embedding: torch.Tensor) -> torch.Tensor:
+        """Image features + (T, D) or (1, D) seg embeddings -> (T, S, S) mask logits."""
+        high = self.memory_encoder(high)
+        if seg_embedding.shape[0] != low.shape[0]:
+            seg_embedding = seg_embedding.expand(low.shape[0], -1)
+        return self.sam_mask_decoder(low, high, seg_embedding)
+
     def mask_logits(self, pixels: torch.Tensor, seg_embedding: torch.Tensor) -> torch.Tensor:
         """(T, 3, S, S) pixels + (T, D) or (1, D) seg embeddings -> (T, S, S) mask logits."""
-        low, high = self.image_encoder(pixels)
-        high = self.memory_encoder(high)
-        if seg_embedding.shape[0] != pixels.shape[0]:
-            seg_embedding = seg_embedding.expand(pixels.shape[0], -1)
-        return self.sam_mask_decoder(low, high, seg_embedding)
+        return self.decode(*self.encode_image(pixels), seg_embedding)
 
 
 class DemoGroundingEncoder(nn.Module):

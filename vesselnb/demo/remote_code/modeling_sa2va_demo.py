@@ -199,7 +199,7 @@ class Sa2VADemoChatModel(PreTrainedModel):
         text = text or ""
         pixel_values = None
         if frames:
-            arrays = [torch.from_numpy(np.asarray(frame.convert("RGB"))) for frame in frames]
+            arrays = [torch.from_numpy(np.array(frame.convert("RGB"))) for frame in frames]
             llm_frames = arrays[:MAX_LLM_FRAMES]
             pixel_values = torch.cat([self.vision_pixels(a[None]) for a in llm_frames]).to(device, self.torch_dtype)
             block = "".join(

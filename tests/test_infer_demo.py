@@ -1,0 +1,271 @@
+"""Inference on the real demo model (transformers remote code): full run, kill -9 + resume, bad prompts, corrupt
+frames, a model that raises, a model without [SEG], fingerprint refusal, shards, video mode, flash_attn check."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _infer_fixtures import (
+    N_FRAMES,
+    REPO,
+    cli_command,
+    copy_frames,
+    copy_model,
+    demo_model_dir,
+    records_without_timing,
+    run_cli,
+    subprocess_env,
+    write_params,
+)
+from PIL import Image
+
+from vesselnb.data import list_samples
+from vesselnb.errors import InferenceError, StoreError
+from vesselnb.fingerprint import weights_fingerprint
+from vesselnb.infer import FlashAttnWarning, PromptWarning, infer_stage, load_model
+from vesselnb.params import DEFAULT_PROMPT, load_params
+from vesselnb.store import PredictionStore
+
+
+@pytest.fixture(scope="session")
+def demo(request, tmp_path_factory):
+    """The team's demo assets (tests/conftest.py ``demo_assets``), built here only if that fixture is missing."""
+    try:
+        return request.getfixturevalue("demo_assets")
+    except pytest.FixtureLookupError:
+        from vesselnb.demo import ensure_demo_assets
+
+        return ensure_demo_assets(tmp_path_factory.mktemp("demo_assets"))
+
+
+@pytest.fixture(scope="session")
+def model_dir(demo) -> Path:
+    return demo_model_dir(demo)
+
+
+@pytest.fixture(scope="session")
+def frames(demo, tmp_path_factory) -> Path:
+    return copy_frames(demo, tmp_path_factory.mktemp("frames") / "images")
+
+
+@pytest.fixture(scope="session")
+def reference_run(model_dir, frames, tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """One uninterrupted, unsharded CLI run over the frames: what resumed and sharded runs must reproduce.
+
+    The params name an annotations file that is not JSON: inference must never open ground truth.
+    """
+    root = tmp_path_factory.mktemp("reference")
+    poison = root / "annotations.json"
+    poison.write_text("this is not JSON: inference must not read ground truth")
+    params = write_params(root / "ref.yaml", model_dir, frames, annotations=poison)
+    proc = run_cli(params, root / "run")
+    return params, root / "run", proc
+
+
+def test_full_run_stores_every_frame_with_masks_and_probabilities(reference_run, model_dir, frames) -> None:
+    _, run_dir, proc = reference_run
+    store = PredictionStore(run_dir / "predictions")
+    ids = [s.sample_id for s in list_samples(frames)]
+    assert store.sample_ids() == sorted(ids) and len(ids) == N_FRAMES
+    assert store.fingerprint == weights_fingerprint(model_dir)
+    assert store.meta["prompt"] == DEFAULT_PROMPT and store.meta["mode"] == "image"
+    assert store.meta["probability_maps"] is True
+    counts = store.status_counts()
+    assert counts == {"ok": N_FRAMES, "no_seg": 0, "error": 0}, counts
+    assert f"{N_FRAMES} samples: {N_FRAMES} ok" in proc.stdout
+    for rec in store.records():
+        mask = store.mask(rec["sample_id"])
+        prob = store.probability(rec["sample_id"])
+        with Image.open(rec["image"]) as image:
+            assert mask.shape == (image.height, image.width) == (rec["height"], rec["width"])
+        assert "[SEG]" in rec["text"] and rec["n_seg"] >= 1 and rec["seconds"] > 0
+        assert mask.any() and prob is not None and prob.dtype == np.uint8
+        # The stored probability map thresholded at 0.5 gives back the model's own mask (up to uint8 rounding).
+        assert np.mean((prob >= 128) == mask) > 0.995
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_loses_and_duplicates_nothing(reference_run, tmp_path) -> None:
+    params, reference_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    records_dir = run_dir / "predictions" / "records"
+    proc = subprocess.Popen(cli_command(params, run_dir), env=subprocess_env(VESSELNB_TEST_SAMPLE_DELAY="1.5"),
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if records_dir.is_dir() and len(list(records_dir.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    before = {p.name: p.read_bytes() for p in records_dir.glob("*.json")}
+    assert 2 <= len(before) < N_FRAMES
+
+    rerun = run_cli(params, run_dir)
+    assert f"{len(before)} already stored" in rerun.stdout + rerun.stderr
+    store = PredictionStore(run_dir / "predictions")
+    reference = PredictionStore(reference_dir / "predictions")
+    assert store.sample_ids() == reference.sample_ids()  # each sample exactly once (one file per id)
+    assert {p.name: p.read_bytes() for p in records_dir.glob("*.json") if p.name in before} == before  # not redone
+    assert not list(run_dir.glob("predictions/*/.*.tmp"))
+    assert store.predictions_hash() == reference.predictions_hash()
+    assert records_without_timing(store) == records_without_timing(reference)
+
+
+def test_prompt_without_image_token_is_fixed_not_crashed(model_dir, frames, tmp_path) -> None:
+    bad_prompt = "Please segment the blood vessel."
+    loaded = load_model(model_dir, device="cpu")
+    with Image.open(next(frames.glob("*.jpg"))) as image:
+        with pytest.raises(AssertionError):  # what users hit: the model itself crashes on this prompt
+            loaded.predict(image=image.convert("RGB"), text=bad_prompt)
+
+    params = load_params(write_params(tmp_path / "p.yaml", model_dir, frames, prompt=bad_prompt))
+    params.data.limit = 2
+    with pytest.warns(PromptWarning, match="<image>"):
+        summary = infer_stage(params, tmp_path / "run", progress=False)
+    assert summary.prompt == "<image>" + bad_prompt and summary.prompt_warning
+    assert summary.status_counts["error"] == 0 and summary.status_counts["ok"] == 2
+    assert PredictionStore(tmp_path / "run" / "predictions").meta["prompt"] == "<image>" + bad_prompt
+    assert "has no &#x27;&lt;image&gt;&#x27;" in summary._repr_html_()  # the fix is shown, not hidden
+
+    params.inference.strict_prompt = True
+    with pytest.raises(InferenceError, match="strict"):
+        infer_stage(params, tmp_path / "strict", progress=False)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_corrupt_frames_are_errors_and_the_run_goes_on(model_dir, frames, tmp_path) -> None:
+    images = tmp_path / "images"
+    good = sorted(frames.glob("*.jpg"))[:2]
+    for path in good:
+        (images / path.name).parent.mkdir(exist_ok=True)
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "Zz_Broken_1__1-1_frame_000000.jpg").write_bytes(b"this is not an image at all")
+    (images / "Zz_Broken_1__1-1_frame_000001.jpg").write_bytes(good[0].read_bytes()[:2000])  # truncated JPEG
+    params = load_params(write_params(tmp_path / "p.yaml", model_dir, images))
+    summary = infer_stage(params, tmp_path / "run", progress=False)
+
+    store = PredictionStore(tmp_path / "run" / "predictions")
+    by_id = {rec["sample_id"]: rec for rec in store.records()}
+    garbage, truncated = by_id["Zz_Broken_1__1-1_frame_000000"], by_id["Zz_Broken_1__1-1_frame_000001"]
+    for rec in (garbage, truncated):
+        assert rec["status"] == "error" and "cannot read image" in rec["error"]
+    assert (garbage["height"], garbage["width"]) == (0, 0) and store.mask(garbage["sample_id"]).shape == (0, 0)
+    assert truncated["height"] > 0 and not store.mask(truncated["sample_id"]).any()  # size known, mask empty
+    assert [by_id[p.stem]["status"] for p in good] == ["ok", "ok"]
+    assert summary.status_counts == {"ok": 2, "no_seg": 0, "error": 2}
+    assert summary.has_problems and "ATTENTION" in summary.banner()
+    assert "#b00020" in summary._repr_html_()
+    assert set(summary.problems()["sample_id"]) == {garbage["sample_id"], truncated["sample_id"]}
+
+
+def test_a_model_that_raises_on_one_frame_records_the_error(model_dir, frames, tmp_path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = sorted(frames.glob("*.jpg"))[:3]
+    for path in paths[:2]:
+        (images / path.name).write_bytes(path.read_bytes())
+    with Image.open(paths[2]) as image:
+        image.resize((200, 150)).save(images / paths[2].name)
+    failing = copy_model(model_dir, tmp_path / "failing_model", demo_fail_on_size=[200, 150])
+    summary = infer_stage(load_params(write_params(tmp_path / "p.yaml", failing, images)), tmp_path / "run",
+                          progress=False)
+    store = PredictionStore(tmp_path / "run" / "predictions")
+    failed = store.record(paths[2].stem)
+    assert failed["status"] == "error"
+    assert "RuntimeError" in failed["error"] and "demo_fail_on_size" in failed["error"]
+    assert (failed["height"], failed["width"]) == (150, 200) and not store.mask(paths[2].stem).any()
+    assert [store.record(p.stem)["status"] for p in paths[:2]] == ["ok", "ok"]
+    assert summary.status_counts["error"] == 1
+
+
+def test_a_model_without_seg_gives_no_seg_and_empty_masks(model_dir, frames, tmp_path) -> None:
+    silent = copy_model(model_dir, tmp_path / "no_seg_model", demo_behaviour="no_seg")
+    params = load_params(write_params(tmp_path / "p.yaml", silent, frames))
+    params.data.limit = 2
+    summary = infer_stage(params, tmp_path / "run", progress=False)
+    store = PredictionStore(tmp_path / "run" / "predictions")
+    for rec in store.records():
+        assert rec["status"] == "no_seg" and "[SEG]" not in rec["text"] and rec["n_seg"] == 0
+        assert not store.mask(rec["sample_id"]).any() and store.probability(rec["sample_id"]) is None
+    assert summary.status_counts == {"ok": 0, "no_seg": 2, "error": 0}
+    assert "ATTENTION" in summary.banner() and "EMPTY" in summary.banner()
+
+
+def test_predictions_of_another_model_are_refused(reference_run, demo, frames, tmp_path) -> None:
+    import shutil
+
+    params_path, reference_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_dir / "predictions", run_dir / "predictions")
+    other = Path(demo.base_model)
+    assert weights_fingerprint(other) != PredictionStore(run_dir / "predictions").fingerprint
+    params = load_params(write_params(tmp_path / "other.yaml", other, frames))
+    started = time.perf_counter()
+    with pytest.raises(StoreError, match="fingerprint"):
+        infer_stage(params, run_dir, progress=False)
+    assert time.perf_counter() - started < 10  # refused before loading any weights
+    assert PredictionStore(run_dir / "predictions").sample_ids() == PredictionStore(
+        reference_dir / "predictions").sample_ids()
+
+    proc = subprocess.run(cli_command(tmp_path / "other.yaml", run_dir), capture_output=True, text=True,
+                          env=subprocess_env(), cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "Refusing to mix" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_shards_in_two_processes_merge_to_the_unsharded_run(reference_run, tmp_path) -> None:
+    params, reference_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    procs = [subprocess.Popen(cli_command(params, run_dir, "--shard", f"{k}/2"), env=subprocess_env(), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert any("parts merged into the store" in out for out, _ in outputs)
+    assert not (run_dir / "predictions" / "parts").exists()
+    store = PredictionStore(run_dir / "predictions")
+    reference = PredictionStore(reference_dir / "predictions")
+    assert store.predictions_hash() == reference.predictions_hash()
+    assert records_without_timing(store) == records_without_timing(reference)
+
+
+def test_video_mode_passes_each_sequence_as_one_video(model_dir, frames, tmp_path) -> None:
+    params = load_params(write_params(tmp_path / "p.yaml", model_dir, frames, mode="video"))
+    summary = infer_stage(params, tmp_path / "run", progress=False)
+    store = PredictionStore(tmp_path / "run" / "predictions")
+    assert store.meta["mode"] == "video" and len(store) == N_FRAMES
+    texts = {}
+    for rec in store.records():
+        texts.setdefault(rec["sequence"], set()).add(rec["text"])
+    assert len(texts) == 2 and all(len(t) == 1 for t in texts.values())  # one answer per sequence
+    assert summary.status_counts["error"] == 0 and summary.mode == "video"
+
+
+def test_flash_attn_import_check_is_handled_with_a_warning(model_dir, tmp_path) -> None:
+    """Remote code that imports flash_attn only behind a runtime guard: transformers' static check refuses it."""
+    from transformers import AutoModel
+
+    folder = copy_model(model_dir, tmp_path / "fa_model")
+    modeling = folder / "modeling_sa2va_demo.py"
+    modeling.write_text(modeling.read_text() + (
+        "\n\nimport importlib.util as _importlib_util\n"
+        "if _importlib_util.find_spec('flash_attn') is not None:  # runtime guard, as Sa2VA's flash_attention.py\n"
+        "    from flash_attn import flash_attn_func  # noqa: F401\n"))
+    with pytest.raises(ImportError, match="flash_attn"):
+        AutoModel.from_pretrained(str(folder), trust_remote_code=True)
+    with pytest.warns(FlashAttnWarning, match="eager"):
+        loaded = load_model(folder, device="cpu")
+    assert callable(loaded.model.predict_forward) and loaded.warnings
+    import transformers.dynamic_module_utils as dmu
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert dmu.get_imports.__name__ == "get_imports"  # the import-check patch was undone

@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/ruff check vesselnb tests bench
 
 bench: setup
-	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(BIN)/python "$$script"; done
+	@set -e; for script in bench/bench_*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(BIN)/python "$$script"; done
 
 # JupyterLab is not a core dependency (it is heavy); this installs it into the venv once and opens the notebooks.
 lab: setup

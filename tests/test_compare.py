@@ -22,7 +22,7 @@ from vesselnb.compare import (
 )
 from vesselnb.errors import StageError, VesselnbError
 
-SUBSET = 10  # frames in the subset run
+SUBSET = 6  # frames in the subset run (the small test demo has 12)
 
 
 def _metrics_table(seed: int, n_patients: int = 4, frames: int = 6, shift: float = 0.0) -> pd.DataFrame:
@@ -146,16 +146,16 @@ def test_labels_iterations_and_json_helpers() -> None:
 
 @pytest.fixture(scope="session")
 def demo_runs(demo_assets, tmp_path_factory) -> dict[str, Path]:
-    """Four finished runs: the two demo checkpoints, the better one again under another name and HF folder, and
-    the worse one on a subset of the frames."""
+    """Three finished runs: the two demo checkpoints, and the better one again under another name and HF folder,
+    on a subset of the frames (identical weights, different names, different sample sets)."""
     outputs = tmp_path_factory.mktemp("compare_outputs")
     hf = demo_assets.reference_hf
     twin_hf = copy_hf_folder(hf["long"], outputs / "hf_copies" / "renamed_model")
+    short_iter, long_iter = (int(demo_assets.checkpoints[k].stem.split("_")[-1]) for k in ("short", "long"))
     return {
-        "short": build_run(outputs, "short", hf["short"], demo_assets, iteration=50),
-        "long": build_run(outputs, "long", hf["long"], demo_assets, iteration=400),
-        "long_twin": build_run(outputs, "long_twin", twin_hf, demo_assets, iteration=400),
-        "short_subset": build_run(outputs, "short_subset", hf["short"], demo_assets, limit=SUBSET),
+        "short": build_run(outputs, "short", hf["short"], demo_assets, iteration=short_iter),
+        "long": build_run(outputs, "long", hf["long"], demo_assets, iteration=long_iter),
+        "long_twin": build_run(outputs, "long_twin", twin_hf, demo_assets, iteration=long_iter, limit=SUBSET),
     }
 
 
@@ -205,18 +205,24 @@ def test_identical_weights_under_another_name_trigger_the_banner(demo_runs, tmp_
     assert ["long", "long_twin"] in report.identity["identical_weights"]
     weights = report.pairs[0].weights
     assert weights is not None and (weights["rel_norm"] == 0).all()  # the converter's diff agrees
+    # the twin scored fewer frames, so its predictions hash differs: the masks of the common frames decide
+    assert report.runs[0].predictions_hash != report.runs[1].predictions_hash
+    assert ["long", "long_twin"] in report.identity["identical_predictions"]
     assert _banner_first(report._repr_html_())
 
 
 @pytest.mark.slow
 def test_runs_over_different_sample_sets_compare_the_intersection(demo_runs, tmp_path) -> None:
-    report = compare_stage([demo_runs["short_subset"], demo_runs["long"]], tmp_path / "subset")
+    report = compare_stage([demo_runs["short"], demo_runs["long_twin"]], tmp_path / "subset")
     pair = report.pairs[0]
-    n_long = len(pd.read_parquet(demo_runs["long"] / "analysis" / "metrics.parquet"))
-    assert pair.n_common == SUBSET and pair.n_left_out == n_long - SUBSET and len(pair.only_b) == n_long - SUBSET
+    n_all = len(pd.read_parquet(demo_runs["short"] / "analysis" / "metrics.parquet"))
+    assert pair.n_common == SUBSET and pair.n_left_out == n_all - SUBSET and len(pair.only_a) == n_all - SUBSET
+    assert set(pair.per_sample["sample_id"]) == set(
+        pd.read_parquet(demo_runs["long_twin"] / "analysis" / "metrics.parquet")["sample_id"]
+    )
     assert int(pair.stats.loc["dice", "n_pairs"]) <= SUBSET
-    assert f"{n_long - SUBSET} left out" in report._repr_html_()
-    assert report.to_json()["pairs"][0]["n_left_out"] == n_long - SUBSET
+    assert f"{n_all - SUBSET} left out" in report._repr_html_()
+    assert report.to_json()["pairs"][0]["n_left_out"] == n_all - SUBSET
 
 
 @pytest.mark.slow
@@ -224,7 +230,8 @@ def test_a_series_of_checkpoints_gets_a_curve_and_the_identity_check(demo_runs, 
     runs = [demo_runs["short"], demo_runs["long"], demo_runs["long_twin"]]
     report = compare_stage(runs, tmp_path / "series")
     assert [(p.a, p.b) for p in report.pairs] == [("short", "long"), ("long", "long_twin"), ("short", "long_twin")]
-    assert list(report.series["iteration"]) == [50, 400, 400]
+    iterations = [run.iteration for run in report.runs]
+    assert iterations[0] < iterations[1] == iterations[2] and list(report.series["iteration"]) == iterations
     assert report.figures["series"].is_file()
     assert report.headline["a"] == "short" and report.headline["b"] == "long_twin"
     assert report.headline["identity_alert"] is True and "Metrics vs training iteration" in report._repr_html_()

@@ -274,6 +274,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # two `vesselnb` subprocesses (~20 s: the CLI imports every stage)
 def test_killed_conversion_leaves_no_folder_and_resumes(world: dict, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     args = [
@@ -340,3 +341,55 @@ def test_stage_writes_conversion_json_reuses_and_flags_identical_runs(world: dic
     html = twin._repr_html_()
     assert "IDENTICAL WEIGHTS" in html and "#b00020" in html
     assert not twin.coverage_table.empty and not twin.component_table.empty
+
+
+def test_real_small_tmpfs_refused_before_writing(world: dict, tmp_path: Path) -> None:
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); the env-var test covers it")
+    try:
+        with pytest.raises(ConversionError, match="not enough disk space"):
+            convert_checkpoint(world["a"].path, world["base"], mount_point / "hf", training_config=world["config"])
+        assert list(mount_point.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_trust_pickle_flag_really_runs_the_pickle(world: dict, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": dict(world["a"].state_dict), "meta": _Payload(marker)}, path)
+    report = convert_checkpoint(
+        path, world["base"], tmp_path / "out", training_config=world["config"], trust_pickle=True, shard_size=SHARD
+    )
+    assert marker.exists()  # the risk the flag names
+    assert report.fingerprint == world["report_a"].fingerprint
+
+
+def test_embedding_lora_merge_matches_peft() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from vesselnb.convert.converter import _merge_lora
+    from vesselnb.convert.keymap import parse_training_key
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(40, 12)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Tiny(), LoraConfig(r=4, lora_alpha=12, target_modules=["emb"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_embedding" in name:
+                param.copy_(torch.randn_like(param))
+    state = model.state_dict()
+    a_key = next(k for k in state if "lora_embedding_A" in k)
+    b_key = next(k for k in state if "lora_embedding_B" in k)
+    assert parse_training_key(a_key).role == "lora_embedding_A"
+    base = next(v for k, v in state.items() if k.endswith("emb.base_layer.weight")).clone()
+    ours, _ = _merge_lora(base, state[a_key], state[b_key], 12 / 4, True, torch.float32)
+    merged = model.merge_and_unload().emb.weight.detach()
+    torch.testing.assert_close(ours, merged)

@@ -10,29 +10,21 @@ import torch
 from safetensors import safe_open
 
 from vesselnb.convert import convert_checkpoint, diff_weights
-from vesselnb.fingerprint import INDEX_NAME
+from vesselnb.fingerprint import INDEX_NAME, SINGLE_NAME
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory):
-    from vesselnb.demo import ensure_demo_assets
-
-    # Small settings (the demo owner's advice for tests): same layout, fewer frames and iterations.
-    return ensure_demo_assets(
-        tmp_path_factory.mktemp("demo") / "assets",
-        n_patients=2,
-        sequences_per_patient=2,
-        frames_per_sequence=3,
-        short_iters=30,
-        long_iters=200,
-        pretrain_iters=100,
-    )
+def demo(demo_assets):
+    """The session's small demo build (tests/conftest.py), shared with the other stages' tests."""
+    return demo_assets
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+    """Every tensor of a HF folder (sharded with an index, or a single model.safetensors)."""
+    index = folder / INDEX_NAME
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SINGLE_NAME]
     out = {}
-    for name in sorted(set(weight_map.values())):
+    for name in files:
         with safe_open(str(folder / name), framework="pt") as handle:
             out.update({k: handle.get_tensor(k) for k in handle.keys()})
     return out
@@ -66,7 +58,6 @@ def test_demo_short_vs_long_differ_same_twice_identical(demo, tmp_path: Path) ->
     assert not diff.identical and diff.n_identical < len(diff.tensors)
 
 
-@pytest.mark.slow
 def test_notebook_01_runs_with_papermill(demo, tmp_path: Path) -> None:
     import papermill
     import yaml

@@ -178,3 +178,19 @@ def test_nested_polygons_are_reported_under_union_and_become_holes_under_even_od
     even_odd = load_ground_truth(path, samples, polygon_fill="even_odd")
     assert not even_odd.mask(NAME)[20, 20] and even_odd.mask(NAME)[10, 10]
     assert even_odd.report.nested_polygons == 0 and not even_odd.report.warnings
+
+
+def test_demo_annotations_read_back_to_the_demo_masks_with_even_odd(demo_assets) -> None:
+    """The demo's Sa2VA annotations draw holes as inner polygons: even-odd must give back the raster masks exactly,
+    and the users' union rule must say that it sees nested polygons instead of silently filling the holes."""
+    from vesselnb.demo.assets import demo_raster_masks
+
+    truth = demo_raster_masks(demo_assets)
+    samples = list_samples(demo_assets.images_dir)
+    gt = load_ground_truth(demo_assets.annotations, samples, "sa2va", polygon_fill="even_odd")
+    assert gt.report.missing == [] and len(gt) == len(truth)
+    for sample_id, mask in truth.items():
+        assert np.array_equal(gt.mask(sample_id), mask), sample_id
+    assert not gt.report.warnings
+    union = load_ground_truth(demo_assets.annotations, samples, "sa2va")
+    assert union.report.nested_polygons > 0

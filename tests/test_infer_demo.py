@@ -221,20 +221,38 @@ def test_predictions_of_another_model_are_refused(reference_run, demo, frames, t
     assert proc.returncode == 2 and "Refusing to mix" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.slow
-def test_two_shards_in_two_processes_merge_to_the_unsharded_run(reference_run, tmp_path) -> None:
-    params, reference_dir, _ = reference_run
+def test_two_shards_merge_to_the_unsharded_run(reference_run, tmp_path) -> None:
+    """``--shard 0/2`` then ``--shard 1/2`` (in-process here; the launcher test below runs them as two processes)."""
+    params_path, reference_dir, _ = reference_run
+    params = load_params(params_path)
     run_dir = tmp_path / "run"
-    procs = [subprocess.Popen(cli_command(params, run_dir, "--shard", f"{k}/2"), env=subprocess_env(), cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
-    outputs = [proc.communicate(timeout=300) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert any("parts merged into the store" in out for out, _ in outputs)
-    assert not (run_dir / "predictions" / "parts").exists()
+    first = infer_stage(params, run_dir, shard=(0, 2), progress=False)
+    assert first.merged is False and (run_dir / "predictions" / "parts" / "0-of-2" / "part_complete.json").is_file()
+    with pytest.raises(StoreError, match="merge-predictions"):
+        PredictionStore(run_dir / "predictions")  # nothing merged yet: readers are told, not shown half a run
+    second = infer_stage(params, run_dir, shard=(1, 2), progress=False)
+    assert second.merged is True and not (run_dir / "predictions" / "parts").exists()
+    assert first.stats.n_run + second.stats.n_run == N_FRAMES
     store = PredictionStore(run_dir / "predictions")
     reference = PredictionStore(reference_dir / "predictions")
     assert store.predictions_hash() == reference.predictions_hash()
     assert records_without_timing(store) == records_without_timing(reference)
+
+
+@pytest.mark.slow
+def test_a_launcher_with_two_processes_shards_by_rank(reference_run, tmp_path) -> None:
+    """``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK exactly as ``accelerate launch --multi_gpu`` does (it wraps it)."""
+    import sys
+
+    params, reference_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vesselnb.cli", "infer", str(params), "--run-dir", str(run_dir), "--no-progress"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shard 0/2" in proc.stdout and "shard 1/2" in proc.stdout
+    store = PredictionStore(run_dir / "predictions")
+    assert store.predictions_hash() == PredictionStore(reference_dir / "predictions").predictions_hash()
 
 
 def test_video_mode_passes_each_sequence_as_one_video(model_dir, frames, tmp_path) -> None:

@@ -45,6 +45,16 @@ def test_shim_runs_upstream_cuda_idioms_on_cpu_and_restores_everything() -> None
     assert _originals() == before
 
 
+def test_shim_for_fp32_weights_turns_cuda_autocast_off() -> None:
+    """fp32 on a CPU (the default) must stay fp32: a CPU bf16 autocast would be slow and change the numbers."""
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with cuda_shim(autocast_dtype=None), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert not torch.is_autocast_enabled("cpu")
+        assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
+    with cuda_shim(), torch.autocast("cuda", torch.bfloat16):  # positional dtype, as some code writes it
+        assert torch.is_autocast_enabled("cpu")
+
+
 def test_without_the_shim_the_bf16_mask_path_fails_on_cpu() -> None:
     """Guards the test above: the failure the shim exists for really happens on this machine."""
     if torch.cuda.is_available():
@@ -169,3 +179,30 @@ def test_other_size_masks_are_resized_and_recorded_with_probabilities() -> None:
     assert result.probability is not None and result.probability.dtype == np.uint8
     assert result.probability.shape == (4, 6)
     assert result.probability.max() == round(0.9 * 255) and result.probability.min() == round(0.1 * 255)
+
+
+# --- probability-map support, read from predict_forward's signature ---------------------------------------------
+class _Upstream:
+    def predict_forward(self, image=None, video=None, text=None, past_text="", mask_prompts=None, tokenizer=None,
+                        processor=None):
+        return {}
+
+
+class _VesselFork:
+    def predict_forward(self, image=None, video=None, text=None, past_text="", mask_prompts=None, tokenizer=None,
+                        processor=None, return_tensors=False):
+        return {}
+
+
+class _Demo:
+    def predict_forward(self, image=None, video=None, text=None, tokenizer=None, return_probability_maps=False):
+        return {}
+
+
+def test_probability_support_follows_the_signature() -> None:
+    from vesselnb.infer import probability_support
+
+    upstream, fork, demo = (probability_support(m()) for m in (_Upstream, _VesselFork, _Demo))
+    assert not upstream.available and "only thresholded masks" in upstream.reason
+    assert fork.available and fork.call_kwargs == {}  # the fork always returns probability_maps as numpy
+    assert demo.available and demo.call_kwargs == {"return_probability_maps": True}

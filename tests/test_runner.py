@@ -153,8 +153,10 @@ def test_kernel_runs_the_runners_interpreter_in_its_own_process(tmp_path: Path) 
 
     probe = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell('out = ""'),
-        nbformat.v4.new_code_cell("import os, sys, pathlib\n"
-                                  "pathlib.Path(out).write_text(sys.executable + '\\n' + str(os.getpid()))"),
+        nbformat.v4.new_code_cell("import json, os, sys, pathlib\n"
+                                  "from ipykernel import get_connection_info\n"
+                                  "transport = json.loads(get_connection_info())['transport']\n"
+                                  "pathlib.Path(out).write_text(f'{sys.executable}\\n{os.getpid()}\\n{transport}')"),
     ])
     probe.cells[0].metadata["tags"] = ["parameters"]
     (tmp_path / "nb").mkdir()
@@ -163,9 +165,11 @@ def test_kernel_runs_the_runners_interpreter_in_its_own_process(tmp_path: Path) 
     outcome = execute_stage(Stage("probe", "probe.ipynb"), {"out": str(out)}, tmp_path / "run", tmp_path / "nb",
                             header={"run": "probe"}, progress=False)
     assert outcome.status == "ok", outcome.error
-    executable, pid = out.read_text().splitlines()
+    executable, pid, transport = out.read_text().splitlines()
     assert executable == sys.executable
     assert int(pid) != os.getpid()
+    if os.name == "posix":
+        assert transport == "ipc"  # Unix sockets in a private folder: no TCP ports to clash over
 
 
 def test_compare_refuses_unfinished_runs(tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ def test_predictions_hash_depends_on_masks_and_ids_only(tmp_path: Path) -> None:
 
 
 def test_a_writer_killed_mid_file_leaves_no_record(tmp_path: Path) -> None:
-    """A real process is SIGKILLed while its mask is half written: the sample has no record and a rerun redoes it."""
+    """A real process is SIGKILLed while its record is half written: the sample has no record, a rerun redoes it."""
     store_dir = tmp_path / "predictions"
     PredictionStore.create_or_open(store_dir, **IDENTITY).write(_record("done"), _mask(1))
     script = textwrap.dedent(f"""
@@ -119,11 +119,13 @@ def test_a_writer_killed_mid_file_leaves_no_record(tmp_path: Path) -> None:
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert proc.returncode == -9, proc.stderr.decode()
-    assert list((store_dir / "masks").glob(".*.tmp")), "the killed writer should have left its temporary file"
+    assert list((store_dir / "records").glob(".*.tmp")), "the killed writer should have left a half-written record"
 
     store = PredictionStore.create_or_open(store_dir, **IDENTITY)  # reopening cleans the dead writer's temporaries
     assert store.sample_ids() == ["done"]
-    assert not list((store_dir / "masks").glob(".*.tmp"))
+    assert not list((store_dir / "records").glob(".*.tmp"))
+    store.write(_record("inflight"), _mask(5))  # redoing the sample replaces its orphaned mask
+    np.testing.assert_array_equal(store.mask("inflight"), _mask(5))
 
 
 def _write_part(root: Path, shard: tuple[int, int], ids: list[str], complete: bool = True, **identity) -> None:
@@ -182,3 +184,27 @@ def test_store_json_follows_the_contract(tmp_path: Path) -> None:
     assert {"format", "fingerprint", "model_dir", "prompt", "mode", "created", "probability_maps"} <= set(meta)
     assert meta["format"] == 1
     assert os.listdir(tmp_path / "records") == []
+
+
+def test_merge_predictions_cli_reports_unfinished_shards(tmp_path: Path, capsys) -> None:
+    from vesselnb.cli import main
+
+    _write_part(tmp_path / "predictions", (0, 2), ["a"])
+    _write_part(tmp_path / "predictions", (1, 2), ["b"], complete=False)
+    assert main(["merge-predictions", str(tmp_path)]) == 1  # the run folder is accepted as well
+    captured = capsys.readouterr()
+    assert "1 samples copied" in captured.out and "1-of-2" in captured.err
+    assert main(["merge-predictions", str(tmp_path / "predictions"), "--allow-incomplete"]) == 0
+    assert PredictionStore(tmp_path / "predictions").sample_ids() == ["a", "b"]
+
+
+def test_parts_are_complete_only_when_every_shard_has_finished(tmp_path: Path) -> None:
+    from vesselnb.store import all_parts_complete
+
+    _write_part(tmp_path, (0, 3), ["a"])
+    _write_part(tmp_path, (1, 3), ["b"])
+    assert not all_parts_complete(tmp_path, 3)  # shard 2 has not even started
+    _write_part(tmp_path, (2, 3), ["c"], complete=False)
+    assert not all_parts_complete(tmp_path, 3)
+    PredictionStore.create_or_open(tmp_path / "parts" / "2-of-3", **IDENTITY).mark_part_complete(1)
+    assert all_parts_complete(tmp_path, 3)

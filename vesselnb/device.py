@@ -12,8 +12,9 @@ The upstream remote code (``modeling_sa2va_chat.py`` + its SAM2) assumes CUDA in
 :func:`cuda_shim` patches exactly these three entry points for the duration of a ``with`` block, and restores the
 originals on exit (also after an exception), so nothing leaks into the user's session: ``Tensor.cuda`` moves to the
 CPU instead, ``torch.device("cuda...")`` becomes ``torch.device("cpu")``, and ``torch.autocast("cuda", ...)``
-becomes a CPU autocast with the same dtype. It is process-global while active (torch has no other hook), so do not
-run CUDA work in other threads meanwhile. It is only entered when the model runs on the CPU.
+becomes a CPU autocast in the model's dtype (or no autocast for fp32 weights, the CPU default). It is
+process-global while active (torch has no other hook), so do not run CUDA work in other threads meanwhile. It is
+only entered when the model runs on the CPU.
 """
 
 from __future__ import annotations
@@ -156,28 +157,37 @@ def _tensor_cuda_to_cpu(self: torch.Tensor, device: Any = None, non_blocking: bo
     return self.to("cpu", non_blocking=non_blocking)
 
 
-class _CpuAutocast(torch.autocast):
-    """``torch.autocast`` that runs a ``"cuda"`` request as a CPU autocast with the same dtype."""
+def _cpu_autocast_class(cpu_dtype: torch.dtype | None) -> type:
+    """A ``torch.autocast`` that runs ``"cuda"`` requests on the CPU: in ``cpu_dtype`` (bf16 weights need it, or the
+    mask path mixes float inputs with bf16 biases), or disabled when ``cpu_dtype`` is None (fp32 weights: plain fp32
+    is correct and much faster on CPUs without bf16 units)."""
 
-    def __init__(self, device_type: str, dtype: torch.dtype | None = None, enabled: bool = True,
-                 cache_enabled: bool | None = None) -> None:
-        if device_type == "cuda":
-            device_type = "cpu"
-            if dtype is None:
-                dtype = torch.bfloat16
-        super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+    class CpuAutocast(_REAL_AUTOCAST):  # type: ignore[misc, valid-type]
+        def __init__(self, device_type: str, dtype: torch.dtype | None = None, enabled: bool = True,
+                     cache_enabled: bool | None = None) -> None:
+            if device_type == "cuda":
+                device_type = "cpu"
+                enabled = enabled and cpu_dtype is not None
+                dtype = cpu_dtype if cpu_dtype is not None else torch.bfloat16
+            super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+    return CpuAutocast
 
 
 _REAL_DEVICE = torch.device
+_REAL_AUTOCAST = torch.autocast
 
 
 @contextlib.contextmanager
-def cuda_shim() -> Iterator[None]:
-    """Within the block, upstream code written for CUDA runs on the CPU (see the module docstring); always restored."""
+def cuda_shim(autocast_dtype: torch.dtype | None = torch.bfloat16) -> Iterator[None]:
+    """Within the block, upstream code written for CUDA runs on the CPU (see the module docstring); always restored.
+
+    ``autocast_dtype``: what ``torch.autocast("cuda", ...)`` becomes on the CPU (None = autocast off, for fp32 weights).
+    """
     saved = (torch.Tensor.cuda, torch.device, torch.autocast)
     torch.Tensor.cuda = _tensor_cuda_to_cpu  # type: ignore[method-assign]
     torch.device = _CpuDevice  # type: ignore[misc, assignment]
-    torch.autocast = _CpuAutocast  # type: ignore[misc]
+    torch.autocast = _cpu_autocast_class(autocast_dtype)  # type: ignore[misc]
     try:
         yield
     finally:
@@ -185,5 +195,8 @@ def cuda_shim() -> Iterator[None]:
 
 
 def maybe_cuda_shim(plan: DevicePlan) -> contextlib.AbstractContextManager[None]:
-    """The shim on the CPU, nothing on a GPU (where the upstream assumptions hold)."""
-    return cuda_shim() if plan.is_cpu else contextlib.nullcontext()
+    """The shim on the CPU (autocast in the model's dtype unless fp32); nothing on a GPU, where upstream's
+    assumptions hold."""
+    if not plan.is_cpu:
+        return contextlib.nullcontext()
+    return cuda_shim(None if plan.dtype == torch.float32 else plan.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from vesselnb.errors import VesselnbError
@@ -29,6 +30,35 @@ def file_sha256(path: Path, chunk_bytes: int = 16 << 20) -> str:
     return digest.hexdigest()
 
 
+def _cache_path() -> Path:
+    """Where hashes of folders vesselnb did not write are remembered (resumed runs must not re-hash 16 GB)."""
+    root = os.environ.get("VESSELNB_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vesselnb")
+    return Path(root) / "shard_sha256.json"
+
+
+def cached_file_sha256(path: Path) -> str:
+    """:func:`file_sha256`, remembered by (absolute path, size, mtime) so an unchanged file is hashed once."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = _cache_path()
+    try:
+        cache = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    digest = file_sha256(path)
+    cache[key] = digest
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache), encoding="utf-8")
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return digest
+
+
 def shard_hashes(hf_dir: str | Path) -> dict[str, str]:
     """``{shard file name: sha256}`` for the safetensors weights of an HF folder.
 
@@ -42,9 +72,9 @@ def shard_hashes(hf_dir: str | Path) -> dict[str, str]:
         shards = sorted(set(index.get("weight_map", {}).values()))
         if recorded and set(recorded) == set(shards):
             return {name: recorded[name] for name in shards}
-        return {name: file_sha256(folder / name) for name in shards}
+        return {name: cached_file_sha256(folder / name) for name in shards}
     if (folder / SINGLE_NAME).is_file():
-        return {SINGLE_NAME: file_sha256(folder / SINGLE_NAME)}
+        return {SINGLE_NAME: cached_file_sha256(folder / SINGLE_NAME)}
     raise VesselnbError(
         f"{folder}: no {INDEX_NAME} or {SINGLE_NAME}; this is not a finished HF folder "
         "(an interrupted conversion leaves no index — rerun the conversion)"

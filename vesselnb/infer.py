@@ -29,7 +29,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -443,38 +442,6 @@ class LoopStats:
     model_seconds: float = 0.0
 
 
-class _StoreWriter:
-    """Writes finished samples on one background thread while the model computes the next one.
-
-    Encoding PNGs and writing files costs ~2 ms a frame: nothing next to Sa2VA, but ~9 % of the tiny demo model, so it
-    overlaps with ``predict_forward`` instead of following it. One worker keeps the order; at most ``max_pending``
-    samples wait, so ``kill -9`` loses only those (they have no record yet and are redone on resume). Leaving the
-    ``with`` block — normally, on Ctrl-C or on an error — first finishes every queued write; a failed write is raised.
-    """
-
-    def __init__(self, store: PredictionStore, max_pending: int = 2) -> None:
-        self.store = store
-        self.max_pending = max_pending
-        self._pending: list[Future[None]] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vesselnb-store")
-
-    def submit(self, result: FrameResult) -> None:
-        """Queue one sample's files; blocks while ``max_pending`` are already queued."""
-        self._pending.append(self._pool.submit(self.store.write, result.record, result.mask, result.probability))
-        while len(self._pending) > self.max_pending:
-            self._pending.pop(0).result()
-
-    def __enter__(self) -> _StoreWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            for future in self._pending:
-                future.result()
-        finally:
-            self._pool.shutdown(wait=True)
-
-
 def run_inference(
     loaded: LoadedModel,
     samples: Sequence[Sample],
@@ -496,7 +463,7 @@ def run_inference(
     todo = sum(len(unit) for unit in units)
     started = time.perf_counter()
     with tqdm(total=todo, desc="predict_forward", unit="frame", disable=not progress, file=sys.stderr,
-              dynamic_ncols=True, mininterval=0.5) as bar, _StoreWriter(store) as writer:
+              dynamic_ncols=True, mininterval=0.5) as bar:
         if stats.n_done_before:
             bar.write(f"resuming: {stats.n_done_before} of {len(samples)} samples already stored")
         for unit in units:
@@ -505,7 +472,9 @@ def run_inference(
             else:
                 results = predict_sequence(loaded, unit, prompt, want_probability)
             for result in results:
-                writer.submit(result)
+                # Written right away, on this thread: a background writer was measured slower (it contends for
+                # the GIL with the model's Python code), and a sample is safe the moment its record exists.
+                store.write(result.record, result.mask, result.probability)
                 stats.model_seconds += float(result.record["seconds"])
                 stats.n_run += 1
                 if delay:

@@ -62,6 +62,8 @@ class DataParams:
     images: Path | None = None
     annotations: Path | None = None
     annotation_format: Literal["auto", "sa2va", "labelme", "coco", "mask_png"] = "auto"
+    # "union" = the users' cv2.fillPoly loop (every polygon filled, holes too); "even_odd" = inner polygons are holes.
+    polygon_fill: Literal["union", "even_odd"] = "union"
     image_glob: str = "*.jpg"
     name_regex: str = DEFAULT_NAME_REGEX
     limit: int | None = None

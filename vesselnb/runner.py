@@ -60,6 +60,7 @@ class StageOutcome:
     error: dict[str, str] | None = None  # {"ename", "evalue", "hint"}
     executed: str | None = None  # file name of the executed notebook, relative to the run folder
     html: str | None = None  # file name of the HTML report, relative to the run folder
+    report_error: str | None = None  # why the HTML could not be rendered (the .ipynb is still there)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the manifest."""
@@ -167,11 +168,8 @@ def execute_stage(
 
     from vesselnb.report import gather_stage_files, render_html
 
+    _check_notebooks(notebooks_dir, [stage])
     source = notebooks_dir / stage.notebook
-    if not source.is_file():
-        raise StageError(
-            f"{source}: notebook not found; run from a vesselnb checkout or set VESSELNB_NOTEBOOKS to its notebooks/"
-        )
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / f"{stage.stem}.ipynb"
     html = out_dir / f"{stage.stem}.html"
@@ -206,10 +204,25 @@ def execute_stage(
         outcome.executed = executed.name
         # Stage 01 computes the fingerprint while it runs, so look again now that it has.
         fingerprint = header.get("fingerprint") or gather_stage_files(out_dir).get("weights_fingerprint")
-        render_html(executed, html, header={**header, "stage": stage.stem, "status": outcome.status,
-                                            "error": outcome.error, "fingerprint": fingerprint}, show_code=show_code)
-        outcome.html = html.name
+        try:
+            render_html(executed, html, header={**header, "stage": stage.stem, "status": outcome.status,
+                                                "error": outcome.error, "fingerprint": fingerprint},
+                        show_code=show_code)
+            outcome.html = html.name
+        except Exception as exc:  # noqa: BLE001 - the executed notebook is the record; a report glitch must not hide it
+            outcome.report_error = f"{type(exc).__name__}: {_first_line(str(exc))}"
+            print(f"vesselnb: warning: could not render {html.name}: {outcome.report_error}", file=sys.stderr)
     return outcome
+
+
+def _check_notebooks(notebooks_dir: Path, stages: list[Stage]) -> None:
+    """All notebooks of a run must exist before the first one starts, not be found missing halfway."""
+    for stage in stages:
+        if not (notebooks_dir / stage.notebook).is_file():
+            raise StageError(
+                f"{notebooks_dir / stage.notebook}: notebook not found; run from a vesselnb checkout, pass "
+                "--notebooks DIR or set VESSELNB_NOTEBOOKS"
+            )
 
 
 def _kernel_config(socket_dir: Path) -> Any:
@@ -258,6 +271,7 @@ def run_params(
     run_dir = outputs / params.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     notebooks = Path(notebooks_dir).resolve() if notebooks_dir else default_notebooks_dir()
+    _check_notebooks(notebooks, wanted)
     kernel = ensure_kernel()
     parameters = {"params_path": str(params.source_file), "run_dir": str(run_dir)}
     result = RunResult(params.run_name, run_dir)
@@ -426,7 +440,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     index.set_defaults(func=_cmd_index)
 
 
+def _log_cells(enabled: bool) -> None:
+    """``--log-output``: papermill logs each cell's output to its logger, which prints nothing unless configured."""
+    if enabled:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    _log_cells(args.log_output)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     result = run_params(args.params, outputs_dir=args.outputs, stages=stages, notebooks_dir=args.notebooks,
                         progress=not args.no_progress, log_output=args.log_output, show_code=args.show_code)
@@ -434,6 +457,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    _log_cells(args.log_output)
     result = compare_runs(args.runs, outputs_dir=args.outputs, notebooks_dir=args.notebooks,
                           progress=not args.no_progress, log_output=args.log_output, show_code=args.show_code)
     return _report_result(result, Path(args.outputs))

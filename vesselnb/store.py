@@ -2,9 +2,10 @@
 
 Why it looks like this (layout in docs/contracts.md):
 
-* **Per-sample files, written atomically.** Each sample's mask (and probability map) is written first, then its
-  record; every file goes to a temporary name in the same folder and is moved into place with ``os.replace``. A
-  record therefore exists only when its sample is completely stored, so ``kill -9`` loses at most the sample in
+* **Per-sample files, record last and atomic.** Each sample's mask (and probability map) is written first, then
+  its record, which goes to a temporary name in the same folder and is moved into place with ``os.replace``. A
+  record therefore exists only when its sample is completely stored (images of a sample without a record are never
+  read, and are simply overwritten when the sample is redone), so ``kill -9`` loses at most the sample in
   flight and a rerun simply skips the samples that have a record: nothing lost, nothing duplicated.
 * **A fingerprint per store.** ``store.json`` names the weights fingerprint, prompt and mode it was written with;
   opening it for writing with anything else raises :class:`StoreError`, so predictions of two models never mix.
@@ -27,7 +28,8 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,11 +73,20 @@ def _atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
     os.replace(tmp, path)
 
 
+def _write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
+    """Plain write, for files no reader looks at yet (a sample's images before its record exists)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 def _png_bytes(image: Image.Image) -> bytes:
-    """PNG with light compression: masks and probability maps compress well anyway, and zlib's default level costs
-    more time per frame than it saves in bytes."""
+    """PNG with zlib's run-length strategy: on PNG-filtered masks and probability maps it was both faster (~1.7 vs
+    ~2.5 ms for a 256² probability map) and smaller than the default strategy, and this runs once per frame."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
+    image.save(buffer, format="PNG", compress_level=6, compress_type=zlib.Z_RLE)
     return buffer.getvalue()
 
 
@@ -206,14 +217,18 @@ class PredictionStore:
         mask = np.asarray(mask, dtype=bool)
         if mask.ndim != 2 or mask.shape != (record["height"], record["width"]):
             raise StoreError(f"{sample_id}: mask shape {mask.shape} does not match the record's frame size")
-        if mask.size:  # an image that could not be read at all has no size: 0x0 record, no mask file
-            _atomic_write_bytes(self._mask_path(sample_id), _png_bytes(Image.fromarray(mask)), self.durable)
         if probability is not None:
             probability = np.asarray(probability)
             if probability.dtype != np.uint8 or probability.shape != mask.shape:
                 raise StoreError(f"{sample_id}: probability map must be uint8 {mask.shape}, got "
                                  f"{probability.dtype} {probability.shape}")
-            _atomic_write_bytes(self._prob_path(sample_id), _png_bytes(Image.fromarray(probability)), self.durable)
+        # Until the record exists nobody reads this sample's images, so they can be written in place (one rename
+        # per sample instead of three); replacing a stored sample's images goes through temporary files.
+        write_image = _atomic_write_bytes if self._record_path(sample_id).exists() else _write_bytes
+        if mask.size:  # an image that could not be read at all has no size: 0x0 record, no mask file
+            write_image(self._mask_path(sample_id), _png_bytes(Image.fromarray(mask)), self.durable)
+        if probability is not None:
+            write_image(self._prob_path(sample_id), _png_bytes(Image.fromarray(probability)), self.durable)
         record = dict(record, has_probability=probability is not None)
         payload = json.dumps(record, indent=1, sort_keys=True) + "\n"
         _atomic_write_bytes(self._record_path(sample_id), payload.encode(), self.durable)
@@ -423,10 +438,13 @@ def _merge_parts_locked(root: Path, require_complete: bool, durable: bool) -> Me
 
 
 def all_parts_complete(predictions_dir: str | Path, n_shards: int) -> bool:
-    """True when every shard ``0..n-1`` of an ``n``-way split has finished its part (or it was merged already)."""
+    """True when every shard ``0..n-1`` of an ``n``-way split has a finished part waiting to be merged.
+
+    A shard that has not started yet has no part folder, so it counts as unfinished: merging early would show a
+    half-finished run as complete.
+    """
     parts_root = Path(predictions_dir) / PARTS_DIR
-    present = [parts_root / part_name((k, n_shards)) for k in range(n_shards)]
-    return all((p / PART_COMPLETE_FILE).is_file() for p in present if p.is_dir()) and any(p.is_dir() for p in present)
+    return all((parts_root / part_name((k, n_shards)) / PART_COMPLETE_FILE).is_file() for k in range(n_shards))
 
 
 @contextlib.contextmanager
@@ -474,11 +492,3 @@ def _copy_sample(source: PredictionStore, target: PredictionStore, sample_id: st
     if mask_src.is_file():
         _atomic_write_bytes(target._mask_path(sample_id), mask_src.read_bytes(), target.durable)
     _atomic_write_bytes(target._record_path(sample_id), source._record_path(sample_id).read_bytes(), target.durable)
-
-
-def done_sample_ids(stores: Iterable[PredictionStore]) -> set[str]:
-    """Union of the stored sample ids of several stores (main store + this shard's part) for resuming."""
-    done: set[str] = set()
-    for store in stores:
-        done.update(store.sample_ids())
-    return done

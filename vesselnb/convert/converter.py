@@ -215,7 +215,7 @@ def _merge_lora(
     peft stores an embedding's LoRA transposed: delta = (B @ A).T. Returns the output and |scale * B @ A|^2,
     the latter exactly from r x r products: |BA|^2 = trace((B^T B)(A A^T)).
     """
-    a32 = a.double() if a.dtype == torch.float64 else a.float()
+    a32 = a.float()
     b32 = b.float()
     if embedding:  # delta = (B @ A).T = A^T @ B^T: rows of the weight <-> columns of A
         left, right = a32.T.contiguous() * scale, b32.T.contiguous()
@@ -225,11 +225,16 @@ def _merge_lora(
     out = torch.empty(weight.shape, dtype=out_dtype)
     rows = _row_chunks(weight)
     buffer = torch.empty((min(rows, weight.shape[0]), weight.shape[1]), dtype=torch.float32)
+    # A reused fp32 copy of the weight chunk: copy-then-add is ~2x faster than torch's mixed bf16+fp32 add.
+    weight_buffer = torch.empty_like(buffer) if weight.dtype != torch.float32 else None
     for start in range(0, weight.shape[0], rows):
         stop = min(start + rows, weight.shape[0])
         chunk = buffer[: stop - start]
         torch.mm(left[start:stop], right, out=chunk)
-        torch.add(weight[start:stop], chunk, out=chunk)
+        if weight_buffer is None:
+            chunk.add_(weight[start:stop])
+        else:
+            chunk.add_(weight_buffer[: stop - start].copy_(weight[start:stop]))
         out[start:stop].copy_(chunk)
     return out, delta_sq
 
@@ -337,7 +342,7 @@ def convert_checkpoint(
         shards = plan_shards(sizes, parse_size(shard_size))
         names = [shard_file_name(i, len(shards)) for i in range(len(shards))]
         writer = ShardedWriter(output_dir, in_key)
-        writer.prepare()
+        writer.load_progress()
         needed = sum(n for _, n in sizes) + sum(
             f.stat().st_size for f in base.path.rglob("*") if f.is_file() and not f.name.endswith(".safetensors")
         )
@@ -351,6 +356,7 @@ def convert_checkpoint(
                     "Free space or choose another output folder; nothing was written."
                 )
 
+        writer.prepare()
         producer = _Producer(base, ckpt_tensors, pretrained, scale, out_dtype)
         provenance: list[dict[str, Any]] = []
         progress = tqdm(total=sum(n for _, n in sizes), unit="B", unit_scale=True, desc="convert")

@@ -231,13 +231,8 @@ class ShardedWriter:
         self.records: dict[str, ShardRecord] = {}
         self.resumed: list[str] = []
 
-    def prepare(self) -> None:
-        """Create the temp folder; drop partial folders of other inputs for the same target; load progress."""
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.target.parent.glob(f".{self.target.name}.partial-*"):
-            if stale != self.temp and stale.is_dir():
-                shutil.rmtree(stale)
-        self.temp.mkdir(exist_ok=True)
+    def load_progress(self) -> None:
+        """Read what an interrupted run with the same inputs already wrote (creates nothing)."""
         if self.progress_path.is_file():
             try:
                 raw = json.loads(self.progress_path.read_text(encoding="utf-8"))
@@ -245,6 +240,14 @@ class ShardedWriter:
                 raw = {}
             for name, rec in raw.items():
                 self.records[name] = ShardRecord(name, rec["sha256"], rec["nbytes"], rec["keys"], rec["stats"])
+
+    def prepare(self) -> None:
+        """Create the temp folder (after the disk preflight); drop partial folders of other inputs for this target."""
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.target.parent.glob(f".{self.target.name}.partial-*"):
+            if stale != self.temp and stale.is_dir():
+                shutil.rmtree(stale)
+        self.temp.mkdir(exist_ok=True)
 
     def bytes_already_done(self) -> int:
         return sum(r.nbytes for r in self.records.values() if (self.temp / r.name).is_file())

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,11 +25,18 @@ from vesselnb.demo.remote_code.configuration_sa2va_demo import Sa2VADemoChatConf
 from vesselnb.demo.remote_code.modeling_sa2va_demo import Sa2VADemoChatModel
 from vesselnb.demo.synth import annotation_record, generate_frames
 from vesselnb.demo.tokenizer import ANSWER, build_demo_tokenizer
-from vesselnb.demo.train import TrainSettings, finetune, merged_copy, prepare_training_set, pretrain, wrap_for_finetuning
+from vesselnb.demo.train import (
+    TrainSettings,
+    finetune,
+    merged_copy,
+    prepare_training_set,
+    pretrain,
+    wrap_for_finetuning,
+)
 from vesselnb.demo.training_config import training_config_text
 from vesselnb.errors import VesselnbError
 
-BUILD_VERSION = 1  # bump when the generator or the training changes, so old demo folders are rebuilt
+BUILD_VERSION = 3  # bump when the generator or the training changes, so old demo folders are rebuilt
 MARKER = ".complete"
 OWNER_MARKER = ".vesselnb_demo"  # present from the first second of a build: this folder may be deleted and rebuilt
 CONFIG_NAME = "sa2va_demo_vessel"
@@ -105,31 +114,34 @@ def _demo_config(tokenizer) -> Sa2VADemoChatConfig:
     )
 
 
-_last_progress = [0.0]
-
-
-def _progress(message: str) -> None:
+class _PhaseClock:
     """One short line per build phase with its duration (the build is quiet otherwise, apart from tqdm bars)."""
-    now = time.perf_counter()
-    print(f"vesselnb demo: {message} ({now - _last_progress[0]:.1f} s)", flush=True)
-    _last_progress[0] = now
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        now = time.perf_counter()
+        print(f"vesselnb demo: {message} ({now - self.last:.1f} s)", flush=True)
+        self.last = now
 
 
-def _write_dataset(assets: DemoAssets, settings: DemoSettings) -> None:
+def write_demo_dataset(images_dir: Path, annotations: Path, settings: DemoSettings) -> int:
+    """Write the demo frames (JPEG, quality 95) and their Sa2VA-layout annotations JSON; returns the frame count."""
     frames = generate_frames(
         settings.seed, settings.n_patients, settings.sequences_per_patient, settings.frames_per_sequence, settings.size
     )
-    assets.images_dir.mkdir(parents=True)
+    images_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for frame in frames:
         file_name = f"{frame.name}.jpg"
-        Image.fromarray(frame.image).save(assets.images_dir / file_name, quality=95)
+        Image.fromarray(frame.image).save(images_dir / file_name, quality=95)
         records.append(annotation_record(file_name, frame.mask, DEMO_PROMPT, ANSWER))
-    assets.annotations.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-    _progress(f"{len(frames)} demo frames + annotations")
+    annotations.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    return len(frames)
 
 
-def _train_models(assets: DemoAssets, settings: DemoSettings, final: DemoAssets) -> None:
+def _train_models(assets: DemoAssets, settings: DemoSettings, final: DemoAssets, progress: _PhaseClock) -> None:
     """Pre-train -> base_hf; fine-tune -> iter_<short>.pth / iter_<long>.pth + reference_hf folders."""
     train = TrainSettings(pretrain_iters=settings.pretrain_iters)
     train_frames = generate_frames(
@@ -143,10 +155,10 @@ def _train_models(assets: DemoAssets, settings: DemoSettings, final: DemoAssets)
     tokenizer = build_demo_tokenizer()
     model = Sa2VADemoChatModel(_demo_config(tokenizer))
     data = prepare_training_set(model, train_frames, train.coarse_dilation)
-    _progress(f"{len(train_frames)} training frames")
+    progress(f"{len(train_frames)} training frames")
     pretrain(model, tokenizer, data, train, settings.seed)
     save_hf_folder(model, tokenizer, assets.base_model)
-    _progress(f"pre-training ({train.pretrain_iters} iterations) -> base_hf")
+    progress(f"pre-training ({train.pretrain_iters} iterations) -> base_hf")
 
     config_text = training_config_text(
         final.base_model, final.root / "data" / "train", train, settings.long_iters, settings.short_iters
@@ -154,7 +166,7 @@ def _train_models(assets: DemoAssets, settings: DemoSettings, final: DemoAssets)
     assets.training_config.parent.mkdir(parents=True)
     assets.training_config.write_text(config_text, encoding="utf-8")
 
-    base = Sa2VADemoChatModel.from_pretrained(assets.base_model, torch_dtype=torch.float32)
+    base = Sa2VADemoChatModel.from_pretrained(assets.base_model, dtype=torch.float32)
     wrap_for_finetuning(base, train)
     assets.work_dir.mkdir(parents=True)
     names = {n: key for key, n in (("short", settings.short_iters), ("long", settings.long_iters))}
@@ -167,7 +179,7 @@ def _train_models(assets: DemoAssets, settings: DemoSettings, final: DemoAssets)
         save_hf_folder(merged_copy(trained), tokenizer, assets.reference_hf[key])
 
     finetune(base, tokenizer, data, train, settings.seed, sorted(names), on_save)
-    _progress(f"fine-tuning ({settings.long_iters} iterations) -> checkpoints + reference_hf")
+    progress(f"fine-tuning ({settings.long_iters} iterations) -> checkpoints + reference_hf")
     (assets.work_dir / "last_checkpoint").write_text(str(final.checkpoints["long"]), encoding="utf-8")
 
 
@@ -192,8 +204,8 @@ def ensure_demo_assets(
 ) -> DemoAssets:
     """Build the demo under ``root`` unless a complete build with the same settings is already there.
 
-    Deterministic: the same settings give the same images, annotations and weights. Takes ~30 s on two CPU cores
-    with the defaults (most of it fine-tuning).
+    Deterministic: the same settings give the same images, annotations and weights. Takes ~40 s of one CPU core
+    with the defaults (most of it fine-tuning); a second call with the same settings returns at once.
     """
     root = Path(root).resolve()
     if not 0 < short_iters < long_iters:
@@ -211,40 +223,77 @@ def ensure_demo_assets(
     final = _paths(root, settings)
     if _read_marker(root) == {"settings": asdict(settings)}:
         return final
-    if root.exists() and any(root.iterdir()) and not (root / OWNER_MARKER).exists():
-        raise VesselnbError(
-            f"{root}: exists and is not a vesselnb demo folder; choose an empty or new folder for the demo assets"
-        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root):
+        if _read_marker(root) == {"settings": asdict(settings)}:  # another process finished it while we waited
+            return final
+        if root.exists() and any(root.iterdir()) and not (root / OWNER_MARKER).exists():
+            raise VesselnbError(
+                f"{root}: exists and is not a vesselnb demo folder; choose an empty or new folder for the demo assets"
+            )
+        building = root.parent / f".{root.name}.building-{os.getpid()}"
+        shutil.rmtree(building, ignore_errors=True)
+        try:
+            _build(building, settings, final)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(building, root)
+    return final
 
-    started = time.perf_counter()
-    building = root.parent / f".{root.name}.building-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
+
+@contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """Serialise builds of one folder across processes (two pytest sessions sharing ``VESSELNB_TEST_DEMO_DIR``)."""
+    lock_path = root.parent / f".{root.name}.lock"
+    with open(lock_path, "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; concurrent builds of one folder are the caller's problem
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build(building: Path, settings: DemoSettings, final: DemoAssets) -> None:
+    """The whole build into ``building`` (paths written into files name ``final``), marker last."""
+    progress = _PhaseClock()
     building.mkdir(parents=True)
     (building / OWNER_MARKER).write_text("built by vesselnb.demo.ensure_demo_assets\n", encoding="utf-8")
     staged = _paths(building, settings)
-    print(f"vesselnb demo: building into {root} ...", flush=True)
-    _last_progress[0] = started
-    _write_dataset(staged, settings)
+    print(f"vesselnb demo: building into {final.root} ...", flush=True)
+    n_frames = write_demo_dataset(staged.images_dir, staged.annotations, settings)
+    progress(f"{n_frames} demo frames + annotations")
     threads = torch.get_num_threads()
     try:
         with torch.random.fork_rng():
             torch.manual_seed(settings.seed)
             torch.set_num_threads(1)  # tiny tensors: threads only add overhead; one thread = same bytes everywhere
-            _train_models(staged, settings, final)
+            _train_models(staged, settings, final, progress)
     finally:
         torch.set_num_threads(threads)
     (building / MARKER).write_text(json.dumps({"settings": asdict(settings)}), encoding="utf-8")
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(building, root)
-    print(f"vesselnb demo: done in {time.perf_counter() - started:.1f} s", flush=True)
-    return final
+    print(f"vesselnb demo: done in {time.perf_counter() - progress.started:.1f} s", flush=True)
 
 
-def demo_frames_and_masks(assets: DemoAssets) -> list[tuple[str, np.ndarray]]:
-    """Not for the pipeline (analysis reads GT from the annotations): regenerate raster masks for tests."""
-    settings = DemoSettings(**json.loads((assets.root / MARKER).read_text(encoding="utf-8"))["settings"])
+def demo_settings(assets: DemoAssets) -> DemoSettings:
+    """The settings a finished demo folder was built with (from its ``.complete`` marker)."""
+    return DemoSettings(**json.loads((assets.root / MARKER).read_text(encoding="utf-8"))["settings"])
+
+
+def demo_raster_masks(assets: DemoAssets) -> dict[str, np.ndarray]:
+    """``{frame stem: raster vessel mask}`` regenerated from the seeds - for tests of the polygon annotations only.
+
+    The pipeline never uses this: the analysis stage reads ground truth from ``annotations.json`` like user data.
+    """
+    settings = demo_settings(assets)
     frames = generate_frames(
         settings.seed, settings.n_patients, settings.sequences_per_patient, settings.frames_per_sequence, settings.size
     )
-    return [(frame.name, frame.mask) for frame in frames]
+    return {frame.name: frame.mask for frame in frames}

@@ -24,12 +24,15 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_sa2va_demo.Sa2VADemoChatModel",
 }
 MLLM_PREFIXES = ("vision_model.", "language_model.", "mlp1.")
-SHARD_SIZE = "300KB"  # several shards + an index, like real Sa2VA folders
+SHARD_SIZE = "100KB"  # several shards + an index, like real Sa2VA folders
 FIXED_TIME = "20250101_120000"  # mmengine stores the save time; fixed so two builds give identical bytes
 
 
 def save_hf_folder(model: Sa2VADemoChatModel, tokenizer, folder: Path) -> None:
-    """``save_pretrained`` in bf16 (sharded, safetensors) + tokenizer + every remote-code file + ``auto_map``."""
+    """``save_pretrained`` in bf16 (sharded, safetensors) + tokenizer + every remote-code file + ``auto_map``.
+
+    Casts ``model`` to bf16 in place (callers save throw-away copies or reload the folder afterwards).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     model.config.auto_map = dict(AUTO_MAP)
     model.config.vocab_size = len(tokenizer)
@@ -57,7 +60,13 @@ def trained_state_dict(model: Sa2VADemoChatModel) -> dict[str, torch.Tensor]:
 
 
 def save_training_checkpoint(
-    path: Path, model: Sa2VADemoChatModel, iteration: int, max_iters: int, seed: int, config_text: str, losses: list[float]
+    path: Path,
+    model: Sa2VADemoChatModel,
+    iteration: int,
+    max_iters: int,
+    seed: int,
+    config_text: str,
+    losses: list[float],
 ) -> None:
     """Write ``iter_N.pth`` in the mmengine layout ``{state_dict, meta, message_hub}``."""
     meta = {

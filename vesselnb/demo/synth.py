@@ -204,10 +204,11 @@ def generate_frames(
 
 
 def mask_to_polygons(mask: np.ndarray, tolerance: float = 0.3, min_points: int = 3) -> list[list[float]]:
-    """Outlines of every region *and hole* of ``mask`` as flat ``[x1, y1, x2, y2, ...]`` lists (pixel centres).
+    """Outlines of every region *and hole* of ``mask`` as flat ``[x1, y1, x2, y2, ...]`` lists.
 
-    Fill them back with the even-odd rule (:func:`polygons_to_mask`). ``tolerance`` (pixels) is
-    ``skimage.measure.approximate_polygon``'s; small so 1 px vessels survive.
+    Pixel centres have integer coordinates; outlines run between pixels (half-integers, so a vessel touching the
+    border gives -0.5 or size-0.5). Fill them back with the even-odd rule (:func:`polygons_to_mask`).
+    ``tolerance`` (pixels) is ``skimage.measure.approximate_polygon``'s; small so 1 px vessels survive.
     """
     padded = np.pad(mask.astype(np.float32), 1)
     polygons = []

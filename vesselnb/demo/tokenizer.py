@@ -49,7 +49,9 @@ EXTRA_WORDS = (
 
 def _corpus() -> list[str]:
     instruction = str(PROMPT_TEMPLATES["qwen_chat"]["INSTRUCTION"])
-    texts = [instruction.format(input=prompt.replace("<image>", "<img></img>\n")) + ANSWER for prompt in TRAINING_PROMPTS]
+    texts = [
+        instruction.format(input=prompt.replace("<image>", "<img></img>\n")) + ANSWER for prompt in TRAINING_PROMPTS
+    ]
     texts.append(EXTRA_WORDS)
     texts.append(" ".join(EXTRA_WORDS.split()))
     return texts

@@ -97,7 +97,10 @@ def make_batch(
     model: Sa2VADemoChatModel, tokenizer, rng: np.random.Generator, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, labels, seg_positions) for random training prompts."""
-    conversations = [encode_conversation(model, tokenizer, TRAINING_PROMPTS[i]) for i in rng.integers(0, len(TRAINING_PROMPTS), batch_size)]
+    conversations = [
+        encode_conversation(model, tokenizer, TRAINING_PROMPTS[i])
+        for i in rng.integers(0, len(TRAINING_PROMPTS), batch_size)
+    ]
     length = max(len(ids) for ids, _ in conversations)
     input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
     labels = torch.full((batch_size, length), -100)
@@ -120,7 +123,12 @@ def mask_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def training_step(
-    model: Sa2VADemoChatModel, tokenizer, data: TrainingSet, targets: torch.Tensor, rng: np.random.Generator, batch_size: int
+    model: Sa2VADemoChatModel,
+    tokenizer,
+    data: TrainingSet,
+    targets: torch.Tensor,
+    rng: np.random.Generator,
+    batch_size: int,
 ) -> torch.Tensor:
     """Language-model loss on the answer + mask loss from the ``[SEG]`` hidden state (teacher forcing)."""
     index = torch.from_numpy(rng.integers(0, data.vision_pixels.shape[0], batch_size))
@@ -172,7 +180,17 @@ def pretrain(
     model.preparing_for_generation(tokenizer, torch_dtype=torch.float32)
     rng = np.random.default_rng([seed, 1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, weight_decay=0.0)
-    _run(model, tokenizer, data, data.coarse_targets, optimizer, rng, settings, range(settings.pretrain_iters), "pretrain")
+    _run(
+        model,
+        tokenizer,
+        data,
+        data.coarse_targets,
+        optimizer,
+        rng,
+        settings,
+        range(settings.pretrain_iters),
+        "pretrain",
+    )
     return model
 
 

@@ -15,10 +15,12 @@ from vesselnb.demo.train import LORA_TARGET_MODULES, MODULES_TO_SAVE, TrainSetti
 SA2VA_ADDED_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
 
 
-def training_config_text(base_model: Path, data_root: Path, settings: TrainSettings, max_iters: int, save_steps: int) -> str:
+def training_config_text(
+    base_model: Path, data_root: Path, settings: TrainSettings, max_iters: int, save_steps: int
+) -> str:
     """Python source of ``configs/sa2va_demo_vessel.py`` (values match what the demo training really used)."""
     assert all(token in SPECIAL_TOKENS for token in SA2VA_ADDED_TOKENS)
-    return f'''# Demo training config written by vesselnb (tiny Sa2VA-shaped demo model, synthetic angiograms).
+    return f"""# Demo training config written by vesselnb (tiny Sa2VA-shaped demo model, synthetic angiograms).
 # Same shape as a real Sa2VA fine-tuning config: it imports xtuner/mmengine/projects and cannot run here.
 from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook,
                             LoggerHook, ParamSchedulerHook)
@@ -209,4 +211,4 @@ load_from = None
 resume = False
 randomness = dict(seed=None, deterministic=False)
 log_processor = dict(by_epoch=False)
-'''
+"""

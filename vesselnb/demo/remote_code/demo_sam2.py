@@ -95,7 +95,7 @@ class DemoMaskDecoder(nn.Module):
 
 
 class DemoSAM2(nn.Module):
-    """SAM2 stand-in: ``image_encoder`` and ``memory_encoder`` stay frozen in fine-tuning, ``sam_mask_decoder`` trains."""
+    """SAM2 stand-in: ``image_encoder`` stays frozen in fine-tuning; ``sam_mask_decoder`` trains."""
 
     def __init__(self, image_size: int, low_channels: int, high_channels: int, seg_dim: int) -> None:
         super().__init__()

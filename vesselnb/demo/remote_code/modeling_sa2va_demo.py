@@ -68,7 +68,6 @@ class Sa2VADemoChatModel(PreTrainedModel):
     base_model_prefix = "sa2va_demo"
     main_input_name = "pixel_values"
     _no_split_modules = ["Qwen2DecoderLayer", "DemoVisionLayer", "DemoSAM2"]
-    _supports_sdpa = True
 
     def __init__(self, config: Sa2VADemoChatConfig) -> None:
         super().__init__(config)
@@ -82,7 +81,9 @@ class Sa2VADemoChatModel(PreTrainedModel):
         self.template = config.template
 
         self.vision_model = DemoVisionEncoder(vision["patch_size"], vision["hidden_size"])
-        self.mlp1 = nn.Sequential(nn.LayerNorm(shuffled), nn.Linear(shuffled, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.mlp1 = nn.Sequential(
+            nn.LayerNorm(shuffled), nn.Linear(shuffled, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
         self.language_model = Qwen2ForCausalLM(llm_config)
         grounding = config.grounding_config
         self.grounding_encoder = DemoGroundingEncoder(
@@ -143,7 +144,9 @@ class Sa2VADemoChatModel(PreTrainedModel):
         return (pixels - mean) / std
 
     # --- inference, upstream-compatible ---------------------------------------------------------------------------
-    def preparing_for_generation(self, tokenizer, max_new_tokens: int | None = None, torch_dtype=torch.bfloat16) -> None:
+    def preparing_for_generation(
+        self, tokenizer, max_new_tokens: int | None = None, torch_dtype=torch.bfloat16
+    ) -> None:
         """Remember token ids, stop words and the pixel dtype (upstream defaults to bf16, so do we)."""
         template = PROMPT_TEMPLATES[self.template]
         self.instruction = template["INSTRUCTION"]

@@ -53,3 +53,42 @@ def copy_hf_folder(source: Path, target: Path) -> Path:
     if not target.exists():
         shutil.copytree(source, target)
     return target
+
+
+def nudged_copy(source: Path, target: Path, tensor: str = "language_model.model.embed_tokens.weight") -> Path:
+    """A copy of an HF folder with one element of ``tensor`` moved by one bf16/fp16 step (a near-zero weight delta).
+
+    The smallest non-zero element is nudged so the change is far below anything training does; the index's recorded
+    shard hashes (if any) are dropped, so the fingerprint is computed from the changed bytes.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vesselnb.fingerprint import INDEX_NAME, SHARD_HASHES_KEY
+
+    shutil.copytree(source, target)
+    index_path = target / INDEX_NAME
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    (index.get("metadata") or {}).pop(SHARD_HASHES_KEY, None)
+    index_path.write_text(json.dumps(index, indent=2), encoding="utf-8")
+    shard = target / index["weight_map"][tensor]
+    tensors = load_file(shard)
+    flat = tensors[tensor].reshape(-1).clone()
+    magnitude = flat.float().abs()
+    position = int(torch.where(magnitude > 0, magnitude, torch.inf).argmin())
+    flat.view(torch.int16)[position] += 1  # the next representable value
+    tensors[tensor] = flat.reshape(tensors[tensor].shape)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return target
+
+
+def configured_copy(source: Path, target: Path, **config: Any) -> Path:
+    """A copy of an HF folder with ``config.json`` keys changed (same weights, e.g. ``demo_behaviour="no_seg"``)."""
+    import json
+
+    shutil.copytree(source, target)
+    path = target / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), **config}, indent=2), encoding="utf-8")
+    return target

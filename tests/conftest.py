@@ -1,7 +1,7 @@
 """Shared session fixtures for the whole test suite.
 
 ``demo_assets`` builds a small demo (2 patients x 2 sequences x 3 frames, checkpoints ``iter_30.pth`` and
-``iter_200.pth``) once per test session, ~20 s on two cores. Set ``VESSELNB_TEST_DEMO_DIR`` to a folder to keep the
+``iter_160.pth``) once per test session, ~20 s of one CPU core. Set ``VESSELNB_TEST_DEMO_DIR`` to a folder to keep the
 build between sessions (the build is idempotent: a complete folder with the same settings is reused as is).
 """
 
@@ -14,14 +14,15 @@ import pytest
 
 from vesselnb.demo import DemoAssets, ensure_demo_assets
 
-# The files are named by the real iteration counts: iter_30.pth ("short") and iter_200.pth ("long").
+# The files are named by the real iteration counts: iter_30.pth ("short") and iter_160.pth ("long").
 DEMO_TEST_SETTINGS = {
     "n_patients": 2,
     "sequences_per_patient": 2,
     "frames_per_sequence": 3,
     "short_iters": 30,
-    "long_iters": 200,
-    "train_sequences": 6,
+    "long_iters": 160,
+    "train_sequences": 5,
+    "pretrain_iters": 80,
 }
 
 

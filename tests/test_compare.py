@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from _compare_fixtures import build_run, copy_hf_folder
+from _compare_fixtures import build_run, configured_copy, copy_hf_folder, nudged_copy
 
 from vesselnb.compare import (
+    NEAR_ZERO_REL_CHANGE,
     PAIRED_METRICS,
     _find_iteration,
     _jsonable,
@@ -235,6 +236,31 @@ def test_a_series_of_checkpoints_gets_a_curve_and_the_identity_check(demo_runs, 
     assert report.figures["series"].is_file()
     assert report.headline["a"] == "short" and report.headline["b"] == "long_twin"
     assert report.headline["identity_alert"] is True and "Metrics vs training iteration" in report._repr_html_()
+
+
+@pytest.mark.slow
+def test_a_near_zero_weight_delta_triggers_the_banner(demo_assets, demo_runs, tmp_path) -> None:
+    nudged_hf = nudged_copy(demo_assets.reference_hf["long"], tmp_path / "nudged_model")
+    nudged = build_run(tmp_path, "long_nudged", nudged_hf, demo_assets, limit=SUBSET)
+    report = compare_stage([demo_runs["long"], nudged], tmp_path / "nudged")
+    assert report.runs[0].fingerprint != report.runs[1].fingerprint and not report.identity["identical_weights"]
+    (a, b, largest), *_ = report.identity["near_zero_weight_delta"]
+    assert (a, b) == ("long", "long_nudged") and 0 < largest < NEAR_ZERO_REL_CHANGE
+    weights = report.pairs[0].weights
+    assert weights.loc["llm", "n_identical"] == weights.loc["llm", "n_tensors"] - 1
+    assert _banner_first(report._repr_html_()) and "near-zero weight delta" in report._repr_html_()
+
+
+@pytest.mark.slow
+def test_samples_ok_in_one_run_and_no_seg_in_the_other_are_listed(demo_assets, demo_runs, tmp_path) -> None:
+    silent_hf = configured_copy(demo_assets.reference_hf["long"], tmp_path / "silent_model", demo_behaviour="no_seg")
+    silent = build_run(tmp_path, "long_silent", silent_hf, demo_assets, limit=SUBSET)
+    report = compare_stage([demo_runs["long"], silent], tmp_path / "silent")
+    changes = report.pairs[0].status_changes
+    assert len(changes) == SUBSET and set(changes["status_a"]) == {"ok"} and set(changes["status_b"]) == {"no_seg"}
+    assert report.pairs[0].stats.loc["dice", "losses"] == SUBSET  # an empty mask loses every frame
+    assert report.to_json()["pairs"][0]["status_changes"][0]["status_b"] == "no_seg"
+    assert "Status differences" in report._repr_html_() and "no_seg" in report._repr_html_()
 
 
 def test_missing_stage_output_names_the_file_and_the_command(tmp_path) -> None:

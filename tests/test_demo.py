@@ -272,14 +272,14 @@ def test_longer_training_segments_better(demo_assets: DemoAssets) -> None:
 # --- training checkpoints and config ----------------------------------------------------------------------------
 def test_training_checkpoints_use_the_sa2va_layout(demo_assets: DemoAssets) -> None:
     path = demo_assets.checkpoints["long"]
-    assert path.name == "iter_200.pth" and demo_assets.checkpoints["short"].name == "iter_30.pth"
+    assert path.name == "iter_160.pth" and demo_assets.checkpoints["short"].name == "iter_30.pth"
     assert (demo_assets.work_dir / "last_checkpoint").read_text().strip() == str(path)
     with pytest.raises(Exception, match="TorchVersion"):
         torch.load(path, weights_only=True)
     with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
         checkpoint = torch.load(path, weights_only=True)
     assert set(checkpoint) == {"state_dict", "meta", "message_hub"}
-    assert checkpoint["meta"]["iter"] == 200 and isinstance(
+    assert checkpoint["meta"]["iter"] == 160 and isinstance(
         checkpoint["meta"]["torch_version"], torch.torch_version.TorchVersion
     )
     state = checkpoint["state_dict"]

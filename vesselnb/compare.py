@@ -36,6 +36,7 @@ from vesselnb import viz
 from vesselnb.errors import StageError, StoreError, VesselnbError
 from vesselnb.fingerprint import weights_fingerprint
 from vesselnb.params import DEFAULT_NAME_REGEX
+from vesselnb.store import PredictionStore
 
 # metric -> higher is better. Paired tests run on these columns of analysis/metrics.parquet.
 PAIRED_METRICS: dict[str, bool] = {"dice": True, "cldice": True, "hd95": False}
@@ -132,8 +133,6 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunInputs:
     The metrics table, summary and store are required (errors name the missing file and the command that writes
     it); manifest.json and conversion.json are optional (a run on an existing HF folder has no conversion.json).
     """
-    from vesselnb.store import PredictionStore
-
     folder = Path(run_dir).resolve()
     if not folder.is_dir():
         raise VesselnbError(f"{folder}: run folder not found; run `vesselnb run params/<run>.yaml` to create it")
@@ -372,6 +371,12 @@ def _status_changes(joined: pd.DataFrame) -> pd.DataFrame:
     return changed[["sample_id", "patient", "status_a", "status_b"]].reset_index(drop=True)
 
 
+def _add_store_errors(changes: pd.DataFrame, run_a: RunInputs, run_b: RunInputs) -> None:
+    """The stores' error messages next to each status change, so a reviewer sees why a sample failed."""
+    for column, run in (("error_a", run_a), ("error_b", run_b)):
+        changes[column] = [run.store.record(sample_id).get("error") or "" for sample_id in changes["sample_id"]]
+
+
 # --- identity ----------------------------------------------------------------------------------------------------
 
 
@@ -418,9 +423,9 @@ def _masks_identical(run_a: RunInputs, run_b: RunInputs, sample_ids: list[str]) 
 # --- figures -----------------------------------------------------------------------------------------------------
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path, dpi: int = 100) -> Path:
     """Write the figure under ``figures/`` and release it (reports can hold many pairs)."""
-    viz.save_figure(fig, path, dpi=100)
+    viz.save_figure(fig, path, dpi=dpi)
     viz.close(fig)
     return path
 
@@ -586,7 +591,10 @@ class ComparisonReport:
                     "predictions hash": (run.predictions_hash or "")[:16],
                     "samples": len(run.metrics),
                     "ok / no_seg / error": " / ".join(str(counts.get(s, 0)) for s in ("ok", "no_seg", "error")),
-                    **{m: headline.get(m) for m in PAIRED_METRICS},
+                    # stage 03's headline: macro means, HD95 as the median (robust to failed frames)
+                    "dice": headline.get("dice"),
+                    "cldice": headline.get("cldice"),
+                    "hd95 (median)": headline.get("hd95"),
                     "run folder": str(run.run_dir),
                 }
             )
@@ -710,7 +718,10 @@ def _pair_html(pair: PairedComparison) -> str:
         parts.append("<h4>Weight delta per component</h4>" + pair.weights.to_html(float_format=lambda v: f"{v:.3g}"))
     if pair.weights_note:
         parts.append(f"<p><i>{html.escape(pair.weights_note)}</i></p>")
-    parts.append("<h4>Paired metrics (wins = samples where B is better)</h4>")
+    parts.append(
+        f"<h4>Paired metrics (Δ = {html.escape(pair.b)} − {html.escape(pair.a)}; wins = samples where "
+        f"{html.escape(pair.b)} is better)</h4>"
+    )
     parts.append(pair.stats.to_html(na_rep="—", float_format=_fmt))
     if "scatter" in pair.figures:
         parts.append(_img_html(pair.figures["scatter"]))
@@ -810,6 +821,7 @@ def compare_stage(
         pair = paired_comparison(run_a.metrics, run_b.metrics, run_a.label, run_b.label, n_boot=n_boot, seed=seed)
         key = f"{run_a.label}_vs_{run_b.label}"
         pair.weights, identical, pair.weights_note = _weight_delta(run_a, run_b)
+        _add_store_errors(pair.status_changes, run_a, run_b)
         labels = [run_a.label, run_b.label]
         if identical and labels not in identity["identical_weights"]:
             identity["identical_weights"].append(labels)
@@ -826,7 +838,8 @@ def compare_stage(
         if panel_ids:
             ground_truth, gt_note = _ground_truth_reader(run_a, panel_ids)
             figure = _disagreement_figure(pair, run_a, run_b, panel_ids, ground_truth)
-            pair.figures["panels"] = _save(figure, figures_dir / f"{key}_panels.png")
+            # 75 dpi keeps each frame near its native size and the attachable HTML report small
+            pair.figures["panels"] = _save(figure, figures_dir / f"{key}_panels.png", dpi=75)
             pair.panels_note = gt_note
         figures.update({f"{key}_{name}": path for name, path in pair.figures.items()})
         pairs.append(pair)

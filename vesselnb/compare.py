@@ -571,6 +571,10 @@ class ComparisonReport:
     figures: dict[str, Path]
     seconds: float
 
+    def __repr__(self) -> str:
+        """One line for plain-text outputs; the full report is the HTML."""
+        return f"ComparisonReport({' vs '.join(r.label for r in self.runs)}: {self.headline.get('text', '')})"
+
     @property
     def identity_alert(self) -> bool:
         return any(self.identity[key] for key in IDENTITY_KEYS)

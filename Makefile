@@ -39,7 +39,7 @@ bench: setup
 
 # JupyterLab is not a core dependency (it is heavy); this installs it into the venv once and opens the notebooks.
 lab: setup
-	$(BIN)/python -m pip install "jupyterlab>=4"
+	$(BIN)/python -m pip install -e ".[lab]"
 	$(BIN)/jupyter lab notebooks/
 
 index: setup

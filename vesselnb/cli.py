@@ -10,7 +10,7 @@ from vesselnb.errors import VesselnbError
 
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands; owners register theirs so this file stays a dispatcher."""
-    from vesselnb import compare, infer, runner
+    from vesselnb import infer, runner
     from vesselnb.convert import cli as convert_cli
 
     parser = argparse.ArgumentParser(
@@ -22,7 +22,6 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_cli(sub)  # run, compare, demo, index
     convert_cli.add_cli(sub)  # convert, diff
     infer.add_cli(sub)  # infer, merge-predictions
-    compare.add_cli(sub)  # (analysis helpers for comparisons, if any)
     return parser
 
 

@@ -905,7 +905,3 @@ def _headline(pair: PairedComparison, identity_alert: bool) -> dict[str, Any]:
         "identity_alert": identity_alert,
     }
 
-
-def add_cli(subparsers: Any) -> None:
-    """Nothing to register: ``vesselnb compare`` belongs to the report module, which runs notebook 04."""
-    return None

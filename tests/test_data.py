@@ -88,6 +88,18 @@ def test_sa2va_annotations_union_entries_and_report_missing(tmp_path: Path) -> N
     assert gt.report.skipped_polygons == 1
 
 
+def test_frames_left_out_by_limit_are_not_reported_as_unknown(tmp_path: Path) -> None:
+    names = [NAME, NAME.replace("000034", "000035")]
+    samples = _frames(tmp_path / "images", names)
+    entries = [{"image": f"{name}.jpg", "mask": [square(2, 2, 10, 10)], "text": ["blood vessel"]} for name in names]
+    entries.append({"image": "not_in_folder.jpg", "mask": [square(1, 1, 5, 5)], "text": ["blood vessel"]})
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(entries))
+    gt = load_ground_truth(path, samples[:1], frames_in_folder={s.sample_id for s in samples})
+    assert gt.report.unmatched == ["not_in_folder"]
+    assert gt.report.missing == [] and gt.report.annotated == 1
+
+
 def test_labelme_declared_size_is_rescaled_with_a_logged_warning(tmp_path: Path, caplog) -> None:
     samples = _frames(tmp_path / "images", [NAME], size=(64, 64))
     folder = tmp_path / "json"

@@ -611,10 +611,13 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
     except StoreError as exc:
         raise StageError(f"{exc} (stage 03 reads the predictions of stage 02)") from None
     samples = list_samples(data.images, data.image_glob, data.name_regex or DEFAULT_NAME_REGEX, data.limit)
-    # `data.polygon_fill` ("union" = the users' cv2.fillPoly loop, "even_odd" = holes as inner polygons) is read
-    # when the params schema has it; until then the users' rule applies.
-    gt = load_ground_truth(data.annotations, samples, data.annotation_format,
-                           polygon_fill=getattr(data, "polygon_fill", None) or "union")
+    # With data.limit, annotations of the frames left out are expected, not "frames that do not exist".
+    all_frames = None
+    if data.limit:
+        all_frames = {s.sample_id for s in list_samples(data.images, data.image_glob, data.name_regex or
+                                                         DEFAULT_NAME_REGEX)}
+    gt = load_ground_truth(data.annotations, samples, data.annotation_format, polygon_fill=data.polygon_fill,
+                           frames_in_folder=all_frames)
     scoring = ScoringSettings(
         store_path=str(store.path), threshold=settings.threshold, nsd_tolerance_px=settings.nsd_tolerance_px,
         width_bins_px=(float(settings.width_bins_px[0]), float(settings.width_bins_px[1])),

@@ -284,8 +284,12 @@ def load_ground_truth(
     samples: list[Sample],
     annotation_format: str = "auto",
     polygon_fill: str = "union",
+    frames_in_folder: set[str] | None = None,
 ) -> GroundTruth:
     """Read the ground truth for ``samples`` from any supported format.
+
+    ``frames_in_folder`` (all frame ids in the image folder) tells annotations of frames left out on purpose
+    (``data.limit``) from annotations naming frames that do not exist; only the latter are warned about.
 
     Annotations whose declared image size differs from the frame are rescaled (logged warning); polygons reaching
     outside the frame are cut at the border and counted; frames without annotation are listed in
@@ -309,7 +313,8 @@ def load_ground_truth(
     found: dict[str, _Annotation] = {}
     for stem, (entry, declared) in raw.items():
         if stem not in by_stem:
-            report.unmatched.append(stem)
+            if frames_in_folder is None or stem not in frames_in_folder:
+                report.unmatched.append(stem)
             continue
         if stem not in sizes:
             continue

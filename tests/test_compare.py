@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from _compare_fixtures import build_run, configured_copy, copy_hf_folder, nudged_copy
 
+from vesselnb.analysis import strict_json
 from vesselnb.compare import (
     NEAR_ZERO_REL_CHANGE,
     PAIRED_METRICS,
     _find_iteration,
-    _jsonable,
     _unique_labels,
     compare_stage,
     paired_comparison,
@@ -138,7 +138,10 @@ def test_labels_iterations_and_json_helpers() -> None:
     assert _find_iteration({"params": {"iteration": 7, "checkpoint": {}}}, {}, "iter_3")[0] == 7
     assert _find_iteration({}, {}, "ckpt_iter_3672")[0] == 3672
     assert _find_iteration({}, {}, "final")[0] is None
-    text = json.dumps(_jsonable({"x": math.nan, "y": np.float32(0.5), "z": [np.int64(3), math.inf]}), allow_nan=False)
+    text = json.dumps(
+        strict_json({"x": math.nan, "y": np.float32(0.5), "z": [np.int64(3), math.inf]}, inf_as="null"),
+        allow_nan=False,
+    )
     assert json.loads(text) == {"x": None, "y": 0.5, "z": [3, None]}
 
 

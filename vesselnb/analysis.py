@@ -673,7 +673,7 @@ def _write_outputs(report: AnalysisReport) -> None:
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     report.table.to_parquet(out / "metrics.parquet", index=False)
-    payload = _clean_json(report.summary)
+    payload = strict_json(report.summary)
     temporary = out / ".summary.json.tmp"
     temporary.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(temporary, out / "summary.json")
@@ -689,14 +689,22 @@ def _write_outputs(report: AnalysisReport) -> None:
         viz.close(fig)
 
 
-def _clean_json(value: Any) -> Any:
-    """NaN -> null, ±inf -> "inf"/"-inf", numpy scalars -> Python (summary.json must be strict JSON)."""
+def strict_json(value: Any, inf_as: str = "string") -> Any:
+    """Plain, strict-JSON values: NaN -> null, numpy scalars -> Python, paths -> str, and ±inf -> "inf"/"-inf"
+    (``inf_as="string"``, summary.json: an infinite HD95 is information) or null (``inf_as="null"``)."""
     if isinstance(value, dict):
-        return {str(k): _clean_json(v) for k, v in value.items()}
+        return {str(k): strict_json(v, inf_as) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean_json(v) for v in value]
-    if isinstance(value, (np.integer,)):
+        return [strict_json(v, inf_as) for v in value]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, (np.floating, float)):
-        return _json_number(float(value))
+        number = float(value)
+        if inf_as == "null" and math.isinf(number):
+            return None
+        return _json_number(number)
+    if isinstance(value, Path):
+        return str(value)
     return value

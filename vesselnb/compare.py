@@ -653,7 +653,9 @@ class ComparisonReport:
             },
             "seconds": round(self.seconds, 2),
         }
-        return _jsonable(document)
+        from vesselnb.analysis import strict_json
+
+        return strict_json(document, inf_as="null")
 
     def _repr_html_(self) -> str:
         parts = [f"<h2>Checkpoint comparison: {html.escape(' vs '.join(r.label for r in self.runs))}</h2>"]
@@ -741,23 +743,6 @@ def _pair_html(pair: PairedComparison) -> str:
         if pair.panels_note:
             parts.append(f"<p><i>{html.escape(pair.panels_note)}</i></p>")
     return "\n".join(parts)
-
-
-def _jsonable(value: Any) -> Any:
-    """NaN/inf become null and numpy scalars plain numbers, so comparison.json is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 # --- the stage ---------------------------------------------------------------------------------------------------

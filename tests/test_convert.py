@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from _convert_fixtures import (
     LORA_TARGETS,
     load_hf,
@@ -23,7 +24,7 @@ from vesselnb.convert import convert_checkpoint, convert_stage, diff_weights
 from vesselnb.convert.training_config import read_training_config
 from vesselnb.convert.writer import FREE_BYTES_ENV, KILL_AFTER_ENV
 from vesselnb.errors import CheckpointError, ConversionError
-from vesselnb.fingerprint import INDEX_NAME, SHARD_HASHES_KEY, file_sha256, weights_fingerprint
+from vesselnb.fingerprint import INDEX_NAME, SHARD_HASHES_KEY, file_digest, weights_fingerprint
 from vesselnb.params import CheckpointParams, RunParams
 
 SHARD = "20KB"  # several output shards for a ~55 KB model
@@ -86,8 +87,8 @@ def test_index_records_shard_hashes_and_dtype(world: dict) -> None:
     index = json.loads((out / INDEX_NAME).read_text())
     hashes = index["metadata"][SHARD_HASHES_KEY]
     assert len(hashes) > 1
-    for name, sha in hashes.items():
-        assert file_sha256(out / name) == sha
+    for name, digest in hashes.items():
+        assert xxhash.xxh3_128_hexdigest((out / name).read_bytes()) == digest == file_digest(out / name)
         assert all(t.dtype == torch.bfloat16 for t in load_file(out / name).values())
     assert world["report_a"].fingerprint == weights_fingerprint(out)
 
@@ -390,6 +391,63 @@ def test_embedding_lora_merge_matches_peft() -> None:
     b_key = next(k for k in state if "lora_embedding_B" in k)
     assert parse_training_key(a_key).role == "lora_embedding_A"
     base = next(v for k, v in state.items() if k.endswith("emb.base_layer.weight")).clone()
-    ours, _ = _merge_lora(base, state[a_key], state[b_key], 12 / 4, True, torch.float32)
+    ours = torch.empty_like(base)
+    _merge_lora(base, state[a_key], state[b_key], 12 / 4, True, ours)
     merged = model.merge_and_unload().emb.weight.detach()
     torch.testing.assert_close(ours, merged)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_lora_merge_rounds_once_from_fp32(out_dtype: torch.dtype) -> None:
+    """Both merge routes (fused bf16 addmm where the CPU has bf16 units, chunked fp32 otherwise) equal the fp32
+    merge rounded once, up to one unit in the last place from the order of accumulation."""
+    from vesselnb.convert.converter import _merge_lora
+
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(300, 96, generator=generator) * 0.02).bfloat16()
+    a = (torch.randn(8, 96, generator=generator) * 0.02).bfloat16()
+    b = (torch.randn(300, 8, generator=generator) * 0.02).bfloat16()
+    exact = weight.double() + 2.5 * (b.double() @ a.double())
+    out = torch.empty(weight.shape, dtype=out_dtype)
+    delta_sq = _merge_lora(weight, a, b, 2.5, False, out)
+    reference = exact.to(out_dtype)
+    if out_dtype == torch.bfloat16:  # fp32 accumulation error is far below a bf16 ulp: at most one ulp off
+        ulp = torch.finfo(out_dtype).eps * reference.abs().double()
+        assert ((out.double() - reference.double()).abs() <= ulp).all()
+        assert (out != reference).float().mean() < 0.01
+    else:
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-7)
+    assert delta_sq == pytest.approx(float(((exact - weight.double()) ** 2).sum()), rel=1e-5)
+
+
+def test_read_back_names_the_tensor_whose_bytes_changed_on_disk(tmp_path: Path) -> None:
+    from vesselnb.convert.writer import ReadBack, write_safetensors
+
+    tensors = {"first": torch.arange(64, dtype=torch.float32), "second": torch.ones(4, 8, dtype=torch.bfloat16)}
+    path = tmp_path / "shard.safetensors"
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    digest, keys = write_safetensors(path, specs, iter(tensors.items()), {"format": "pt"})
+    assert digest == xxhash.xxh3_128_hexdigest(path.read_bytes())
+    assert load_file(path)["second"].equal(tensors["second"])
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF  # a byte of "second", the last tensor
+    path.write_bytes(bytes(raw))
+    header = 8 + int.from_bytes(raw[:8], "little")
+    read_back = ReadBack(path)
+    try:
+        read_back.check("first", header, 256, keys["first"]["xxh3_64"])
+        read_back.check("second", header + 256, 64, keys["second"]["xxh3_64"])
+        read_back.check("beyond", header + 320, 64, "0")
+    finally:
+        read_back.close()
+    assert len(read_back.problems) == 2
+    assert "second" in read_back.problems[0] and "first" not in " ".join(read_back.problems)
+    assert "bytes short" in read_back.problems[1]
+
+
+def test_writer_refuses_a_tensor_out_of_plan(tmp_path: Path) -> None:
+    from vesselnb.convert.writer import write_safetensors
+
+    specs = [("w", torch.float32, (2, 2))]
+    with pytest.raises(ConversionError, match="planned"):
+        write_safetensors(tmp_path / "s.safetensors", specs, iter([("w", torch.zeros(3, 2))]), {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,14 @@ import pytest
 import torch
 
 from vesselnb.data import Sample
-from vesselnb.device import DistributedContext, cuda_shim, distributed_context, plan_device
+from vesselnb.device import (
+    DistributedContext,
+    code_assumes_cuda,
+    cuda_shim,
+    distributed_context,
+    maybe_cuda_shim,
+    plan_device,
+)
 from vesselnb.errors import InferenceError
 from vesselnb.infer import (
     PromptWarning,
@@ -72,6 +80,23 @@ def test_shim_restores_after_an_exception() -> None:
     if not torch.cuda.is_available():
         with pytest.raises((AssertionError, RuntimeError)):
             torch.zeros(1).cuda()  # the real .cuda() is back
+
+
+def test_shim_entered_only_for_code_that_names_cuda(tmp_path: Path) -> None:
+    """The shim costs every torch.device call a Python detour, so a model whose code never names CUDA runs without
+    it; a folder whose code does (upstream Sa2VA) gets all of it."""
+    plain, upstream = tmp_path / "plain", tmp_path / "upstream"
+    plain.mkdir(), upstream.mkdir()
+    (plain / "modeling_x.py").write_text("import torch\nx = torch.zeros(1).to('cpu')\n")
+    (upstream / "modeling_x.py").write_text("ids = torch.tensor(ids).cuda()\n")
+    assert not code_assumes_cuda(plain) and code_assumes_cuda(upstream)
+    real_device = torch.device
+    plan = plan_device("cpu")
+    with maybe_cuda_shim(dataclasses.replace(plan, code_assumes_cuda=False)):
+        assert torch.device is real_device
+    with maybe_cuda_shim(dataclasses.replace(plan, code_assumes_cuda=True)):
+        assert torch.device is not real_device and torch.device("cuda").type == "cpu"
+    assert torch.device is real_device
 
 
 # --- device planning ------------------------------------------------------------------------------------------------

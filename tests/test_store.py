@@ -14,6 +14,7 @@ import pytest
 
 from vesselnb.errors import StoreError
 from vesselnb.store import (
+    BackgroundWriter,
     PredictionStore,
     merge_parts,
     part_name,
@@ -51,6 +52,32 @@ def test_round_trip_of_records_masks_and_probabilities(tmp_path: Path) -> None:
     assert reread.status_counts() == {"ok": 1, "no_seg": 1, "error": 0}
     frame = reread.records_frame()
     assert list(frame["sample_id"]) == ["a", "b"] and "mask_resized_from" in frame.columns
+
+
+def test_probability_png_reads_back_as_the_same_grey_levels_in_any_reader(tmp_path: Path) -> None:
+    from PIL import Image
+
+    store = PredictionStore.create_or_open(tmp_path, **IDENTITY)
+    prob = np.arange(35, dtype=np.uint8).reshape(5, 7) * 7
+    store.write(_record("p"), _mask(2), prob)
+    with Image.open(tmp_path / "probs" / "p.png") as image:
+        np.testing.assert_array_equal(np.array(image.convert("L")), prob)  # what a viewer shows
+    np.testing.assert_array_equal(store.probability("p"), prob)
+
+
+def test_background_writer_stores_in_order_and_raises_a_failed_write(tmp_path: Path) -> None:
+    store = PredictionStore.create_or_open(tmp_path / "predictions", **IDENTITY)
+    with BackgroundWriter(store, max_pending=2) as writer:
+        for index in range(5):
+            writer.put(_record(f"s{index}"), _mask(index))
+    assert store.sample_ids() == [f"s{i}" for i in range(5)]  # all stored once close() returned
+    np.testing.assert_array_equal(store.mask("s3"), _mask(3))
+
+    writer = BackgroundWriter(store)
+    writer.put(_record("wrong_size"), _mask(9, height=4))  # fails in the writer thread
+    with pytest.raises(StoreError, match="wrong_size"):
+        writer.close()
+    assert "wrong_size" not in store
 
 
 def test_mask_png_is_one_bit(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,10 +41,12 @@ class DevicePlan:
     dtype: torch.dtype
     device_map: Any = None  # None (plain .to(device)), "auto", or {"": index}
     max_memory: dict[Any, str] | None = None
+    # Whether the model's code names CUDA at all (see code_assumes_cuda); the shim is skipped when it does not.
+    code_assumes_cuda: bool = True
 
     @property
     def is_cpu(self) -> bool:
-        """True when the CUDA shim is needed to run upstream code."""
+        """True when the model runs on the CPU (upstream code then needs the CUDA shim)."""
         return self.device == "cpu"
 
     @property
@@ -194,9 +197,25 @@ def cuda_shim(autocast_dtype: torch.dtype | None = torch.bfloat16) -> Iterator[N
         torch.Tensor.cuda, torch.device, torch.autocast = saved  # type: ignore[misc, method-assign]
 
 
+def code_assumes_cuda(hf_dir: str | Path) -> bool:
+    """Whether any remote-code ``.py`` file of an HF folder mentions CUDA at all.
+
+    The shim swaps ``torch.device`` for a Python stand-in, which every device construction and ``isinstance`` check
+    in transformers then goes through (about 1.5 % of a small model's CPU time). Code that never names CUDA needs
+    none of it; anything that does (upstream Sa2VA) gets the whole shim.
+    """
+    for path in Path(hf_dir).glob("*.py"):
+        try:
+            if "cuda" in path.read_text(encoding="utf-8", errors="replace").lower():
+                return True
+        except OSError:
+            return True  # unreadable code: assume the worst
+    return False
+
+
 def maybe_cuda_shim(plan: DevicePlan) -> contextlib.AbstractContextManager[None]:
-    """The shim on the CPU (autocast in the model's dtype unless fp32); nothing on a GPU, where upstream's
-    assumptions hold."""
-    if not plan.is_cpu:
+    """The shim on the CPU (autocast in the model's dtype unless fp32) when the model's code names CUDA; nothing
+    on a GPU, where upstream's assumptions hold."""
+    if not plan.is_cpu or not plan.code_assumes_cuda:
         return contextlib.nullcontext()
     return cuda_shim(None if plan.dtype == torch.float32 else plan.dtype)

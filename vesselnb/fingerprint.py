@@ -3,8 +3,12 @@
 The users once had two different checkpoints convert to identical weights and only found out by accident; every
 run therefore records the fingerprint of the HF folder it used, and the store refuses to mix two of them.
 
-For a folder vesselnb wrote, the per-shard SHA-256 are already in the index metadata (computed while writing), so
+For a folder vesselnb wrote, the per-shard digests are already in the index metadata (computed while writing), so
 fingerprinting a 16 GB folder costs nothing; other folders are hashed shard by shard once.
+
+The digest is XXH3-128, not SHA-256: the question is "same bytes?", never an adversary forging a collision, and
+XXH3 runs at ~15 GB/s where SHA-256 runs at ~1.3 GB/s, which was the single largest cost of a conversion after
+the LoRA merge.
 """
 
 from __future__ import annotations
@@ -14,30 +18,39 @@ import json
 import os
 from pathlib import Path
 
+import xxhash
+
 from vesselnb.errors import VesselnbError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-SHARD_HASHES_KEY = "vesselnb_shard_sha256"  # in the index's "metadata"
+SHARD_HASHES_KEY = "vesselnb_shard_xxh3_128"  # in the index's "metadata"
 
 
-def file_sha256(path: Path, chunk_bytes: int = 16 << 20) -> str:
-    """SHA-256 of a file, read in chunks so memory stays flat for multi-GB shards."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
+def new_file_digest() -> xxhash.xxh3_128:
+    """The incremental hasher behind :func:`file_digest` (the writer feeds it while writing)."""
+    return xxhash.xxh3_128()
+
+
+def file_digest(path: Path, chunk_bytes: int = 16 << 20) -> str:
+    """XXH3-128 of a file (32 hex), read into one reused buffer so memory stays flat for multi-GB shards."""
+    digest = new_file_digest()
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(view[:count])
     return digest.hexdigest()
 
 
 def _cache_path() -> Path:
     """Where hashes of folders vesselnb did not write are remembered (resumed runs must not re-hash 16 GB)."""
     root = os.environ.get("VESSELNB_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vesselnb")
-    return Path(root) / "shard_sha256.json"
+    return Path(root) / "shard_xxh3_128.json"
 
 
-def cached_file_sha256(path: Path) -> str:
-    """:func:`file_sha256`, remembered by (absolute path, size, mtime) so an unchanged file is hashed once."""
+def cached_file_digest(path: Path) -> str:
+    """:func:`file_digest`, remembered by (absolute path, size, mtime) so an unchanged file is hashed once."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     cache_file = _cache_path()
@@ -47,7 +60,7 @@ def cached_file_sha256(path: Path) -> str:
         cache = {}
     if key in cache:
         return cache[key]
-    digest = file_sha256(path)
+    digest = file_digest(path)
     cache[key] = digest
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +73,7 @@ def cached_file_sha256(path: Path) -> str:
 
 
 def shard_hashes(hf_dir: str | Path) -> dict[str, str]:
-    """``{shard file name: sha256}`` for the safetensors weights of an HF folder.
+    """``{shard file name: XXH3-128 hex}`` for the safetensors weights of an HF folder.
 
     Taken from the index metadata when vesselnb wrote the folder, otherwise computed from the files.
     """
@@ -72,9 +85,9 @@ def shard_hashes(hf_dir: str | Path) -> dict[str, str]:
         shards = sorted(set(index.get("weight_map", {}).values()))
         if recorded and set(recorded) == set(shards):
             return {name: recorded[name] for name in shards}
-        return {name: cached_file_sha256(folder / name) for name in shards}
+        return {name: cached_file_digest(folder / name) for name in shards}
     if (folder / SINGLE_NAME).is_file():
-        return {SINGLE_NAME: cached_file_sha256(folder / SINGLE_NAME)}
+        return {SINGLE_NAME: cached_file_digest(folder / SINGLE_NAME)}
     raise VesselnbError(
         f"{folder}: no {INDEX_NAME} or {SINGLE_NAME}; this is not a finished HF folder "
         "(an interrupted conversion leaves no index — rerun the conversion)"
@@ -89,6 +102,6 @@ def weights_fingerprint(hf_dir: str | Path) -> str:
     if index_path.is_file():
         weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
         digest.update(json.dumps(weight_map, sort_keys=True).encode())
-    for name, sha in sorted(shard_hashes(folder).items()):
-        digest.update(f"{name}:{sha}\n".encode())
+    for name, shard_digest in sorted(shard_hashes(folder).items()):
+        digest.update(f"{name}:{shard_digest}\n".encode())
     return digest.hexdigest()[:16]

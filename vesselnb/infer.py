@@ -21,6 +21,7 @@ Test hook (documented so tests can kill a run at a known point): the environment
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import inspect
 import os
@@ -29,6 +30,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +39,12 @@ import numpy as np
 from PIL import Image
 
 from vesselnb.data import Sample, list_samples
-from vesselnb.device import DevicePlan, distributed_context, maybe_cuda_shim, plan_device
+from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.params import DEFAULT_PROMPT, RunParams
 from vesselnb.store import (
     STATUSES,
+    BackgroundWriter,
     PredictionStore,
     all_parts_complete,
     check_compatible,
@@ -201,7 +204,11 @@ def load_model(
             "the checkpoint, or set 'hf_model' to a converted Sa2VA folder."
         )
     plan = plan_device(device, dtype, max_memory_per_gpu, distributed_context())
+    plan = dataclasses.replace(plan, code_assumes_cuda=code_assumes_cuda(folder))
     notes: list[str] = []
+    if plan.is_cpu:
+        notes.append("CPU shim for the code's CUDA calls: " + (
+            "on (the remote code names CUDA)" if plan.code_assumes_cuda else "off (the remote code never names CUDA)"))
     started = time.perf_counter()
     kwargs: dict[str, Any] = {"trust_remote_code": True, _dtype_kwarg(): plan.dtype}
     if plan.device_map is not None:
@@ -337,30 +344,58 @@ def interpret_output(
     if SEG_TOKEN not in text or not masks:
         record["status"] = "no_seg"
         return FrameResult(record, np.zeros((height, width), dtype=bool), None)
-    frame_masks = [_frame_of(m, frame_index).astype(bool) for m in masks]
-    combined = np.logical_or.reduce(frame_masks)
+    frame_masks = [_frame_of(m, frame_index).astype(bool, copy=False) for m in masks]
+    combined = frame_masks[0] if len(frame_masks) == 1 else np.logical_or.reduce(frame_masks)
     if combined.shape != (height, width):
         record["mask_resized_from"] = [int(combined.shape[0]), int(combined.shape[1])]
         combined = _resize_mask(combined, height, width)
     probability = None
     maps = output.get("probability_maps") if want_probability else None
     if maps:
-        prob = np.maximum.reduce([_frame_of(p, frame_index).astype(np.float32) for p in maps])
+        frame_maps = [_frame_of(p, frame_index).astype(np.float32, copy=False) for p in maps]
+        prob = frame_maps[0] if len(frame_maps) == 1 else np.maximum.reduce(frame_maps)
         if prob.shape != (height, width):
             prob = _resize_probability(prob, height, width)
-        probability = np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
+        scaled = np.clip(prob, 0.0, 1.0)  # a new array: the model's output is never modified in place
+        scaled *= 255.0
+        probability = np.rint(scaled, out=scaled).astype(np.uint8)
     record["status"] = "ok"
     return FrameResult(record, combined, probability)
 
 
-def predict_image(loaded: LoadedModel, sample: Sample, prompt: str, want_probability: bool) -> FrameResult:
-    """One frame in image mode; any failure becomes an ``error`` record (the run goes on)."""
-    started = time.perf_counter()
-    try:
-        image = read_frame(sample.image_path)
-    except Exception as exc:  # noqa: BLE001 - a bad file is this sample's error, not the run's
-        return error_result(sample, f"cannot read image {sample.image_path}: {describe_exception(exc)}")
+@dataclass
+class DecodedFrame:
+    """A sample's frame decoded ahead of its model call, or why it could not be (that sample's error)."""
+
+    sample: Sample
+    image: Image.Image | None
+    error: str | None = None
+
+
+def decode_frames(samples: Sequence[Sample]) -> list[DecodedFrame]:
+    """Decode the frames of one model call; a file that cannot be read carries its error instead of raising."""
+    decoded = []
+    for sample in samples:
+        try:
+            decoded.append(DecodedFrame(sample, read_frame(sample.image_path)))
+        except Exception as exc:  # noqa: BLE001 - a bad file is this sample's error, not the run's
+            decoded.append(
+                DecodedFrame(sample, None, f"cannot read image {sample.image_path}: {describe_exception(exc)}")
+            )
+    return decoded
+
+
+def predict_image(
+    loaded: LoadedModel, sample: Sample, prompt: str, want_probability: bool, frame: DecodedFrame | None = None
+) -> FrameResult:
+    """One frame in image mode (``frame``: already decoded, else read now); any failure becomes an ``error``
+    record (the run goes on)."""
+    frame = frame if frame is not None else decode_frames([sample])[0]
+    if frame.image is None:
+        return error_result(sample, str(frame.error))
+    image = frame.image
     kwargs = loaded.probability.call_kwargs if want_probability else {}
+    started = time.perf_counter()
     try:
         output = loaded.predict(image=image, text=prompt, **kwargs)
         seconds = time.perf_counter() - started
@@ -370,19 +405,17 @@ def predict_image(loaded: LoadedModel, sample: Sample, prompt: str, want_probabi
 
 
 def predict_sequence(
-    loaded: LoadedModel, samples: Sequence[Sample], prompt: str, want_probability: bool
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    prompt: str,
+    want_probability: bool,
+    decoded: list[DecodedFrame] | None = None,
 ) -> list[FrameResult]:
     """Frames of one sequence as one ``video=[frames]`` call; unreadable frames are dropped from it as errors."""
+    decoded = decoded if decoded is not None else decode_frames(samples)
+    results = {d.sample.sample_id: error_result(d.sample, str(d.error)) for d in decoded if d.image is None}
+    frames = [(d.sample, d.image) for d in decoded if d.image is not None]
     started = time.perf_counter()
-    results: dict[str, FrameResult] = {}
-    frames: list[tuple[Sample, Image.Image]] = []
-    for sample in samples:
-        try:
-            frames.append((sample, read_frame(sample.image_path)))
-        except Exception as exc:  # noqa: BLE001
-            results[sample.sample_id] = error_result(
-                sample, f"cannot read image {sample.image_path}: {describe_exception(exc)}"
-            )
     if frames:
         kwargs = loaded.probability.call_kwargs if want_probability else {}
         try:
@@ -466,20 +499,23 @@ def run_inference(
               dynamic_ncols=True, mininterval=0.5) as bar:
         if stats.n_done_before:
             bar.write(f"resuming: {stats.n_done_before} of {len(samples)} samples already stored")
-        for unit in units:
-            if mode == "image":
-                results = [predict_image(loaded, unit[0], prompt, want_probability)]
-            else:
-                results = predict_sequence(loaded, unit, prompt, want_probability)
-            for result in results:
-                # Written right away, on this thread: a background writer was measured slower (it contends for
-                # the GIL with the model's Python code), and a sample is safe the moment its record exists.
-                store.write(result.record, result.mask, result.probability)
-                stats.model_seconds += float(result.record["seconds"])
-                stats.n_run += 1
-                if delay:
-                    time.sleep(delay)
-            bar.update(len(results))
+        # Three threads overlap: one decodes the next unit's frames, this one runs the model, one stores results.
+        with BackgroundWriter(store) as writer, ThreadPoolExecutor(1, thread_name_prefix="vesselnb-read") as reader:
+            upcoming = reader.submit(decode_frames, units[0]) if units else None
+            for index, unit in enumerate(units):
+                decoded = upcoming.result()
+                upcoming = reader.submit(decode_frames, units[index + 1]) if index + 1 < len(units) else None
+                if mode == "image":
+                    results = [predict_image(loaded, unit[0], prompt, want_probability, decoded[0])]
+                else:
+                    results = predict_sequence(loaded, unit, prompt, want_probability, decoded)
+                for result in results:
+                    writer.put(result.record, result.mask, result.probability)
+                    stats.model_seconds += float(result.record["seconds"])
+                    stats.n_run += 1
+                    if delay:
+                        time.sleep(delay)
+                bar.update(len(results))
     stats.wall_seconds = time.perf_counter() - started
     return stats
 

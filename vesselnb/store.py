@@ -90,6 +90,21 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+_GRAY_PALETTE = [level for value in range(256) for level in (value, value, value)]
+
+
+def _gray_png_bytes(values: np.ndarray) -> bytes:
+    """A uint8 map as a PNG whose palette is the identity grey ramp: the same pixels, read back by index.
+
+    Pillow filters greyscale PNG rows adaptively (it tries all five PNG filters per row), which was 2/3 of the
+    cost of storing a probability map; palette images are stored unfiltered, at half the time for ~1/3 more bytes.
+    Any PNG reader shows the same grey levels; :meth:`PredictionStore.probability` reads the indices.
+    """
+    image = Image.frombuffer("P", (values.shape[1], values.shape[0]), np.ascontiguousarray(values), "raw", "P", 0, 1)
+    image.putpalette(_GRAY_PALETTE)
+    return _png_bytes(image)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -228,7 +243,7 @@ class PredictionStore:
         if mask.size:  # an image that could not be read at all has no size: 0x0 record, no mask file
             write_image(self._mask_path(sample_id), _png_bytes(Image.fromarray(mask)), self.durable)
         if probability is not None:
-            write_image(self._prob_path(sample_id), _png_bytes(Image.fromarray(probability)), self.durable)
+            write_image(self._prob_path(sample_id), _gray_png_bytes(probability), self.durable)
         record = dict(record, has_probability=probability is not None)
         payload = json.dumps(record, indent=1, sort_keys=True) + "\n"
         _atomic_write_bytes(self._record_path(sample_id), payload.encode(), self.durable)
@@ -333,6 +348,48 @@ class PredictionStore:
 
     def __repr__(self) -> str:
         return f"PredictionStore({str(self.path)!r}, fingerprint={self.fingerprint!r}, samples={len(self)})"
+
+
+class BackgroundWriter:
+    """Stores samples from one background thread, so encoding PNGs and writing files overlap the next model call.
+
+    PIL's PNG encoder, zlib and file writes release the GIL, so on a machine whose cores are not all busy with the
+    model (a GPU run; a CPU run with spare cores) the store costs the loop almost nothing. At most ``max_pending``
+    samples wait in memory. Crash safety is unchanged: a sample counts as stored only once its record exists, so
+    samples still queued when the process dies are simply predicted again on resume. A failed write (disk full, a
+    store error) is raised by the next :meth:`put` or at the latest by :meth:`close`, never swallowed.
+    """
+
+    def __init__(self, store: PredictionStore, max_pending: int = 4) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = store
+        self.max_pending = max(1, max_pending)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vesselnb-store")
+        self._pending: list[Any] = []
+
+    def put(self, record: dict[str, Any], mask: np.ndarray, probability: np.ndarray | None = None) -> None:
+        """Queue one finished sample (same contract as :meth:`PredictionStore.write`)."""
+        self._collect(wait_until=self.max_pending - 1)
+        self._pending.append(self._pool.submit(self.store.write, record, mask, probability))
+
+    def _collect(self, wait_until: int) -> None:
+        """Re-raise any failed write; wait until at most ``wait_until`` writes are pending."""
+        while self._pending and (self._pending[0].done() or len(self._pending) > wait_until):
+            self._pending.pop(0).result()
+
+    def close(self) -> None:
+        """Wait for every queued sample to be stored; re-raises the first failure."""
+        try:
+            self._collect(wait_until=0)
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_store_meta(path: str | Path) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@ frames, a model that raises, a model without [SEG], fingerprint refusal, shards,
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -219,6 +220,24 @@ def test_predictions_of_another_model_are_refused(reference_run, demo, frames, t
     proc = subprocess.run(cli_command(tmp_path / "other.yaml", run_dir), capture_output=True, text=True,
                           env=subprocess_env(), cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "Refusing to mix" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_same_weights_with_another_template_are_refused(reference_run, model_dir, frames, tmp_path) -> None:
+    """The weights fingerprint says nothing about config.json: a changed template must not resume into the store."""
+    import shutil
+
+    _, reference_dir, _ = reference_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_dir / "predictions", run_dir / "predictions")
+    edited = tmp_path / "edited_hf"
+    shutil.copytree(model_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["template"] = "another_template"
+    (edited / "config.json").write_text(json.dumps(config))
+    assert weights_fingerprint(edited) == PredictionStore(run_dir / "predictions").fingerprint
+    params = load_params(write_params(tmp_path / "edited.yaml", edited, frames))
+    with pytest.raises(StoreError, match="model_config"):
+        infer_stage(params, run_dir, progress=False)
 
 
 def test_two_shards_merge_to_the_unsharded_run(reference_run, tmp_path) -> None:

@@ -20,8 +20,8 @@ from vesselnb.store import (
     part_name,
 )
 
-IDENTITY = {"fingerprint": "0123456789abcdef", "model_dir": "/models/a", "prompt": "<image>Segment.", "mode": "image",
-            "probability_maps": True}
+IDENTITY = {"fingerprint": "0123456789abcdef", "model_config": "00aa00aa00aa00aa", "model_dir": "/models/a",
+            "prompt": "<image>Segment.", "mode": "image", "probability_maps": True}
 
 
 def _record(sample_id: str, status: str = "ok", height: int = 5, width: int = 7) -> dict:
@@ -91,7 +91,8 @@ def test_mask_png_is_one_bit(tmp_path: Path) -> None:
 
 def test_reopening_with_another_fingerprint_prompt_or_mode_is_refused(tmp_path: Path) -> None:
     PredictionStore.create_or_open(tmp_path, **IDENTITY).write(_record("a"), _mask(0))
-    for key, other in (("fingerprint", "fedcba9876543210"), ("prompt", "<image>Other."), ("mode", "video")):
+    for key, other in (("fingerprint", "fedcba9876543210"), ("model_config", "11bb11bb11bb11bb"),
+                       ("prompt", "<image>Other."), ("mode", "video")):
         with pytest.raises(StoreError, match=key):
             PredictionStore.create_or_open(tmp_path, **{**IDENTITY, key: other})
     # The same identity reopens and keeps what was there.

@@ -105,3 +105,23 @@ def weights_fingerprint(hf_dir: str | Path) -> str:
     for name, shard_digest in sorted(shard_hashes(folder).items()):
         digest.update(f"{name}:{shard_digest}\n".encode())
     return digest.hexdigest()[:16]
+
+
+# Files of an HF folder that are not model behaviour: the weights' index and vesselnb's own conversion record.
+_NOT_BEHAVIOUR = {INDEX_NAME, "vesselnb_conversion.json"}
+_BEHAVIOUR_SUFFIXES = {".json", ".py", ".txt", ".model", ".tiktoken", ".jinja"}
+
+
+def config_fingerprint(hf_dir: str | Path) -> str:
+    """16 hex digits over everything in an HF folder that is not weights but changes answers.
+
+    config.json (template, special token ids), the generation config, the tokenizer files and the remote code.
+    Two folders with the same weights and another template answer differently, so a prediction store records this
+    next to :func:`weights_fingerprint` (which deliberately stays a pure statement about weights).
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(hf_dir).iterdir()):
+        if path.is_file() and path.suffix in _BEHAVIOUR_SUFFIXES and path.name not in _NOT_BEHAVIOUR:
+            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -652,7 +652,7 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     ``shard=(k, n)`` (or ``accelerate launch``'s RANK/WORLD_SIZE) runs one part; the last part to finish merges all.
     Ground truth (``params.data.annotations``) is never read here.
     """
-    from vesselnb.fingerprint import weights_fingerprint
+    from vesselnb.fingerprint import config_fingerprint, weights_fingerprint
 
     run_dir = Path(run_dir)
     shard = _resolve_shard(shard)
@@ -665,10 +665,11 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
         raise InferenceError("params: 'data.images' is not set; point it at the folder of frames")
     samples = list_samples(params.data.images, params.data.image_glob, params.data.name_regex, params.data.limit)
     fingerprint = weights_fingerprint(hf_dir)
+    model_config = config_fingerprint(hf_dir)
     predictions = run_dir / PREDICTIONS_DIR
     meta = read_store_meta(predictions)
     if meta is not None:  # refuse a mismatch before spending minutes loading weights
-        wanted = {"fingerprint": fingerprint, "prompt": prompt, "mode": inf.mode,
+        wanted = {"fingerprint": fingerprint, "model_config": model_config, "prompt": prompt, "mode": inf.mode,
                   "probability_maps": meta.get("probability_maps")}
         check_compatible(meta, wanted, where=str(predictions))
 
@@ -694,8 +695,8 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
         loaded = load_model(hf_dir, inf.device, inf.dtype, inf.max_memory_per_gpu)
         want_probability = bool(inf.probability_maps and loaded.probability.available)
         note = loaded.probability.reason if inf.probability_maps else "not requested (inference.probability_maps)"
-        identity = {"fingerprint": fingerprint, "model_dir": hf_dir, "prompt": prompt, "mode": inf.mode,
-                    "probability_maps": want_probability,
+        identity = {"fingerprint": fingerprint, "model_config": model_config, "model_dir": hf_dir, "prompt": prompt,
+                    "mode": inf.mode, "probability_maps": want_probability,
                     "extra": {"dtype": loaded.plan.dtype_name, "prompt_given": inf.prompt}}
         if meta is not None:
             check_compatible(meta, identity, where=str(predictions))

@@ -49,8 +49,12 @@ PART_COMPLETE_FILE = "part_complete.json"
 MERGE_LOCK_FILE = ".merge.lock"
 STATUSES = ("ok", "no_seg", "error")
 # store.json keys that must agree before two sets of predictions may share a store.
-IDENTITY_KEYS = ("fingerprint", "prompt", "mode", "probability_maps")
-_STANDARD_META = ("format", "fingerprint", "model_dir", "prompt", "mode", "created", "probability_maps")
+IDENTITY_KEYS = ("fingerprint", "model_config", "prompt", "mode", "probability_maps")
+# Identity keys a store written by an older vesselnb may lack: not checked when absent from the existing store.
+_LATER_IDENTITY_KEYS = ("model_config",)
+_STANDARD_META = (
+    "format", "fingerprint", "model_config", "model_dir", "prompt", "mode", "created", "probability_maps",
+)  # fmt: skip
 RECORD_KEYS = (
     "sample_id", "image", "patient", "sequence", "frame", "status", "text", "n_seg", "seconds", "error",
     "height", "width", "mask_resized_from", "has_probability",
@@ -164,18 +168,21 @@ class PredictionStore:
         prompt: str,
         mode: str,
         probability_maps: bool,
+        model_config: str | None = None,
         durable: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> PredictionStore:
         """Open ``path`` for writing, creating it if needed; refuse if it holds another model's predictions.
 
-        Identity = weights fingerprint, prompt, mode and whether probability maps are stored: mixing any of these
-        in one store would make its numbers meaningless, so a mismatch raises :class:`StoreError`.
+        Identity = weights fingerprint, ``model_config`` (:func:`vesselnb.fingerprint.config_fingerprint`: config,
+        tokenizer, remote code), prompt, mode and whether probability maps are stored: mixing any of these in one
+        store would make its numbers meaningless, so a mismatch raises :class:`StoreError`.
         """
         folder = Path(path)
         wanted = {
             "format": STORE_FORMAT,
             "fingerprint": fingerprint,
+            "model_config": model_config,
             "model_dir": str(model_dir),
             "prompt": prompt,
             "mode": mode,
@@ -401,6 +408,8 @@ def read_store_meta(path: str | Path) -> dict[str, Any] | None:
 def check_compatible(existing: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
     """Raise :class:`StoreError` if two store identities differ (see :data:`IDENTITY_KEYS`)."""
     for key in IDENTITY_KEYS:
+        if key in _LATER_IDENTITY_KEYS and existing.get(key) is None:
+            continue
         if existing.get(key) != wanted.get(key):
             raise StoreError(
                 f"{where}: this prediction store was written with {key}={existing.get(key)!r}, but this run has "
@@ -468,7 +477,8 @@ def _merge_parts_locked(root: Path, require_complete: bool, durable: bool) -> Me
     main = PredictionStore.create_or_open(
         root, fingerprint=main_meta["fingerprint"], model_dir=main_meta.get("model_dir", ""),
         prompt=main_meta["prompt"], mode=main_meta["mode"], probability_maps=main_meta["probability_maps"],
-        durable=durable, extra={k: v for k, v in main_meta.items() if k not in _STANDARD_META},
+        model_config=main_meta.get("model_config"), durable=durable,
+        extra={k: v for k, v in main_meta.items() if k not in _STANDARD_META},
     )
     for part in metas:
         if require_complete and not (part / PART_COMPLETE_FILE).is_file():

@@ -87,9 +87,12 @@ def test_shim_entered_only_for_code_that_names_cuda(tmp_path: Path) -> None:
     it; a folder whose code does (upstream Sa2VA) gets all of it."""
     plain, upstream = tmp_path / "plain", tmp_path / "upstream"
     plain.mkdir(), upstream.mkdir()
-    (plain / "modeling_x.py").write_text("import torch\nx = torch.zeros(1).to('cpu')\n")
+    (plain / "modeling_x.py").write_text('"""Raises like a CUDA OOM would."""\nx = torch.zeros(1).to("cpu")\n')
     (upstream / "modeling_x.py").write_text("ids = torch.tensor(ids).cuda()\n")
     assert not code_assumes_cuda(plain) and code_assumes_cuda(upstream)
+    for idiom in ('torch.device("cuda")', "torch.autocast('cuda', dtype=torch.bfloat16)", 'x.to(f"cuda:{rank}")'):
+        (upstream / "modeling_x.py").write_text(idiom + "\n")
+        assert code_assumes_cuda(upstream), idiom
     real_device = torch.device
     plan = plan_device("cpu")
     with maybe_cuda_shim(dataclasses.replace(plan, code_assumes_cuda=False)):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,16 +198,22 @@ def cuda_shim(autocast_dtype: torch.dtype | None = torch.bfloat16) -> Iterator[N
         torch.Tensor.cuda, torch.device, torch.autocast = saved  # type: ignore[misc, method-assign]
 
 
+# What the shim replaces, as it appears in code: ``x.cuda(...)`` calls and "cuda..." strings (torch.device("cuda"),
+# torch.autocast("cuda", ...), .to("cuda:0")). Prose such as "a CUDA OOM" in a docstring is not a reason.
+_CUDA_IDIOM = re.compile(r"""\.cuda\(|["']cuda""")
+
+
 def code_assumes_cuda(hf_dir: str | Path) -> bool:
-    """Whether any remote-code ``.py`` file of an HF folder mentions CUDA at all.
+    """Whether any remote-code ``.py`` file of an HF folder calls ``.cuda(`` or spells a ``"cuda"`` device.
 
     The shim swaps ``torch.device`` for a Python stand-in, which every device construction and ``isinstance`` check
-    in transformers then goes through (about 1.5 % of a small model's CPU time). Code that never names CUDA needs
-    none of it; anything that does (upstream Sa2VA) gets the whole shim.
+    in transformers then goes through (about 1.5 % of a small model's CPU time). Code without these idioms needs
+    none of it; code with them (upstream Sa2VA) gets the whole shim. Should the scan ever miss one, the model fails
+    on the CPU with torch's "not compiled with CUDA" error, recorded as each sample's ``error``: loud, not silent.
     """
     for path in Path(hf_dir).glob("*.py"):
         try:
-            if "cuda" in path.read_text(encoding="utf-8", errors="replace").lower():
+            if _CUDA_IDIOM.search(path.read_text(encoding="utf-8", errors="replace")):
                 return True
         except OSError:
             return True  # unreadable code: assume the worst

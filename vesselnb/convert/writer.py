@@ -130,9 +130,9 @@ _SAFETENSORS_DTYPES = {
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]  # key, dtype, shape: known before any data exists
 
 
-def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
+    """The safetensors JSON header for ``specs`` laid out back to back, space-padded to a multiple of 8 bytes."""
     header: dict[str, Any] = {"__metadata__": metadata}
-    offsets: dict[str, tuple[int, int]] = {}
     offset = 0
     for key, dtype, shape in specs:
         if dtype not in _SAFETENSORS_DTYPES:
@@ -143,10 +143,9 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, d
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
-        offsets[key] = (offset, offset + nbytes)
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return header_bytes + b" " * (-len(header_bytes) % 8), offsets
+    return header_bytes + b" " * (-len(header_bytes) % 8)
 
 
 # While a shard is written, its first bytes are flushed to disk every this many bytes, by the writer thread: the
@@ -252,7 +251,7 @@ def write_safetensors(
     from the bytes read back, which all matched what was meant. Raises :class:`ConversionError` naming the tensors
     whose bytes do not read back as written. Returns the file's XXH3-128 and ``{key: {dtype, shape, xxh3_64}}``.
     """
-    header_bytes, _ = _header(specs, metadata)
+    header_bytes = _header(specs, metadata)
     expected = {key: (dtype, tuple(shape)) for key, dtype, shape in specs}
     order = [key for key, _, _ in specs]
     keys: dict[str, dict[str, Any]] = {}

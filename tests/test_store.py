@@ -11,27 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _store_fixtures import IDENTITY
+from _store_fixtures import make_record as _record
+from _store_fixtures import random_mask as _mask
 
 from vesselnb.errors import StoreError
 from vesselnb.store import (
-    BackgroundWriter,
     PredictionStore,
     merge_parts,
     part_name,
 )
-
-IDENTITY = {"fingerprint": "0123456789abcdef", "model_config": "00aa00aa00aa00aa", "model_dir": "/models/a",
-            "prompt": "<image>Segment.", "mode": "image", "probability_maps": True}
-
-
-def _record(sample_id: str, status: str = "ok", height: int = 5, width: int = 7) -> dict:
-    return {"sample_id": sample_id, "image": f"/data/{sample_id}.jpg", "patient": "P", "sequence": "S", "frame": 0,
-            "status": status, "text": "It is [SEG].", "n_seg": 1, "seconds": 0.1, "error": None,
-            "height": height, "width": width, "mask_resized_from": None, "has_probability": False}
-
-
-def _mask(seed: int, height: int = 5, width: int = 7) -> np.ndarray:
-    return np.random.default_rng(seed).random((height, width)) > 0.5
 
 
 def test_round_trip_of_records_masks_and_probabilities(tmp_path: Path) -> None:
@@ -63,21 +52,6 @@ def test_probability_png_reads_back_as_the_same_grey_levels_in_any_reader(tmp_pa
     with Image.open(tmp_path / "probs" / "p.png") as image:
         np.testing.assert_array_equal(np.array(image.convert("L")), prob)  # what a viewer shows
     np.testing.assert_array_equal(store.probability("p"), prob)
-
-
-def test_background_writer_stores_in_order_and_raises_a_failed_write(tmp_path: Path) -> None:
-    store = PredictionStore.create_or_open(tmp_path / "predictions", **IDENTITY)
-    with BackgroundWriter(store, max_pending=2) as writer:
-        for index in range(5):
-            writer.put(_record(f"s{index}"), _mask(index))
-    assert store.sample_ids() == [f"s{i}" for i in range(5)]  # all stored once close() returned
-    np.testing.assert_array_equal(store.mask("s3"), _mask(3))
-
-    writer = BackgroundWriter(store)
-    writer.put(_record("wrong_size"), _mask(9, height=4))  # fails in the writer thread
-    with pytest.raises(StoreError, match="wrong_size"):
-        writer.close()
-    assert "wrong_size" not in store
 
 
 def test_mask_png_is_one_bit(tmp_path: Path) -> None:

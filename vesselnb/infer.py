@@ -38,17 +38,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vesselnb import store_writer
 from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.params import DEFAULT_PROMPT, RunParams
 from vesselnb.store import (
     STATUSES,
-    BackgroundWriter,
     PredictionStore,
     all_parts_complete,
     check_compatible,
     merge_parts,
+    open_quietly,
     part_name,
     read_store_meta,
 )
@@ -499,8 +500,10 @@ def run_inference(
               dynamic_ncols=True, mininterval=0.5) as bar:
         if stats.n_done_before:
             bar.write(f"resuming: {stats.n_done_before} of {len(samples)} samples already stored")
-        # Three threads overlap: one decodes the next unit's frames, this one runs the model, one stores results.
-        with BackgroundWriter(store) as writer, ThreadPoolExecutor(1, thread_name_prefix="vesselnb-read") as reader:
+        # Three workers overlap: a thread decodes the next unit's frames, this thread runs the model, and the store
+        # writer (a separate process: see vesselnb.store_writer) encodes and writes the results.
+        with store_writer.open_writer(store) as writer, \
+                ThreadPoolExecutor(1, thread_name_prefix="vesselnb-read") as reader:
             upcoming = reader.submit(decode_frames, units[0]) if units else None
             for index, unit in enumerate(units):
                 decoded = upcoming.result()
@@ -679,19 +682,20 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     already: set[str] = set()
     for folder in {predictions, target}:
         if read_store_meta(folder) is not None:
-            already |= set(_quiet_store(folder).sample_ids())
+            already |= set(open_quietly(folder).sample_ids())
     todo = [s for s in mine if s.sample_id not in already]
 
     if not todo and (read_store_meta(target) or meta) is not None:
         # Everything is stored already: do not spend minutes loading weights to predict nothing.
         done_meta = read_store_meta(target) or meta or {}
-        store = _quiet_store(target) if read_store_meta(target) is not None else None
+        store = open_quietly(target) if read_store_meta(target) is not None else None
         stats = LoopStats(n_done_before=len(mine))
         want_probability = bool(done_meta.get("probability_maps"))
         device, dtype_name, load_seconds = "(not loaded)", str(done_meta.get("dtype", "?")), 0.0
         note = "as stored" if want_probability else "not stored in this store"
         notes = ["all samples were already stored; the model was not loaded"]
     else:
+        store_writer.prestart()  # its ~0.15 s start-up overlaps the model load
         loaded = load_model(hf_dir, inf.device, inf.dtype, inf.max_memory_per_gpu)
         want_probability = bool(inf.probability_maps and loaded.probability.available)
         note = loaded.probability.reason if inf.probability_maps else "not requested (inference.probability_maps)"
@@ -709,7 +713,7 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
         if store is not None and store.path == target:
             store.mark_part_complete(len(mine))
         merged = _merge_if_last(predictions, shard[1]) or not (predictions / "parts").exists()
-    final = _quiet_store(predictions) if (shard is None or merged) else _quiet_store(target)
+    final = open_quietly(predictions) if (shard is None or merged) else open_quietly(target)
     wanted_ids = {s.sample_id for s in (samples if final.path == predictions else mine)}
     frame = final.records_frame()
     frame = frame[frame["sample_id"].isin(wanted_ids)].reset_index(drop=True)
@@ -719,12 +723,6 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
         probability_maps=want_probability, probability_note=note, fingerprint=fingerprint, shard=shard,
         merged=merged, load_seconds=load_seconds, notes=notes,
     )
-
-
-def _quiet_store(path: Path) -> PredictionStore:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return PredictionStore(path)
 
 
 def _merge_if_last(predictions: Path, n_shards: int) -> bool:

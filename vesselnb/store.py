@@ -116,6 +116,26 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path}: unreadable store file ({exc}); delete it and rerun inference to redo it") from None
 
 
+def write_sample_files(
+    root: Path, record: dict[str, Any], mask: np.ndarray, probability: np.ndarray | None, durable: bool = False
+) -> None:
+    """Write one checked sample into the store at ``root``: images first, the record last (the commit point).
+
+    Until the record exists nobody reads the sample's images, so they are written in place (one rename per sample
+    instead of three); replacing a stored sample's images goes through temporary files.
+    """
+    sample_id = str(record["sample_id"])
+    record_path = root / RECORDS_DIR / f"{sample_id}.json"
+    write_image = _atomic_write_bytes if record_path.exists() else _write_bytes
+    if mask.size:  # an image that could not be read at all has no size: 0x0 record, no mask file
+        write_image(root / MASKS_DIR / f"{sample_id}.png", _png_bytes(Image.fromarray(mask)), durable)
+    if probability is not None:
+        write_image(root / PROBS_DIR / f"{sample_id}.png", _gray_png_bytes(probability), durable)
+    record = dict(record, has_probability=probability is not None)
+    payload = json.dumps(record, indent=1, sort_keys=True) + "\n"
+    _atomic_write_bytes(record_path, payload.encode(), durable)
+
+
 def part_name(shard: tuple[int, int]) -> str:
     """Folder name of shard ``(k, n)`` under ``parts/``: ``"<k>-of-<n>"`` (k counts from 0, like RANK)."""
     k, n = shard
@@ -232,10 +252,22 @@ class PredictionStore:
 
         ``mask`` is a 2-D boolean array at the frame's size; ``probability`` a 2-D uint8 array (sigmoid · 255).
         """
-        sample_id = str(record["sample_id"])
+        mask, probability = self.check_sample(record, mask, probability)
+        write_sample_files(self.path, record, mask, probability, self.durable)
+
+    @staticmethod
+    def check_sample(
+        record: dict[str, Any], mask: np.ndarray, probability: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Refuse a malformed sample before anything is written; returns the mask as bool (and the map as given).
+
+        Separate from the file writes so a background writer can refuse bad input in the caller, at once.
+        """
+        sample_id = str(record.get("sample_id"))
         missing = [key for key in RECORD_KEYS if key not in record]
-        if missing or record["status"] not in STATUSES:
-            raise StoreError(f"record for {sample_id!r} is malformed (missing {missing}, status {record['status']!r})")
+        if missing or record.get("status") not in STATUSES:
+            status = record.get("status")
+            raise StoreError(f"record for {sample_id!r} is malformed (missing {missing}, status {status!r})")
         mask = np.asarray(mask, dtype=bool)
         if mask.ndim != 2 or mask.shape != (record["height"], record["width"]):
             raise StoreError(f"{sample_id}: mask shape {mask.shape} does not match the record's frame size")
@@ -244,16 +276,7 @@ class PredictionStore:
             if probability.dtype != np.uint8 or probability.shape != mask.shape:
                 raise StoreError(f"{sample_id}: probability map must be uint8 {mask.shape}, got "
                                  f"{probability.dtype} {probability.shape}")
-        # Until the record exists nobody reads this sample's images, so they can be written in place (one rename
-        # per sample instead of three); replacing a stored sample's images goes through temporary files.
-        write_image = _atomic_write_bytes if self._record_path(sample_id).exists() else _write_bytes
-        if mask.size:  # an image that could not be read at all has no size: 0x0 record, no mask file
-            write_image(self._mask_path(sample_id), _png_bytes(Image.fromarray(mask)), self.durable)
-        if probability is not None:
-            write_image(self._prob_path(sample_id), _gray_png_bytes(probability), self.durable)
-        record = dict(record, has_probability=probability is not None)
-        payload = json.dumps(record, indent=1, sort_keys=True) + "\n"
-        _atomic_write_bytes(self._record_path(sample_id), payload.encode(), self.durable)
+        return mask, probability
 
     def mark_part_complete(self, n_samples: int) -> None:
         """Say that this part (a shard's store) has every sample of its shard, so the parts may be merged."""
@@ -262,7 +285,7 @@ class PredictionStore:
 
     # --- reading ------------------------------------------------------------------------------------------------
     def _record_path(self, sample_id: str) -> Path:
-        return self.path / RECORDS_DIR / f"{sample_id}.json"
+        return self.path / RECORDS_DIR / f"{sample_id}.json"  # the layout write_sample_files writes
 
     def _mask_path(self, sample_id: str) -> Path:
         return self.path / MASKS_DIR / f"{sample_id}.png"
@@ -357,48 +380,6 @@ class PredictionStore:
         return f"PredictionStore({str(self.path)!r}, fingerprint={self.fingerprint!r}, samples={len(self)})"
 
 
-class BackgroundWriter:
-    """Stores samples from one background thread, so encoding PNGs and writing files overlap the next model call.
-
-    PIL's PNG encoder, zlib and file writes release the GIL, so on a machine whose cores are not all busy with the
-    model (a GPU run; a CPU run with spare cores) the store costs the loop almost nothing. At most ``max_pending``
-    samples wait in memory. Crash safety is unchanged: a sample counts as stored only once its record exists, so
-    samples still queued when the process dies are simply predicted again on resume. A failed write (disk full, a
-    store error) is raised by the next :meth:`put` or at the latest by :meth:`close`, never swallowed.
-    """
-
-    def __init__(self, store: PredictionStore, max_pending: int = 4) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.store = store
-        self.max_pending = max(1, max_pending)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vesselnb-store")
-        self._pending: list[Any] = []
-
-    def put(self, record: dict[str, Any], mask: np.ndarray, probability: np.ndarray | None = None) -> None:
-        """Queue one finished sample (same contract as :meth:`PredictionStore.write`)."""
-        self._collect(wait_until=self.max_pending - 1)
-        self._pending.append(self._pool.submit(self.store.write, record, mask, probability))
-
-    def _collect(self, wait_until: int) -> None:
-        """Re-raise any failed write; wait until at most ``wait_until`` writes are pending."""
-        while self._pending and (self._pending[0].done() or len(self._pending) > wait_until):
-            self._pending.pop(0).result()
-
-    def close(self) -> None:
-        """Wait for every queued sample to be stored; re-raises the first failure."""
-        try:
-            self._collect(wait_until=0)
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> BackgroundWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def read_store_meta(path: str | Path) -> dict[str, Any] | None:
     """``store.json`` of the store at ``path``, or None when there is no store yet."""
     meta_path = Path(path) / STORE_FILE
@@ -484,7 +465,7 @@ def _merge_parts_locked(root: Path, require_complete: bool, durable: bool) -> Me
         if require_complete and not (part / PART_COMPLETE_FILE).is_file():
             report.incomplete_parts.append(part.name)
             continue
-        source = _open_quietly(part)
+        source = open_quietly(part)
         for sample_id in source.sample_ids():
             rec = source.record(sample_id)
             if sample_id in main:
@@ -544,7 +525,8 @@ def _merge_lock(root: Path) -> Iterator[None]:
         lock.unlink(missing_ok=True)
 
 
-def _open_quietly(path: Path) -> PredictionStore:
+def open_quietly(path: Path) -> PredictionStore:
+    """Open a store for reading without the unmerged-parts warning (for code that handles the parts itself)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PredictionStore(path)

@@ -105,7 +105,7 @@ class WriterProcess:
     def send(self, message: tuple[Any, ...]) -> None:
         try:
             self.requests.send(message)
-        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+        except OSError as exc:  # a broken or reset pipe: the child is gone
             raise self._died(exc) from None
 
     def reply_ready(self) -> bool:
@@ -114,7 +114,7 @@ class WriterProcess:
     def receive(self) -> tuple[str, ...]:
         try:
             return self.replies.recv()
-        except (EOFError, ConnectionResetError, OSError) as exc:
+        except (EOFError, OSError) as exc:
             raise self._died(exc) from None
 
     def _died(self, exc: BaseException) -> StoreError:
@@ -149,25 +149,31 @@ _shared: WriterProcess | None = None
 _shared_lock = threading.Lock()
 
 
-def _claim_process() -> tuple[WriterProcess, bool]:
-    """The shared child (started if needed) and True, or a private one and False when the shared one is busy."""
+def _shared_process() -> WriterProcess:
+    """The shared child, started (or restarted, after a death or in a forked process) if needed. Hold the lock."""
     global _shared
+    if _shared is None or not _shared.usable:
+        if _shared is not None and _shared.owner_pid == os.getpid():
+            _shared.close()
+        _shared = WriterProcess()
+    return _shared
+
+
+def _claim_process() -> tuple[WriterProcess, bool]:
+    """The shared child and True, or a private one and False when a writer already uses the shared one."""
     with _shared_lock:
-        if _shared is None or not _shared.usable:
-            if _shared is not None and _shared.owner_pid == os.getpid():
-                _shared.close()
-            _shared = WriterProcess()
-        if _shared.in_use:
+        shared = _shared_process()
+        if shared.in_use:
             return WriterProcess(), False
-        _shared.in_use = True
-        return _shared, True
+        shared.in_use = True
+        return shared, True
 
 
 def prestart() -> None:
     """Start the shared writer process now (e.g. while a model loads) instead of at the first sample."""
     if os.name == "posix":
-        process, _ = _claim_process()
-        process.in_use = False
+        with _shared_lock:
+            _shared_process()
 
 
 @atexit.register

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from vesselnb.demo import DemoAssets, ensure_demo_assets
+from vesselnb.demo import DemoAssets, DemoSettings, ensure_demo_assets
 
 # The files are named by the real iteration counts: iter_30.pth ("short") and iter_160.pth ("long").
-DEMO_TEST_SETTINGS = {
-    "n_patients": 2,
-    "sequences_per_patient": 2,
-    "frames_per_sequence": 3,
-    "short_iters": 30,
-    "long_iters": 160,
-    "train_sequences": 5,
-    "pretrain_iters": 80,
-}
+DEMO_TEST_SETTINGS = DemoSettings(
+    n_patients=2,
+    sequences_per_patient=2,
+    frames_per_sequence=3,
+    short_iters=30,
+    long_iters=160,
+    train_sequences=5,
+    pretrain_iters=80,
+)
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def demo_assets(tmp_path_factory: pytest.TempPathFactory) -> DemoAssets:
     """The small demo build: frames, annotations, base_hf, training config, two checkpoints, reference HF folders."""
     keep = os.environ.get("VESSELNB_TEST_DEMO_DIR")
     root = Path(keep) if keep else tmp_path_factory.mktemp("demo") / "assets"
-    return ensure_demo_assets(root, **DEMO_TEST_SETTINGS)
+    return ensure_demo_assets(root, DEMO_TEST_SETTINGS)
 
 
 @pytest.fixture(scope="session")

@@ -27,13 +27,6 @@ from vesselnb.params import DEFAULT_NAME_REGEX, DEFAULT_PROMPT
 NAME_PATTERN = re.compile(r"^[A-Za-z_]+_\d{10}__\d+-4_1_[0-9A-F]{8}_frame_\d{6}\.jpg$")
 
 
-def _build_kwargs(demo_assets: DemoAssets) -> dict[str, int]:
-    """The ``ensure_demo_assets`` keyword arguments the session's demo was built with."""
-    settings = demo_settings(demo_assets)
-    names = ("n_patients", "sequences_per_patient", "frames_per_sequence", "size", "short_iters", "long_iters")
-    return {name: getattr(settings, name) for name in (*names, "pretrain_iters", "train_sequences")}
-
-
 def _load(folder: Path, dtype: torch.dtype = torch.float32, **config_overrides):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype, **config_overrides).eval()
@@ -125,14 +118,14 @@ def test_ensure_demo_assets_is_idempotent_and_refuses_foreign_folders(demo_asset
     marker = demo_assets.root / ".complete"
     before = marker.stat().st_mtime_ns
     started = time.perf_counter()
-    again = ensure_demo_assets(demo_assets.root, **_build_kwargs(demo_assets))
+    again = ensure_demo_assets(demo_assets.root, demo_settings(demo_assets))
     assert time.perf_counter() - started < 1.0
     assert again == demo_assets and marker.stat().st_mtime_ns == before
     foreign = tmp_path / "my_data"
     foreign.mkdir()
     (foreign / "precious.txt").write_text("user data")
     with pytest.raises(VesselnbError, match="not a vesselnb demo folder"):
-        ensure_demo_assets(foreign, **_build_kwargs(demo_assets))
+        ensure_demo_assets(foreign, demo_settings(demo_assets))
     assert (foreign / "precious.txt").exists()
 
 
@@ -362,7 +355,7 @@ def test_two_builds_are_byte_identical(demo_assets: DemoAssets, tmp_path: Path) 
     (half_built / "base_hf").mkdir(parents=True)
     (half_built / ".vesselnb_demo").write_text("interrupted build")
     (half_built / "base_hf" / "stale.safetensors").write_bytes(b"junk")
-    other = ensure_demo_assets(half_built, **_build_kwargs(demo_assets))
+    other = ensure_demo_assets(half_built, demo_settings(demo_assets))
     assert not (half_built / "base_hf" / "stale.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".again.building")] == []
 

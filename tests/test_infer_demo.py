@@ -35,14 +35,9 @@ from vesselnb.store import PredictionStore
 
 
 @pytest.fixture(scope="session")
-def demo(request, tmp_path_factory):
-    """The team's demo assets (tests/conftest.py ``demo_assets``), built here only if that fixture is missing."""
-    try:
-        return request.getfixturevalue("demo_assets")
-    except pytest.FixtureLookupError:
-        from vesselnb.demo import ensure_demo_assets
-
-        return ensure_demo_assets(tmp_path_factory.mktemp("demo_assets"))
+def demo(demo_assets):
+    """The session's demo build (tests/conftest.py)."""
+    return demo_assets
 
 
 @pytest.fixture(scope="session")

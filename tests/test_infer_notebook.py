@@ -13,14 +13,10 @@ from vesselnb.store import PredictionStore
 NOTEBOOK = REPO / "notebooks" / "02_inference.ipynb"
 
 
-@pytest.fixture(scope="module")
-def demo(request, tmp_path_factory):
-    try:
-        return request.getfixturevalue("demo_assets")
-    except pytest.FixtureLookupError:
-        from vesselnb.demo import ensure_demo_assets
-
-        return ensure_demo_assets(tmp_path_factory.mktemp("demo_assets"))
+@pytest.fixture(scope="session")
+def demo(demo_assets):
+    """The session's demo build (tests/conftest.py)."""
+    return demo_assets
 
 
 def test_notebook_is_a_thin_clean_page() -> None:

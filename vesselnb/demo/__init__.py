@@ -5,6 +5,6 @@
 hundred thousand weights, so every stage of vesselnb can run without downloading a real checkpoint.
 """
 
-from vesselnb.demo.assets import DemoAssets, ensure_demo_assets
+from vesselnb.demo.assets import DemoAssets, DemoSettings, ensure_demo_assets
 
-__all__ = ["DemoAssets", "ensure_demo_assets"]
+__all__ = ["DemoAssets", "DemoSettings", "ensure_demo_assets"]

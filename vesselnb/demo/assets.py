@@ -69,9 +69,15 @@ class DemoSettings:
     long_iters: int = 400
     train_sequences: int = 8
     train_frames_per_sequence: int = 4
-    pretrain_iters: int = 100
+    pretrain_iters: int = TrainSettings.pretrain_iters
     seed: int = 0
     build_version: int = BUILD_VERSION
+
+    def __post_init__(self) -> None:
+        if not 0 < self.short_iters < self.long_iters:
+            raise VesselnbError(
+                f"demo: short_iters ({self.short_iters}) must be positive and below long_iters ({self.long_iters})"
+            )
 
 
 def _paths(root: Path, settings: DemoSettings) -> DemoAssets:
@@ -190,36 +196,14 @@ def _read_marker(root: Path) -> dict | None:
         return None
 
 
-def ensure_demo_assets(
-    root: str | Path,
-    *,
-    n_patients: int = 3,
-    sequences_per_patient: int = 2,
-    frames_per_sequence: int = 4,
-    size: int = 256,
-    short_iters: int = 50,
-    long_iters: int = 400,
-    pretrain_iters: int = 100,
-    train_sequences: int = 8,
-) -> DemoAssets:
+def ensure_demo_assets(root: str | Path, settings: DemoSettings | None = None) -> DemoAssets:
     """Build the demo under ``root`` unless a complete build with the same settings is already there.
 
     Deterministic: the same settings give the same images, annotations and weights. Takes ~40 s of one CPU core
     with the defaults (most of it fine-tuning); a second call with the same settings returns at once.
     """
     root = Path(root).resolve()
-    if not 0 < short_iters < long_iters:
-        raise VesselnbError(f"demo: short_iters ({short_iters}) must be positive and below long_iters ({long_iters})")
-    settings = DemoSettings(
-        n_patients=n_patients,
-        sequences_per_patient=sequences_per_patient,
-        frames_per_sequence=frames_per_sequence,
-        size=size,
-        short_iters=short_iters,
-        long_iters=long_iters,
-        train_sequences=train_sequences,
-        pretrain_iters=pretrain_iters,
-    )
+    settings = settings or DemoSettings()
     final = _paths(root, settings)
     if _read_marker(root) == {"settings": asdict(settings)}:
         return final

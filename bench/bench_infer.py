@@ -14,6 +14,9 @@ is printed separately (``first_round_ratio``) so that one-time cost is visible t
     .venv/bin/python bench/bench_infer.py                       # demo model, demo frames
     .venv/bin/python bench/bench_infer.py --model HF_DIR --images FRAMES_DIR --frames 20
 
+Peak memory is measured too: each side in a fresh process (RSS high-water mark, the store writer child added to
+ours), against a bare loop under ``torch.no_grad()`` (upstream guards only ``generate``).
+
 Ends with one JSON line per figure (ratio = ours / reference; lower is better).
 """
 
@@ -21,12 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from vesselnb.data import list_samples
@@ -50,7 +57,9 @@ def bare_loop(loaded, samples, prompt: str, kwargs: dict) -> float:
     for sample in samples:
         with Image.open(sample.image_path) as image:
             frame = image.convert("RGB")
-        outputs.append(loaded.model.predict_forward(image=frame, text=prompt, tokenizer=loaded.tokenizer, **kwargs))
+        with torch.no_grad():  # what a careful user writes: upstream guards only generate()
+            outputs.append(loaded.model.predict_forward(image=frame, text=prompt, tokenizer=loaded.tokenizer,
+                                                        **kwargs))
     return time.perf_counter() - started
 
 
@@ -64,6 +73,30 @@ def ours_loop(loaded, samples, prompt: str, want_probability: bool, store_dir: P
     return time.perf_counter() - started
 
 
+def peak_rss_probe(which: str, model: Path, images: Path, frames: int, threads: int) -> None:
+    """Run one loop in this (fresh) process and print its peak RSS in MB (the store writer child's added for ours)."""
+    torch.set_num_threads(threads)
+    samples = list_samples(images, limit=frames)
+    loaded = load_model(model, device="cpu")
+    kwargs = dict(loaded.probability.call_kwargs)
+    if which == "bare":
+        bare_loop(loaded, samples, DEFAULT_PROMPT, kwargs)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vnb-bench-") as tmp:
+            ours_loop(loaded, samples, DEFAULT_PROMPT, loaded.probability.available, Path(tmp) / "predictions")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({"peak_rss_mb": round((own + children) / 1024, 1)}))
+
+
+def peak_rss_mb(which: str, args: argparse.Namespace) -> float:
+    """Peak RSS of one loop, each side in a fresh interpreter so neither inherits the other's high-water mark."""
+    command = [sys.executable, __file__, "--probe", which, "--model", str(args.model), "--images", str(args.images),
+               "--frames", str(args.frames), "--threads", str(args.threads)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(json.loads(output.strip().splitlines()[-1])["peak_rss_mb"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="HF folder (default: the demo reference model)")
@@ -71,13 +104,15 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=24, help="all 24 demo frames by default")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both loops")
+    parser.add_argument("--probe", choices=["bare", "ours"], default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None or args.images is None:
         demo_model, demo_images = _demo_paths()
         args.model = args.model or demo_model
         args.images = args.images or demo_images
-
-    import torch
+    if args.probe:
+        peak_rss_probe(args.probe, args.model, args.images, args.frames, args.threads)
+        return
 
     torch.set_num_threads(args.threads)
     samples = list_samples(args.images, limit=args.frames)
@@ -123,6 +158,15 @@ def main() -> None:
         print(f"infer_stage first run {first:.2f} s (incl. model load), resume of the finished run {again:.3f} s")
     figures.append({"bench": "infer_resume_finished_vs_first_run", "ratio": round(again / first, 4),
                     "target": 0.02, "resume_s": round(again, 3), "first_s": round(first, 3)})
+    # Peak memory: a bare no-grad loop vs ours, interleaved, each in a fresh process; the smaller of 2 per side.
+    bare_mb, ours_mb = [], []
+    for _ in range(2):
+        bare_mb.append(peak_rss_mb("bare", args))
+        ours_mb.append(peak_rss_mb("ours", args))
+    print(f"peak RSS: bare no-grad loop {bare_mb} MB, vesselnb loop (+ store writer) {ours_mb} MB")
+    figures.append({"bench": "infer_peak_rss_vs_bare_no_grad", "ratio": round(min(ours_mb) / min(bare_mb), 4),
+                    "target": 1.10, "bare_mb": min(bare_mb), "ours_mb": min(ours_mb), "frames": len(samples),
+                    "statistic": "min over 2 fresh processes per side (ru_maxrss, store writer child added)"})
     for figure in figures:
         print(json.dumps(figure))
 

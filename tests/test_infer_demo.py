@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _infer_fixtures import (
     N_FRAMES,
     REPO,
@@ -162,6 +163,12 @@ def test_corrupt_frames_are_errors_and_the_run_goes_on(model_dir, frames, tmp_pa
     assert "#b00020" in summary._repr_html_()
     assert set(summary.problems()["sample_id"]) == {garbage["sample_id"], truncated["sample_id"]}
 
+    from vesselnb.viz import prediction_panels  # notebook 02's example cell: must draw error records, not crash
+
+    figure = prediction_panels(store, summary.example_ids(8))
+    titles = [axis.get_title() for axis in figure.axes]
+    assert sum("frame not shown" in title for title in titles) == 2
+
 
 def test_a_model_that_raises_on_one_frame_records_the_error(model_dir, frames, tmp_path) -> None:
     images = tmp_path / "images"
@@ -301,3 +308,72 @@ def test_flash_attn_import_check_is_handled_with_a_warning(model_dir, tmp_path) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert dmu.get_imports.__name__ == "get_imports"  # the import-check patch was undone
+
+
+def test_every_model_call_runs_without_autograd(model_dir, frames) -> None:
+    """The demo model guards only generation, as upstream does: a bare call builds SAM2's graph, ours never does."""
+    loaded = load_model(model_dir, device="cpu")
+    decoder = loaded.model.grounding_encoder.sam2_model.sam_mask_decoder
+    seen: list[tuple[bool, bool]] = []
+    hook = decoder.register_forward_hook(
+        lambda _module, _inputs, output: seen.append((torch.is_grad_enabled(), output.requires_grad))
+    )
+    try:
+        with Image.open(sorted(frames.glob("*.jpg"))[0]) as image:
+            frame = image.convert("RGB")
+        bare = loaded.model.predict_forward(image=frame, text=DEFAULT_PROMPT, tokenizer=loaded.tokenizer)
+        assert seen and seen[-1] == (True, True), "the demo model must not hide the cost of an unguarded call"
+        seen.clear()
+        ours = loaded.predict(image=frame, text=DEFAULT_PROMPT)
+        assert seen and all(not grad_on and not requires_grad for grad_on, requires_grad in seen)
+        assert torch.is_inference_mode_enabled() is False  # the guard is scoped to the call
+    finally:
+        hook.remove()
+    assert bare["prediction"] == ours["prediction"]
+    assert len(bare["prediction_masks"]) == len(ours["prediction_masks"]) > 0
+    for mask_bare, mask_ours in zip(bare["prediction_masks"], ours["prediction_masks"], strict=True):
+        assert np.array_equal(mask_bare, mask_ours)
+
+
+def test_model_incompatible_with_inference_mode_falls_back_to_no_grad(model_dir, frames) -> None:
+    """Code that leaves inference mode inside the call trips torch's check; the call is redone under no_grad."""
+    loaded = load_model(model_dir, device="cpu")
+    language_model = loaded.model.language_model
+    original_forward = language_model.forward
+    weight = torch.nn.Parameter(torch.ones(1))
+
+    def forward_leaving_inference_mode(*args, **kwargs):
+        embeds = kwargs["inputs_embeds"]
+        with torch.inference_mode(False), torch.enable_grad():
+            _ = embeds * weight  # saving an inference tensor for backward: refused ("Inference tensors ...")
+        return original_forward(*args, **kwargs)
+
+    with Image.open(sorted(frames.glob("*.jpg"))[0]) as image:
+        frame = image.convert("RGB")
+    reference = loaded.predict(image=frame, text=DEFAULT_PROMPT)
+    language_model.forward = forward_leaving_inference_mode
+    try:
+        output = loaded.predict(image=frame, text=DEFAULT_PROMPT)
+    finally:
+        language_model.forward = original_forward
+    assert loaded.grad_guard == "no_grad"
+    assert any("inference_mode" in warning for warning in loaded.warnings)
+    assert output["prediction"] == reference["prediction"]
+
+
+def test_16_bit_frame_predicts_as_its_8_bit_window(model_dir, frames, tmp_path) -> None:
+    """A 16-bit export of a frame gets the same masks as the 8-bit picture of the same window (not a white frame)."""
+    from vesselnb.frames import window_to_uint8
+    from vesselnb.infer import read_frame
+
+    with Image.open(sorted(frames.glob("*.jpg"))[0]) as image:
+        grey8 = np.asarray(image.convert("L"))
+    grey16 = grey8.astype(np.uint16) * 257 + 1000  # a linear 16-bit export of the same picture
+    Image.fromarray(grey16).save(tmp_path / "frame16.png")
+    Image.fromarray(window_to_uint8(grey8)).save(tmp_path / "frame8.png")
+    loaded = load_model(model_dir, device="cpu")
+    out16 = loaded.predict(image=read_frame(tmp_path / "frame16.png"), text=DEFAULT_PROMPT)
+    out8 = loaded.predict(image=read_frame(tmp_path / "frame8.png"), text=DEFAULT_PROMPT)
+    assert out16["prediction"] == out8["prediction"]
+    masks16, masks8 = np.any(out16["prediction_masks"], axis=0), np.any(out8["prediction_masks"], axis=0)
+    assert masks8.any() and np.array_equal(masks16, masks8)

@@ -36,12 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from vesselnb import store_writer
 from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
 from vesselnb.errors import InferenceError, StoreError
+from vesselnb.frames import open_frame_rgb
 from vesselnb.params import DEFAULT_PROMPT, RunParams
 from vesselnb.store import (
     STATUSES,
@@ -132,11 +134,33 @@ class LoadedModel:
     probability: ProbabilitySupport
     load_seconds: float
     warnings: list[str] = field(default_factory=list)
+    # "inference_mode" until a model shows it needs "no_grad" (see _grad_guard); sticky for the rest of the run.
+    grad_guard: str = "inference_mode"
 
     def predict(self, **kwargs: Any) -> dict[str, Any]:
-        """``model.predict_forward(**kwargs, tokenizer=...)`` (with the CPU shim when on the CPU)."""
-        with maybe_cuda_shim(self.plan):
-            return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+        """``model.predict_forward(**kwargs, tokenizer=...)`` with autograd off (and the CPU shim on the CPU).
+
+        Upstream Sa2VA decorates only ``generate`` with ``@torch.no_grad()``; its SAM2 path and ``text_hidden_fcs``
+        run outside it, so an unguarded call keeps SAM2's whole graph (5x the memory of a no-grad call, measured on
+        the upstream code). Every call is therefore made under ``torch.inference_mode()``; a model whose code keeps
+        tensors across the mode boundary (torch then refuses with "Inference tensors ...") is retried once under
+        ``torch.no_grad()``, which costs the same memory, and stays there.
+        """
+        try:
+            with maybe_cuda_shim(self.plan), _grad_guard(self.grad_guard):
+                return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+        except RuntimeError as error:
+            if self.grad_guard != "inference_mode" or "inference tensor" not in str(error).lower():
+                raise
+            self.grad_guard = "no_grad"
+            self.warnings.append(f"model code is incompatible with torch.inference_mode() ({error}); using no_grad")
+            with maybe_cuda_shim(self.plan), _grad_guard(self.grad_guard):
+                return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+
+
+def _grad_guard(name: str) -> contextlib.AbstractContextManager[Any]:
+    """The autograd guard every model call runs under: ``inference_mode`` or ``no_grad``."""
+    return torch.inference_mode() if name == "inference_mode" else torch.no_grad()
 
 
 @contextlib.contextmanager
@@ -271,10 +295,8 @@ def _base_record(sample: Sample, height: int, width: int) -> dict[str, Any]:
 
 
 def read_frame(path: Path) -> Image.Image:
-    """Decode a frame fully as RGB now, so a corrupt file fails here (as this sample's error), not in the model."""
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
+    """Decode a frame fully as 8-bit RGB now, so a corrupt or blank file fails here (as this sample's error)."""
+    return open_frame_rgb(path)
 
 
 def _frame_size(path: Path) -> tuple[int, int]:

@@ -16,6 +16,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from vesselnb.errors import DataError
+from vesselnb.frames import open_frame_rgb
+
 # Colours of the error overlay: true positives white, false positives magenta, false negatives cyan.
 TP_RGB = (255, 255, 255)
 FP_RGB = (255, 0, 255)
@@ -25,9 +28,8 @@ PRED_RGB = (0, 200, 0)
 
 
 def load_frame(path: str | Path) -> np.ndarray:
-    """A frame as RGB uint8 (angiograms are grey; RGB keeps colour overlays simple)."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+    """A frame as RGB uint8, decoded as the model saw it (angiograms are grey; RGB keeps colour overlays simple)."""
+    return np.asarray(open_frame_rgb(path))
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
@@ -137,8 +139,12 @@ def prediction_panels(store: Any, sample_ids: Iterable[str], columns: int = 4) -
         mask = store.mask(sample_id)
         try:
             frame = load_frame(record["image"])
-        except OSError:
-            frame = np.zeros((*mask.shape, 3), dtype=np.uint8)
+        except (OSError, DataError):  # an undecodable or blank frame: its record says why; show a grey tile
+            frame = None
+        if frame is None or mask.size == 0 or frame.shape[:2] != mask.shape:
+            pictures.append(np.full((64, 64, 3), 128, dtype=np.uint8))
+            titles.append(f"{_short(sample_id)}\n{record.get('status', '?')}: frame not shown")
+            continue
         pictures.append(tint(frame, mask, PRED_RGB))
         titles.append(f"{_short(sample_id)}\n{record.get('status', '?')}, {int(mask.sum())} px")
     return image_grid(pictures, titles, columns=columns)

@@ -4,7 +4,10 @@ A ``.pth`` is a pickle: loading it with plain ``torch.load`` can run anything th
 ``weights_only=True`` (tensors and plain containers only) plus a short allow-list of the harmless objects real
 Sa2VA checkpoints carry in ``meta`` / ``message_hub`` (``TorchVersion``, mmengine ``HistoryBuffer``, config dicts,
 numpy arrays). mmengine need not be installed: its classes are replaced by inert stand-ins that only hold data.
-Anything else is refused unless the user passes ``trust_pickle`` (which runs the pickle's code).
+mmengine's live ``HistoryBuffer`` pickles its statistics methods through ``builtins.getattr``; that name maps to a
+stand-in that answers only ``HistoryBuffer.<min|max|mean|current>`` with a name record and refuses anything else
+(the real ``getattr`` is the classic code-execution gadget). Legacy (non-zip) ``torch.save`` files load without
+mmap. Anything else is refused unless the user passes ``trust_pickle`` (which runs the pickle's code).
 """
 
 from __future__ import annotations
@@ -38,6 +41,35 @@ class HistoryBuffer(_InertRecord):
     """mmengine.logging.HistoryBuffer, as data."""
 
 
+# The statistics a HistoryBuffer pickles as ``getattr(HistoryBuffer, name)`` (its ``_statistics_methods``).
+HISTORY_BUFFER_STATISTICS = frozenset({"min", "max", "mean", "current"})
+
+
+class StatisticMethod(_InertRecord):
+    """A HistoryBuffer statistic method (``HistoryBuffer.mean``...), as its name only: never callable."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<HistoryBuffer.{self.name} (name only)>"
+
+
+def _inert_getattr(obj: Any, name: str) -> StatisticMethod:
+    """The only ``getattr`` a checkpoint may call: ``HistoryBuffer.<statistic>``, answered with a name record.
+
+    mmengine's ``MessageHub.state_dict()`` holds live ``HistoryBuffer`` objects whose ``_statistics_methods`` pickle
+    as ``builtins.getattr(HistoryBuffer, "mean")``. The real ``getattr`` is the classic gadget for running code from a
+    pickle (``getattr(obj, "system")``...), so it is never allowed: this stand-in answers only that pair.
+    """
+    if obj is HistoryBuffer and name in HISTORY_BUFFER_STATISTICS:
+        return StatisticMethod(name)
+    raise pickle.UnpicklingError(
+        f"the pickle calls getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}); only "
+        f"HistoryBuffer.{{{', '.join(sorted(HISTORY_BUFFER_STATISTICS))}}} is allowed"
+    )
+
+
 class ConfigDict(dict):
     """mmengine.config.ConfigDict (a dict subclass), as data."""
 
@@ -52,6 +84,7 @@ def _allowed_globals() -> list[Any]:
     from torch.torch_version import TorchVersion
 
     allowed: list[Any] = [TorchVersion, (TorchVersion, "torch.torch_version.TorchVersion")]
+    allowed += [(_inert_getattr, "builtins.getattr"), (_inert_getattr, "__builtin__.getattr")]
     for module in ("mmengine.logging.history_buffer", "mmengine.logging"):
         allowed.append((HistoryBuffer, f"{module}.HistoryBuffer"))
     for module in ("mmengine.config.config", "mmengine.config"):
@@ -123,11 +156,13 @@ def _deepspeed_model_file(folder: Path) -> Path:
 
 def _torch_load(file: Path, trust_pickle: bool) -> Any:
     """torch.load with the allow-list; errors become CheckpointError naming the file and the fix."""
+    # mmap needs torch's zip format; a legacy (``_use_new_zipfile_serialization=False``) file is read into memory.
+    use_mmap = zipfile.is_zipfile(file)
     try:
         if trust_pickle:
-            return torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+            return torch.load(file, map_location="cpu", weights_only=False, mmap=use_mmap)
         with torch.serialization.safe_globals(_allowed_globals()):
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         detail = _unsafe_globals_hint(file)

@@ -167,8 +167,14 @@ class Sa2VADemoChatModel(PreTrainedModel):
                 raise RuntimeError(f"demo model configured to fail on images of size {frame.size} (demo_fail_on_size)")
         return frames
 
+    @torch.no_grad()
     def _greedy_generate(self, input_ids: torch.Tensor, vit_embeds: torch.Tensor | None) -> torch.Tensor:
-        """Greedy decoding (no cache: sequences are a few dozen tokens). Returns prompt + generated ids."""
+        """Greedy decoding (no cache: sequences are a few dozen tokens). Returns prompt + generated ids.
+
+        Only this step carries ``@torch.no_grad()``, as upstream decorates only ``generate``: the hidden-state pass,
+        ``text_hidden_fcs`` and the SAM2 path of :meth:`predict_forward` run with autograd on unless the caller
+        guards the call, so the demo shows the memory cost of an unguarded call as upstream does.
+        """
         ids = input_ids
         for _ in range(self.max_new_tokens):
             logits = self.language_model(inputs_embeds=self.input_embeddings(ids, vit_embeds)).logits[0, -1].float()
@@ -180,7 +186,6 @@ class Sa2VADemoChatModel(PreTrainedModel):
                 break
         return ids
 
-    @torch.no_grad()
     def predict_forward(
         self,
         image=None,
@@ -235,5 +240,5 @@ class Sa2VADemoChatModel(PreTrainedModel):
             probability = logits.sigmoid()
             result["prediction_masks"].append((probability > 0.5).cpu().numpy())
             if return_probability_maps:
-                result["probability_maps"].append(probability.cpu().numpy().astype(np.float32))
+                result["probability_maps"].append(probability.detach().cpu().numpy().astype(np.float32))
         return result

@@ -460,3 +460,18 @@ def test_writer_refuses_a_tensor_out_of_plan(tmp_path: Path) -> None:
     specs = [("w", torch.float32, (2, 2))]
     with pytest.raises(ConversionError, match="planned"):
         write_safetensors(tmp_path / "s.safetensors", specs, iter([("w", torch.zeros(3, 2))]), {})
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_non_finite_weights_refused_before_writing(world: dict, tmp_path: Path, bad_value: float) -> None:
+    from vesselnb.convert.checkpoint import load_training_state_dict
+
+    state, _ = load_training_state_dict(world["a"].path)
+    state = {key: tensor.clone() for key, tensor in state.items()}
+    lora_key = next(key for key in state if "lora_B" in key)
+    state[lora_key].view(-1)[3] = bad_value
+    path = tmp_path / "iter_99.pth"
+    torch.save({"state_dict": state, "meta": {"iter": 99}}, path)
+    with pytest.raises(ConversionError, match=rf"iter_99\.pth: 1 tensors hold NaN or inf values \({lora_key}\)"):
+        convert_checkpoint(path, world["base"], tmp_path / "out", training_config=world["config"])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,29 @@ def _name_keys(fates: Iterable[Any]) -> str:
     fates = list(fates)
     shown = "; ".join(f"{f.key} -> {f.hf_key or '?'} ({f.detail})" for f in fates[:_LIST_LIMIT])
     return shown + (f"; … and {len(fates) - _LIST_LIMIT} more" if len(fates) > _LIST_LIMIT else "")
+
+
+def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
+    """Refuse a checkpoint holding NaN/inf weights before anything is written.
+
+    A diverged run saves NaN weights without complaint; merged into the base they give a model that answers with
+    empty masks, which inference would record as ``ok``. One pass over the (memory-mapped) tensors, chunked so no
+    full-size temporary is held.
+    """
+    bad = []
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        flat = tensor.reshape(-1)
+        if any(not bool(torch.isfinite(flat[i : i + _CHUNK_ELEMENTS]).all())
+               for i in range(0, flat.numel(), _CHUNK_ELEMENTS)):
+            bad.append(key)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ConversionError(
+            f"{file}: {len(bad)} tensors hold NaN or inf values ({shown}); training diverged or the file is damaged. "
+            "Convert an earlier checkpoint (a lower iter_N.pth); nothing was written."
+        )
 
 
 def _check_plan(plan: MergePlan, allow_shape_mismatch: bool, allow_missing: bool, warnings: list[str]) -> None:
@@ -391,6 +414,7 @@ def convert_checkpoint(
     base = BaseFolder(base_path)
     try:
         ckpt_tensors, source = load_training_state_dict(checkpoint, trust_pickle)
+        _refuse_non_finite(ckpt_tensors, source.file)
         options = {
             "dtype": dtype,
             "shard_size": parse_size(shard_size),

@@ -429,15 +429,6 @@ def sweep_figure(sweep: pd.DataFrame, current: float) -> Figure:
     return fig
 
 
-def sample_title(row: pd.Series) -> str:
-    """The metrics a gallery panel shows in its title."""
-    def fmt(value: Any) -> str:
-        return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
-
-    return (f"{row['sample_id']} [{row['status']}]  Dice {fmt(row['dice'])}  clDice {fmt(row['cldice'])}  "
-            f"HD95 {fmt(row['hd95'])}  NSD {fmt(row['nsd'])}  thin-recall {fmt(row['recall_thin'])}")
-
-
 # --- the report object --------------------------------------------------------------------------------------------
 
 
@@ -542,7 +533,7 @@ class AnalysisReport:
         rows = []
         for _, row in chosen.iterrows():
             frame, gt, pred = self.sample_images(row["sample_id"])
-            rows.append((frame, gt, pred, sample_title(row)))
+            rows.append((frame, gt, pred, viz.sample_title(row)))
         return viz.gallery(rows, title=f"{'worst' if worst else 'best'} {len(rows)} by {metric}")
 
     def show_figure(self, name: str) -> None:

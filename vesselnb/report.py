@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vesselnb.params import RunParams
+from vesselnb.stages import RUN_STAGES, now_iso
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 MANIFEST = "manifest.json"
@@ -148,7 +149,6 @@ def update_run_manifest(run_dir: Path, params: RunParams, outcomes: list[Any]) -
 
     Stages not in ``outcomes`` keep their earlier entry, so ``--stages analyze`` does not forget the conversion.
     """
-    from vesselnb.runner import RUN_STAGES, now_iso
 
     path = run_dir / MANIFEST
     old = read_json(path) or {}
@@ -180,7 +180,6 @@ def update_run_manifest(run_dir: Path, params: RunParams, outcomes: list[Any]) -
 
 def update_compare_manifest(out_dir: Path, run_dirs: list[Path], outcome: Any) -> dict[str, Any]:
     """``manifest.json`` of a comparison folder: which runs, the stage outcome, versions."""
-    from vesselnb.runner import now_iso
 
     path = out_dir / MANIFEST
     old = read_json(path) or {}
@@ -216,7 +215,6 @@ def write_index(outputs_dir: Path) -> Path:
     """Rebuild ``outputs_dir/index.html`` from every run and comparison manifest found there."""
     import jinja2
 
-    from vesselnb.runner import now_iso
 
     outputs = Path(outputs_dir).resolve()
     runs, comparisons = [], []

@@ -22,29 +22,10 @@ from typing import Any
 
 from vesselnb.errors import StageError, VesselnbError
 from vesselnb.params import RunParams, load_params
+from vesselnb.stages import COMPARE_STAGE, RUN_STAGES, Stage, now_iso
 
 KERNEL_NAME = "vesselnb"
 
-
-@dataclass(frozen=True)
-class Stage:
-    """One notebook of the pipeline: the CLI key, the notebook file and the report name."""
-
-    key: str
-    notebook: str
-
-    @property
-    def stem(self) -> str:
-        """``01_convert`` for ``01_convert.ipynb``: the name of the executed notebook and its HTML."""
-        return Path(self.notebook).stem
-
-
-RUN_STAGES: tuple[Stage, ...] = (
-    Stage("convert", "01_convert.ipynb"),
-    Stage("infer", "02_inference.ipynb"),
-    Stage("analyze", "03_error_analysis.ipynb"),
-)
-COMPARE_STAGE = Stage("compare", "04_compare_checkpoints.ipynb")
 
 
 @dataclass
@@ -103,11 +84,6 @@ def repo_root() -> Path:
 def default_notebooks_dir() -> Path:
     """``$VESSELNB_NOTEBOOKS`` or the checkout's ``notebooks/``."""
     return Path(os.environ.get("VESSELNB_NOTEBOOKS") or repo_root() / "notebooks")
-
-
-def now_iso() -> str:
-    """Local time with offset, seconds precision: readable in the manifest and the index."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def ensure_kernel(kernel_name: str = KERNEL_NAME) -> str:

@@ -8,6 +8,7 @@ under papermill) and closes it.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,15 @@ def prediction_panels(store: Any, sample_ids: Iterable[str], columns: int = 4) -
         pictures.append(tint(frame, mask, PRED_RGB))
         titles.append(f"{_short(sample_id)}\n{record.get('status', '?')}, {int(mask.sum())} px")
     return image_grid(pictures, titles, columns=columns)
+
+
+def sample_title(row: Any) -> str:
+    """The metrics a gallery panel shows in its title."""
+    def fmt(value: Any) -> str:
+        return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+
+    return (f"{row['sample_id']} [{row['status']}]  Dice {fmt(row['dice'])}  clDice {fmt(row['cldice'])}  "
+            f"HD95 {fmt(row['hd95'])}  NSD {fmt(row['nsd'])}  thin-recall {fmt(row['recall_thin'])}")
 
 
 def _short(text: str, limit: int = 34) -> str:

@@ -122,9 +122,8 @@ class SampleBrowser:
             buffer = io.BytesIO()
             PILImage.fromarray(picture).save(buffer, format="png")
             image.value = buffer.getvalue()
-            from vesselnb.analysis import sample_title
 
-            caption.value = f"<code>{sample_title(row)}</code>"
+            caption.value = f"<code>{viz.sample_title(row)}</code>"
 
         for control in (sort_by, order, index, show_gt, show_pred, errors, threshold):
             control.observe(refresh, names="value")

@@ -363,8 +363,7 @@ def test_model_incompatible_with_inference_mode_falls_back_to_no_grad(model_dir,
 
 def test_16_bit_frame_predicts_as_its_8_bit_window(model_dir, frames, tmp_path) -> None:
     """A 16-bit export of a frame gets the same masks as the 8-bit picture of the same window (not a white frame)."""
-    from vesselnb.frames import window_to_uint8
-    from vesselnb.infer import read_frame
+    from vesselnb.frames import open_frame_rgb, window_to_uint8
 
     with Image.open(sorted(frames.glob("*.jpg"))[0]) as image:
         grey8 = np.asarray(image.convert("L"))
@@ -372,8 +371,8 @@ def test_16_bit_frame_predicts_as_its_8_bit_window(model_dir, frames, tmp_path) 
     Image.fromarray(grey16).save(tmp_path / "frame16.png")
     Image.fromarray(window_to_uint8(grey8)).save(tmp_path / "frame8.png")
     loaded = load_model(model_dir, device="cpu")
-    out16 = loaded.predict(image=read_frame(tmp_path / "frame16.png"), text=DEFAULT_PROMPT)
-    out8 = loaded.predict(image=read_frame(tmp_path / "frame8.png"), text=DEFAULT_PROMPT)
+    out16 = loaded.predict(image=open_frame_rgb(tmp_path / "frame16.png"), text=DEFAULT_PROMPT)
+    out8 = loaded.predict(image=open_frame_rgb(tmp_path / "frame8.png"), text=DEFAULT_PROMPT)
     assert out16["prediction"] == out8["prediction"]
     masks16, masks8 = np.any(out16["prediction_masks"], axis=0), np.any(out8["prediction_masks"], axis=0)
     assert masks8.any() and np.array_equal(masks16, masks8)

@@ -45,8 +45,8 @@ def open_frame_rgb(path: str | Path) -> Image.Image:
         else:
             rgb = image.convert("RGB")
     extremes = rgb.getextrema()
-    if all(low == high for low, high in extremes) and len({low for low, _ in extremes}) == 1:
-        value = extremes[0][0]
-        kind = "saturated (all 255)" if value == 255 else "black (all 0)" if value == 0 else f"constant ({value})"
+    if all(low == high for low, high in extremes):
+        values = {low for low, _ in extremes}
+        kind = "saturated (all 255)" if values == {255} else "black (all 0)" if values == {0} else "constant"
         raise DataError(f"{path}: the frame is {kind} after loading; nothing to segment. Re-export the frame.")
     return rgb

@@ -147,15 +147,17 @@ class LoadedModel:
         ``torch.no_grad()``, which costs the same memory, and stays there.
         """
         try:
-            with maybe_cuda_shim(self.plan), _grad_guard(self.grad_guard):
-                return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+            return self._guarded_call(kwargs)
         except RuntimeError as error:
             if self.grad_guard != "inference_mode" or "inference tensor" not in str(error).lower():
                 raise
             self.grad_guard = "no_grad"
             self.warnings.append(f"model code is incompatible with torch.inference_mode() ({error}); using no_grad")
-            with maybe_cuda_shim(self.plan), _grad_guard(self.grad_guard):
-                return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+            return self._guarded_call(kwargs)
+
+    def _guarded_call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        with maybe_cuda_shim(self.plan), _grad_guard(self.grad_guard):
+            return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
 
 
 def _grad_guard(name: str) -> contextlib.AbstractContextManager[Any]:
@@ -294,11 +296,6 @@ def _base_record(sample: Sample, height: int, width: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def read_frame(path: Path) -> Image.Image:
-    """Decode a frame fully as 8-bit RGB now, so a corrupt or blank file fails here (as this sample's error)."""
-    return open_frame_rgb(path)
-
-
 def _frame_size(path: Path) -> tuple[int, int]:
     """(height, width) from the header when the pixels cannot be decoded; (0, 0) when not even that."""
     try:
@@ -400,7 +397,7 @@ def decode_frames(samples: Sequence[Sample]) -> list[DecodedFrame]:
     decoded = []
     for sample in samples:
         try:
-            decoded.append(DecodedFrame(sample, read_frame(sample.image_path)))
+            decoded.append(DecodedFrame(sample, open_frame_rgb(sample.image_path)))
         except Exception as exc:  # noqa: BLE001 - a bad file is this sample's error, not the run's
             decoded.append(
                 DecodedFrame(sample, None, f"cannot read image {sample.image_path}: {describe_exception(exc)}")

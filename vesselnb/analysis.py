@@ -3,8 +3,12 @@
 The per-sample metrics table (``analysis/metrics.parquet``) keeps every sample the store holds: ``no_seg`` and
 ``error`` samples are scored as the empty masks they are (a missed frame is a miss), frames without annotation are
 listed but not scored. Summaries show per-frame means (macro) with 95 % bootstrap CIs resampled **by patient**
-(frames of one patient are not independent), pooled-pixel values (micro), and NaN / inf counts next to each mean.
-Sanity flags catch results that are too good or too bad to be true before anyone reads the numbers.
+(frames of one patient are not independent; :mod:`vesselnb.stats`), the numbers of patients, sequences and frames
+beside each, no CI at all below ``analysis.min_patients`` patients, pooled-pixel values (micro), and NaN / inf counts.
+Thresholds are recommended by leave-one-patient-out cross-validation with their out-of-fold score (the in-sample
+optimum is shown, labelled optimistic). Fragments (spurious components), calibration of the probability maps and the
+frame-to-frame consistency of each sequence complete the picture. Sanity flags catch results that are too good or too
+bad to be true before anyone reads the numbers.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from vesselnb import metrics as vm
-from vesselnb import viz
+from vesselnb import stats, viz
 from vesselnb.data import GroundTruth, list_samples, load_ground_truth, parse_sample_name
-from vesselnb.errors import DataError, StageError, StoreError
+from vesselnb.errors import DataError, ParamsError, StageError, StoreError
 from vesselnb.params import DEFAULT_NAME_REGEX, AnalysisParams, RunParams
 
 # Metric -> higher is better; the order of the summary table.
@@ -46,11 +50,17 @@ SUMMARY_METRICS: dict[str, bool] = {
     "assd": False,
     "betti0_error": False,
     "betti1_error": False,
+    "spurious_components": False,
+    "largest_spurious_px": False,
+    "spurious_area_px": False,
+    "brier": False,
+    "average_precision": True,
 }
 TABLE_COLUMNS = [
     "sample_id", "patient", "sequence", "frame", "status", "gt_area", "pred_area",
     "dice", "iou", "precision", "recall", "specificity", "cldice", "betti0_error", "betti1_error",
     "hd95", "assd", "nsd", "recall_thin", "recall_medium", "recall_thick",
+    "n_components", "spurious_components", "largest_spurious_px", "spurious_area_px", "brier", "average_precision",
 ]
 EXTRA_COLUMNS = ["has_gt", "tp", "fp", "fn", "tn", "cl_tprec", "cl_tsens", "has_probability", "image"]
 SWEEP_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -136,6 +146,11 @@ def _score_sample(sample_id: str) -> dict[str, Any]:
     pred, probability = _prediction_mask(store, sample_id, record, gt.shape, settings.threshold)
     row.update(vm.sample_metrics(gt, pred, nsd_tolerance_px=settings.nsd_tolerance_px,
                                  width_bins_px=settings.width_bins_px, pixel_spacing_mm=settings.pixel_spacing_mm))
+    row["_spurious_sizes"] = vm.fragments(gt, pred).spurious_sizes
+    if probability is not None:
+        histogram = vm.probability_histogram(gt, probability)
+        calibration = vm.calibration(histogram)
+        row.update(_hist=histogram, brier=calibration.brier, average_precision=calibration.average_precision)
     if settings.sweep and probability is not None:
         row["_sweep"] = _sweep_counts(gt, probability)
         if sample_id in settings.cldice_sweep_ids:
@@ -197,53 +212,112 @@ def metrics_table(rows: list[dict[str, Any]], pixel_spacing_mm: float | None = N
 # --- summaries ----------------------------------------------------------------------------------------------------
 
 
-def patient_bootstrap_ci(
-    values: pd.Series, patients: pd.Series, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile CI of the per-frame mean, resampling whole patients with replacement (cluster bootstrap).
-
-    Non-finite values are left out (they are counted separately); NaN when fewer than two patients remain.
-    """
-    finite = np.isfinite(values.to_numpy(dtype=float))
-    if finite.sum() == 0:
-        return (math.nan, math.nan)
-    frame = pd.DataFrame({"v": values.to_numpy(dtype=float)[finite], "p": patients.to_numpy()[finite]})
-    grouped = frame.groupby("p")["v"].agg(["sum", "count"])
-    if len(grouped) < 2 or n_boot <= 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    n = len(grouped)
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)
-    means = (weights @ grouped["sum"].to_numpy()) / (weights @ grouped["count"].to_numpy())
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return (float(low), float(high))
-
-
-def summary_table(table: pd.DataFrame, n_boot: int = 1000, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per metric: macro mean with patient-bootstrap CI, median, micro (pooled pixels), n, NaN and inf."""
+def intervals(table: pd.DataFrame, metrics: Sequence[str], n_boot: int = 1000, seed: int = 0,
+              min_patients: int = stats.MIN_PATIENTS) -> dict[str, stats.Interval]:
+    """Per metric: the per-frame mean of the scored samples with its patient-cluster bootstrap interval."""
     scored = table[table["has_gt"]]
-    metrics = list(metrics or [m for m in SUMMARY_METRICS if m in table.columns])
-    metrics += [m for m in ("hd95_mm", "assd_mm") if m in table.columns and m not in metrics]
+    return {metric: stats.patient_bootstrap_ci(scored[metric].astype(float), scored["patient"], scored["sequence"],
+                                               n_resamples=n_boot, seed=seed, min_patients=min_patients)
+            for metric in metrics}
+
+
+def summary_metrics(table: pd.DataFrame) -> list[str]:
+    """The summary's metrics present in ``table`` (mm distances after the pixel ones; all-NaN columns dropped)."""
+    metrics = [m for m in SUMMARY_METRICS if m in table.columns]
+    metrics += [m for m in ("hd95_mm", "assd_mm") if m in table.columns]
+    return [m for m in metrics if table[m].notna().any() or m not in ("brier", "average_precision")]
+
+
+def summary_table(table: pd.DataFrame, n_boot: int = 1000, metrics: Sequence[str] | None = None,
+                  min_patients: int = stats.MIN_PATIENTS,
+                  found: dict[str, stats.Interval] | None = None) -> pd.DataFrame:
+    """One row per metric: macro mean with patient-bootstrap CI (or why none), the numbers of patients, sequences
+    and frames it rests on, median, micro (pooled pixels), NaN and inf counts."""
+    scored = table[table["has_gt"]]
+    metrics = list(metrics or summary_metrics(table))
     sums = scored[["tp", "fp", "fn", "tn"]].sum()
     pooled = vm.pooled_metrics(sums["tp"], sums["fp"], sums["fn"], sums["tn"])
+    found = found or intervals(table, metrics, n_boot=n_boot, min_patients=min_patients)
     rows = []
     for metric in metrics:
         values = scored[metric].astype(float)
-        finite = values[np.isfinite(values)]
-        low, high = patient_bootstrap_ci(values, scored["patient"], n_boot=n_boot)
+        interval = found[metric]
         rows.append({
             "metric": metric,
-            "mean (macro)": float(finite.mean()) if len(finite) else math.nan,
-            "ci95_low": low,
-            "ci95_high": high,
+            "better": "higher" if SUMMARY_METRICS.get(metric, metric not in ("hd95_mm", "assd_mm")) else "lower",
+            "mean (macro)": interval.estimate,
+            "ci95_low": interval.low if interval.shown else math.nan,
+            "ci95_high": interval.high if interval.shown else math.nan,
+            "patients": interval.counts.n_patients,
+            "sequences": interval.counts.n_sequences,
+            "frames": interval.counts.n_frames,
             "median": float(values.dropna().median()) if values.notna().any() else math.nan,
             "micro (pooled)": pooled.get(metric, math.nan),
-            "n_finite": int(len(finite)),
             "n_nan": int(values.isna().sum()),
             "n_inf": int(np.isinf(values).sum()),
+            "no CI because": interval.withheld,
         })
     return pd.DataFrame(rows).set_index("metric")
+
+
+def patient_values(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Per-patient means of finite values (what a report shows instead of a CI when there are too few patients)."""
+    scored = table[table["has_gt"]]
+    out = {}
+    for metric in metrics:
+        values = scored[metric].astype(float).where(np.isfinite(scored[metric].astype(float)))
+        out[metric] = values.groupby(scored["patient"]).mean()
+    frame = pd.DataFrame(out)
+    frame.insert(0, "frames", scored.groupby("patient").size())
+    frame.index.name = "patient"
+    return frame
+
+
+def threshold_choice(rows: list[dict[str, Any]]) -> stats.ThresholdChoice | None:
+    """Leave-one-patient-out threshold for per-frame Dice from the sweep counts; None without probability maps."""
+    swept = [row for row in rows if "_sweep" in row and row.get("gt_area", 0) > 0]
+    if not swept:
+        return None
+    scores = stats.dice_from_sweep(np.stack([row["_sweep"] for row in swept]))
+    return stats.cv_threshold(scores, [row["patient"] for row in swept], SWEEP_THRESHOLDS,
+                              [row["sequence"] for row in swept])
+
+
+def sweep_frames(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long table of per-frame TP / FP / FN at every sweep threshold (``analysis/threshold_sweep.parquet``).
+
+    Stage 04 reads it to compare runs at each one's cross-validated threshold without re-scoring.
+    """
+    records = []
+    for row in rows:
+        if "_sweep" not in row:
+            continue
+        for threshold, (tp, fp, fn) in zip(SWEEP_THRESHOLDS, row["_sweep"], strict=True):
+            records.append((row["sample_id"], row["patient"], row["sequence"], float(threshold),
+                            int(tp), int(fp), int(fn)))
+    return pd.DataFrame(records, columns=["sample_id", "patient", "sequence", "threshold", "tp", "fp", "fn"])
+
+
+def pooled_calibration(rows: list[dict[str, Any]]) -> vm.Calibration | None:
+    """Calibration of all scored frames' probability maps together; None without probability maps."""
+    histograms = [row["_hist"] for row in rows if "_hist" in row]
+    return vm.calibration(np.sum(histograms, axis=0)) if histograms else None
+
+
+def fragment_summary(table: pd.DataFrame, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Spurious components over the run: total, frames with any, size distribution, the largest and where."""
+    scored = table[table["has_gt"]]
+    sizes = [size for row in rows if row.get("has_gt") for size in row.get("_spurious_sizes", ())]
+    largest = scored.loc[scored["largest_spurious_px"].idxmax()] if len(scored) and scored[
+        "largest_spurious_px"].notna().any() else None
+    return {
+        "spurious_components": int(scored["spurious_components"].fillna(0).sum()),
+        "frames_with_spurious": int((scored["spurious_components"].fillna(0) > 0).sum()),
+        "frames": len(scored),
+        "size_histogram": vm.fragment_size_histogram(sizes),
+        "largest_spurious_px": None if largest is None else int(largest["largest_spurious_px"]),
+        "largest_spurious_sample": None if largest is None else str(largest["sample_id"]),
+    }
 
 
 def group_table(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
@@ -407,25 +481,61 @@ def histograms(table: pd.DataFrame, metrics: Sequence[str] = ("dice", "cldice", 
     return fig
 
 
-def sweep_figure(sweep: pd.DataFrame, current: float) -> Figure:
-    """Dice / clDice vs threshold with the best threshold marked (and the one used)."""
-    fig = Figure(figsize=(6, 3.2), layout="constrained")
+def sweep_figure(sweep: pd.DataFrame, current: float, choice: stats.ThresholdChoice | None = None) -> Figure:
+    """Dice / clDice vs threshold: the cross-validated threshold, the in-sample optimum (optimistic), the one used."""
+    fig = Figure(figsize=(6.4, 3.4), layout="constrained")
     ax = fig.subplots()
-    ax.plot(sweep["threshold"], sweep["dice"], "o-", label="Dice (mean per frame)")
+    ax.plot(sweep["threshold"], sweep["dice"], "o-", label="Dice (mean per frame, in-sample)")
     ax.plot(sweep["threshold"], sweep["dice (pooled)"], "--", label="Dice (pooled)")
     if sweep["cldice"].notna().any():
         valid = sweep[sweep["cldice"].notna()]
         ax.plot(valid["threshold"], valid["cldice"], "s-",
                 label=f"clDice (mean, {int(sweep['cldice_samples'].iloc[0])} frames)")
     best = sweep.loc[sweep["dice"].idxmax()]
-    ax.axvline(best["threshold"], color="green", lw=1)
-    ax.annotate(f"best {best['threshold']:.2f}: Dice {best['dice']:.4f}", (best["threshold"], best["dice"]),
-                textcoords="offset points", xytext=(5, -15), fontsize=8, color="green")
+    ax.axvline(best["threshold"], color="#c80", lw=1, ls="--",
+               label=f"in-sample best {best['threshold']:.2f} (optimistic): {best['dice']:.4f}")
+    if choice is not None:
+        ax.axvline(choice.recommended, color="green", lw=1.5,
+                   label=f"cross-validated {choice.recommended:.2f}: out-of-fold Dice {choice.out_of_fold:.4f}")
     ax.axvline(current, color="grey", lw=1, ls=":", label=f"used {current:.2f}")
     ax.set_xlabel("threshold on probability")
     ax.set_ylabel("score")
     ax.legend(fontsize=7)
     ax.set_title(f"threshold sweep over {int(sweep['n_samples'].iloc[0])} frames", fontsize=9)
+    return fig
+
+
+def calibration_figure(calibration: vm.Calibration) -> Figure:
+    """Reliability diagram (pixel fraction of vessel against mean probability per bin) and the PR curve."""
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    bins = calibration.bins[calibration.bins["n_pixels"] > 0]
+    left.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    left.plot(bins["mean_probability"], bins["vessel_fraction"], "o-")
+    left.set_xlabel("mean predicted probability")
+    left.set_ylabel("fraction of vessel pixels")
+    left.set_title(f"reliability: ECE {calibration.ece:.4f}, Brier {calibration.brier:.4f}", fontsize=9)
+    right.plot(calibration.recall, calibration.precision)
+    right.set_xlabel("recall")
+    right.set_ylabel("precision")
+    right.set_xlim(0, 1)
+    right.set_ylim(0, 1.02)
+    right.set_title(f"precision-recall: AP {calibration.average_precision:.4f}", fontsize=9)
+    return fig
+
+
+def temporal_figure(temporal: pd.DataFrame) -> Figure:
+    """Per sequence: mean frame-to-frame IoU of the predictions beside the same for the ground truth."""
+    fig = Figure(figsize=(max(5.0, 0.3 * len(temporal) + 2), 3.2), layout="constrained")
+    ax = fig.subplots()
+    positions = np.arange(len(temporal))
+    ax.bar(positions - 0.2, temporal["gt_iou"], 0.4, label="ground truth", color="#999")
+    ax.bar(positions + 0.2, temporal["pred_iou"], 0.4, label="prediction", color="#4477aa")
+    ax.set_xticks(positions, [f"{p}/{q}" for p, q in temporal.index], rotation=90, fontsize=6)
+    ax.set_ylabel("frame-to-frame IoU")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("temporal consistency within each sequence (consecutive stored frames)", fontsize=9)
     return fig
 
 
@@ -447,6 +557,10 @@ class AnalysisReport:
     threshold: float
     gallery_k: int
     figures: dict[str, Path] = field(default_factory=dict)
+    threshold_cv: stats.ThresholdChoice | None = None
+    calibration: vm.Calibration | None = None
+    temporal: pd.DataFrame | None = None
+    min_patients: int = stats.MIN_PATIENTS
 
     @property
     def analysis_dir(self) -> Path:
@@ -476,9 +590,52 @@ class AnalysisReport:
         return (f"<p><b>{html.escape(self.run_name)}</b>: {s['n_samples']} samples ({counts}), "
                 f"{s['n_scored']} scored.<br>{html.escape(head)}</p>")
 
+    def counts_html(self) -> str:
+        """How many patients, sequences and frames the intervals rest on, and why there are none below the minimum."""
+        s = self.summary["units"]
+        line = (f"<p>Intervals resample <b>patients</b>: {s['n_patients']} patients · {s['n_sequences']} sequences · "
+                f"{s['n_frames']} scored frames.")
+        if s["n_patients"] < self.min_patients:
+            line += (f' <span style="color:#c00"><b>No confidence intervals</b>: {s["n_patients"]} patients are '
+                     f"fewer than the minimum of {self.min_patients} (<code>analysis.min_patients</code>); the "
+                     "per-patient values below show the spread instead.</span>")
+        return line + "</p>"
+
     def _repr_html_(self) -> str:
-        return (self.flags_html() + self.headline_html()
-                + self.summary_frame.to_html(float_format=lambda v: f"{v:.4f}", na_rep="NaN"))
+        parts = [self.flags_html(), self.headline_html(), self.counts_html(),
+                 self.summary_frame.to_html(float_format=lambda v: f"{v:.4f}", na_rep="NaN")]
+        if self.summary["units"]["n_patients"] < self.min_patients:
+            parts.append("<h4>Per-patient values (instead of intervals)</h4>")
+            parts.append(self.patient_values().to_html(float_format=lambda v: f"{v:.4f}", na_rep="NaN"))
+        return "".join(parts)
+
+    def patient_values(self) -> pd.DataFrame:
+        """Per-patient means of every summary metric."""
+        return patient_values(self.table, list(self.summary_frame.index))
+
+    def threshold_table(self) -> pd.DataFrame | None:
+        """The cross-validated threshold per held-out patient, with the recommendation and the in-sample optimum."""
+        choice = self.threshold_cv
+        if choice is None:
+            return None
+        rows = [
+            {"what": "recommended (leave-one-patient-out, median of folds)", "threshold": choice.recommended,
+             "dice": choice.out_of_fold, "scored on": "held-out patients (out-of-fold)"},
+            {"what": "in-sample best (optimistic: chosen on the frames it is scored on)",
+             "threshold": choice.in_sample_best, "dice": choice.in_sample_score, "scored on": "all frames"},
+            {"what": "used for the metrics above", "threshold": self.threshold,
+             "dice": self.summary_frame.loc["dice", "mean (macro)"], "scored on": "all frames"},
+        ]
+        return pd.DataFrame(rows).set_index("what")
+
+    def calibration_table(self) -> pd.DataFrame | None:
+        """Reliability bins of the pooled probability maps; ECE, Brier and AP are in ``summary["calibration"]``."""
+        return None if self.calibration is None else self.calibration.bins
+
+    def fragment_sizes(self) -> pd.DataFrame:
+        """Spurious (no GT overlap) predicted components by size, over all scored frames."""
+        info = self.summary["fragments"]
+        return pd.DataFrame({"spurious components": info["size_histogram"]})
 
     def summary_table(self) -> pd.DataFrame:
         """Macro (with patient-bootstrap CI) and micro values, with NaN / inf counts."""
@@ -504,7 +661,30 @@ class AnalysisReport:
 
     def threshold_sweep_figure(self) -> Figure | None:
         """Dice / clDice vs threshold, or None when the store has no probability maps."""
-        return None if self.sweep is None else sweep_figure(self.sweep, self.threshold)
+        return None if self.sweep is None else sweep_figure(self.sweep, self.threshold, self.threshold_cv)
+
+    def compute_temporal(self) -> pd.DataFrame | None:
+        """Per sequence with ≥ 2 scored frames: mean frame-to-frame IoU of predictions (as scored) and of GT."""
+        from vesselnb.store import PredictionStore
+
+        scored = self.table[self.table["has_gt"]].sort_values(["patient", "sequence", "frame"])
+        store = PredictionStore(self.run_dir / "predictions")
+        rows = {}
+        for key, group in scored.groupby(["patient", "sequence"], sort=True):
+            if len(group) < 2:
+                continue
+            gts, preds = [], []
+            for sample_id in group["sample_id"]:
+                gt = self.gt.mask(sample_id)
+                gts.append(gt)
+                preds.append(_prediction_mask(store, sample_id, store.record(sample_id), gt.shape, self.threshold)[0])
+            pred_iou, gt_iou = vm.frame_to_frame_iou(preds).mean(), vm.frame_to_frame_iou(gts).mean()
+            rows[key] = {"frames": len(group), "pred_iou": pred_iou, "gt_iou": gt_iou, "pred - gt": pred_iou - gt_iou}
+        if not rows:
+            return None
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        frame.index = pd.MultiIndex.from_tuples(frame.index, names=["patient", "sequence"])
+        return frame
 
     def ranked(self, metric: str = "dice", worst: bool = True) -> pd.DataFrame:
         """Scored samples sorted by ``metric`` (worst first by default), NaN last."""
@@ -627,7 +807,16 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
         flags.append(Flag("warning", "frames_not_predicted",
                           f"{len(not_predicted)} annotated frame(s) have no prediction in the store (inference "
                           f"unfinished or limited?); first: {not_predicted[0]}"))
-    frame = summary_table(table, n_boot=settings.bootstrap_samples)
+    if settings.primary_metric not in SUMMARY_METRICS:
+        raise ParamsError(f"{params.source_file}: 'analysis.primary_metric' is {settings.primary_metric!r}; "
+                          f"choose one of {', '.join(SUMMARY_METRICS)}")
+    metrics = summary_metrics(table)
+    found = intervals(table, metrics, n_boot=settings.bootstrap_samples, min_patients=settings.min_patients)
+    frame = summary_table(table, metrics=metrics, found=found)
+    choice = threshold_choice(rows)
+    calibration = pooled_calibration(rows)
+    scored = table[table["has_gt"]]
+    units = stats.count_units(scored["patient"], scored["sequence"])
     status_counts = {status: int((table["status"] == status).sum()) for status in ("ok", "no_seg", "error")}
     summary = {
         "run_name": params.run_name,
@@ -635,20 +824,38 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
         "n_scored": int(table["has_gt"].sum()),
         "status_counts": status_counts,
         "headline": headline(table),
-        "ci95": {m: [frame.loc[m, "ci95_low"], frame.loc[m, "ci95_high"]] for m in frame.index},
+        "ci95": {m: [i.low, i.high] if i.shown else None for m, i in found.items()},
+        "intervals": {m: i.as_dict() for m, i in found.items()},
+        "units": units.as_dict(),
+        "min_patients": settings.min_patients,
+        "bootstrap": {"n_resamples": settings.bootstrap_samples, "method": "BCa, patients resampled (scipy)",
+                      "level": stats.LEVEL},
         "micro": {m: value for m, value in frame["micro (pooled)"].items() if math.isfinite(value)},
         "nan_counts": {m: int(frame.loc[m, "n_nan"]) for m in frame.index},
         "inf_counts": {m: int(frame.loc[m, "n_inf"]) for m in frame.index},
         "flags": [flag.as_dict() for flag in flags],
         "predictions_hash": predictions_hash,
         "threshold": settings.threshold,
-        "best_threshold": None if sweep is None else float(sweep.loc[sweep["dice"].idxmax(), "threshold"]),
+        "best_threshold": None if choice is None else choice.recommended,
+        "threshold_cv": None if choice is None else choice.as_dict(),
+        "in_sample_best_threshold (optimistic)": None if sweep is None else float(
+            sweep.loc[sweep["dice"].idxmax(), "threshold"]),
+        "fragments": fragment_summary(table, rows),
+        "calibration": None if calibration is None else {
+            "ece": calibration.ece, "brier": calibration.brier, "average_precision": calibration.average_precision,
+            "n_pixels": calibration.n_pixels, "bins": calibration.bins.to_dict(orient="records")},
         "ground_truth": gt.report.as_dict(),
         "frames_without_prediction": len(not_predicted),
     }
     report = AnalysisReport(params.run_name, run_dir, table, summary, flags, frame, sweep, gt,
-                            settings.threshold, settings.gallery_k)
-    _write_outputs(report)
+                            settings.threshold, settings.gallery_k, threshold_cv=choice, calibration=calibration,
+                            min_patients=settings.min_patients)
+    report.temporal = report.compute_temporal()
+    if report.temporal is not None:
+        summary["temporal_consistency"] = {"pred_iou": float(report.temporal["pred_iou"].mean()),
+                                           "gt_iou": float(report.temporal["gt_iou"].mean()),
+                                           "sequences": len(report.temporal)}
+    _write_outputs(report, sweep_frames(rows))
     return report
 
 
@@ -659,11 +866,16 @@ def _spread(ids: list[str], limit: int) -> list[str]:
     return [ids[int(i)] for i in np.linspace(0, len(ids) - 1, limit)]
 
 
-def _write_outputs(report: AnalysisReport) -> None:
+def _write_outputs(report: AnalysisReport, sweep_counts: pd.DataFrame) -> None:
     out = report.analysis_dir
     figures_dir = out / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     report.table.to_parquet(out / "metrics.parquet", index=False)
+    sweep_path = out / "threshold_sweep.parquet"
+    if len(sweep_counts):
+        sweep_counts.to_parquet(sweep_path, index=False)
+    elif sweep_path.exists():
+        sweep_path.unlink()  # a rerun without probability maps must not leave the last run's sweep behind
     payload = strict_json(report.summary)
     temporary = out / ".summary.json.tmp"
     temporary.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -671,6 +883,10 @@ def _write_outputs(report: AnalysisReport) -> None:
     pieces: dict[str, Any] = {"histograms": report.histograms}
     if report.sweep is not None:
         pieces["threshold_sweep"] = report.threshold_sweep_figure
+    if report.calibration is not None:
+        pieces["calibration"] = lambda: calibration_figure(report.calibration)
+    if report.temporal is not None:
+        pieces["temporal"] = lambda: temporal_figure(report.temporal)
     if report.table["has_gt"].any():
         pieces["worst_k"] = lambda: report.gallery(worst=True)
         pieces["best_k"] = lambda: report.gallery(worst=False)

@@ -95,6 +95,10 @@ class AnalysisParams:
     max_error_rate: float = 0.05
     max_no_seg_rate: float = 0.05
     compare_to: list[Path] = field(default_factory=list)  # other run dirs whose predictions must not be identical
+    primary_metric: str = "dice"  # the metric stage 04's verdict names first (every other one is still tested)
+    min_patients: int = 10  # fewer patients: no confidence interval, per-patient values instead
+    paired_test: Literal["wilcoxon", "permutation"] = "wilcoxon"  # on per-patient mean differences (stage 04)
+    min_shared_fraction: float = 0.9  # stage 04 flags runs sharing fewer scored frames than this share of either
 
 
 @dataclass

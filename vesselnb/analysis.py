@@ -32,30 +32,11 @@ from vesselnb import metrics as vm
 from vesselnb import stats, viz
 from vesselnb.data import GroundTruth, list_samples, load_ground_truth, parse_sample_name
 from vesselnb.errors import DataError, ParamsError, StageError, StoreError
+from vesselnb.fingerprint import file_digest, new_file_digest
+from vesselnb.jsonable import strict_json
 from vesselnb.params import DEFAULT_NAME_REGEX, AnalysisParams, RunParams
 
-# Metric -> higher is better; the order of the summary table.
-SUMMARY_METRICS: dict[str, bool] = {
-    "dice": True,
-    "iou": True,
-    "cldice": True,
-    "precision": True,
-    "recall": True,
-    "specificity": True,
-    "nsd": True,
-    "recall_thin": True,
-    "recall_medium": True,
-    "recall_thick": True,
-    "hd95": False,
-    "assd": False,
-    "betti0_error": False,
-    "betti1_error": False,
-    "spurious_components": False,
-    "largest_spurious_px": False,
-    "spurious_area_px": False,
-    "brier": False,
-    "average_precision": True,
-}
+SUMMARY_METRICS = vm.HIGHER_IS_BETTER  # metric -> higher is better; the order of the summary table
 TABLE_COLUMNS = [
     "sample_id", "patient", "sequence", "frame", "status", "gt_area", "pred_area",
     "dice", "iou", "precision", "recall", "specificity", "cldice", "betti0_error", "betti1_error",
@@ -224,7 +205,6 @@ def intervals(table: pd.DataFrame, metrics: Sequence[str], n_boot: int = 1000, s
 def summary_metrics(table: pd.DataFrame) -> list[str]:
     """The summary's metrics present in ``table`` (mm distances after the pixel ones; all-NaN columns dropped)."""
     metrics = [m for m in SUMMARY_METRICS if m in table.columns]
-    metrics += [m for m in ("hd95_mm", "assd_mm") if m in table.columns]
     return [m for m in metrics if table[m].notna().any() or m not in ("brier", "average_precision")]
 
 
@@ -244,7 +224,7 @@ def summary_table(table: pd.DataFrame, n_boot: int = 1000, metrics: Sequence[str
         interval = found[metric]
         rows.append({
             "metric": metric,
-            "better": "higher" if SUMMARY_METRICS.get(metric, metric not in ("hd95_mm", "assd_mm")) else "lower",
+            "better": "higher" if SUMMARY_METRICS.get(metric, True) else "lower",
             "mean (macro)": interval.estimate,
             "ci95_low": interval.low if interval.shown else math.nan,
             "ci95_high": interval.high if interval.shown else math.nan,
@@ -757,12 +737,6 @@ def headline(table: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
 def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> AnalysisReport:
     """Score a run's prediction store against the ground truth; write ``analysis/`` and return the report.
 
@@ -846,6 +820,7 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
             "n_pixels": calibration.n_pixels, "bins": calibration.bins.to_dict(orient="records")},
         "ground_truth": gt.report.as_dict(),
         "frames_without_prediction": len(not_predicted),
+        "scoring": scoring_record(params, store, scored),
     }
     report = AnalysisReport(params.run_name, run_dir, table, summary, flags, frame, sweep, gt,
                             settings.threshold, settings.gallery_k, threshold_cv=choice, calibration=calibration,
@@ -857,6 +832,63 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
                                            "sequences": len(report.temporal)}
     _write_outputs(report, sweep_frames(rows))
     return report
+
+
+def _content_hash(path: Path | None) -> str | None:
+    """Digest of a file, or of every file under a folder (names and bytes); None when it cannot be read."""
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        if path.is_file():
+            return file_digest(path)
+        digest = new_file_digest()
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            digest.update(str(item.relative_to(path)).encode("utf-8") + b"\0" + file_digest(item).encode("ascii"))
+        return digest.hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def _ids_hash(ids: Sequence[str]) -> str:
+    digest = new_file_digest()
+    for sample_id in sorted(ids):
+        digest.update(sample_id.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def scoring_record(params: RunParams, store: Any, scored: pd.DataFrame) -> dict[str, Any]:
+    """How this run was scored, so stage 04 can refuse to compare runs scored differently.
+
+    Annotations by content hash (a moved file is the same annotations; an edited one is not), the threshold, the
+    prompt the model saw, the polygon fill, the set of scored frames, and the image preprocessing (inference mode,
+    the frames' names and sizes on disk, the HF folder's image-processor settings).
+    """
+    data, meta = params.data, store.meta
+    images = sorted(str(i) for i in scored["image"] if i)
+    sizes = []
+    for image in images:
+        try:
+            sizes.append(f"{Path(image).name}:{Path(image).stat().st_size}")
+        except OSError:
+            sizes.append(f"{Path(image).name}:?")
+    hf_dir = Path(meta["model_dir"]) if meta.get("model_dir") else None
+    processor = [hf_dir / n for n in ("preprocessor_config.json", "processor_config.json")] if hf_dir else []
+    return {
+        "annotations": str(data.annotations),
+        "annotations_hash": _content_hash(data.annotations),
+        "annotation_format": data.annotation_format,
+        "polygon_fill": data.polygon_fill,
+        "threshold": params.analysis.threshold,
+        "prompt": meta.get("prompt", params.inference.prompt),
+        "frames_hash": _ids_hash(list(scored["sample_id"])),
+        "n_frames": len(scored),
+        "preprocessing": {
+            "mode": meta.get("mode", params.inference.mode),
+            "images_hash": _ids_hash(sizes),
+            "image_processor_hash": next((_content_hash(p) for p in processor if p.is_file()), None),
+        },
+    }
 
 
 def _spread(ids: list[str], limit: int) -> list[str]:
@@ -894,24 +926,3 @@ def _write_outputs(report: AnalysisReport, sweep_counts: pd.DataFrame) -> None:
         fig = build()
         report.figures[name] = viz.save_figure(fig, figures_dir / f"{name}.png")
         viz.close(fig)
-
-
-def strict_json(value: Any, inf_as: str = "string") -> Any:
-    """Plain, strict-JSON values: NaN -> null, numpy scalars -> Python, paths -> str, and ±inf -> "inf"/"-inf"
-    (``inf_as="string"``, summary.json: an infinite HD95 is information) or null (``inf_as="null"``)."""
-    if isinstance(value, dict):
-        return {str(k): strict_json(v, inf_as) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v, inf_as) for v in value]
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        number = float(value)
-        if inf_as == "null" and math.isinf(number):
-            return None
-        return _json_number(number)
-    if isinstance(value, Path):
-        return str(value)
-    return value

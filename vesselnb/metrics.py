@@ -42,6 +42,14 @@ NAN = float("nan")
 INF = float("inf")
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 WIDTH_BIN_NAMES = ("thin", "medium", "thick")
+# Every per-frame quality metric a summary or comparison reports -> higher is better (the order of the reports).
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "dice": True, "iou": True, "cldice": True, "precision": True, "recall": True, "specificity": True, "nsd": True,
+    "recall_thin": True, "recall_medium": True, "recall_thick": True,
+    "hd95": False, "assd": False, "betti0_error": False, "betti1_error": False,
+    "spurious_components": False, "largest_spurious_px": False, "spurious_area_px": False,
+    "brier": False, "average_precision": True, "hd95_mm": False, "assd_mm": False,
+}
 
 
 def _check(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

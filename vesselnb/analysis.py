@@ -844,7 +844,8 @@ def _content_hash(path: Path | None) -> str | None:
             return file_digest(path)
         digest = new_file_digest()
         for item in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(item.relative_to(path)).encode("utf-8") + b"\0" + file_digest(item).encode("ascii"))
+            name = str(item.relative_to(path)).encode("utf-8")
+            digest.update(name + b"\0" + file_digest(item, 1 << 20).encode("ascii"))
         return digest.hexdigest()[:16]
     except OSError:
         return None

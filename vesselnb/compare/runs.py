@@ -1,0 +1,319 @@
+"""Reading the run folders a comparison needs, and deciding whether they *can* be compared.
+
+Identity comes first (users twice compared "two" checkpoints that were the same weights): weight fingerprints, the
+per-component weight delta (the converter's :func:`vesselnb.convert.diff_weights`) and the prediction hashes. Then
+comparability: runs scored on other annotations, at another threshold, with another prompt, polygon fill, frame set
+or image preprocessing, or sharing too few frames, give differences that say nothing about the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from vesselnb.errors import StageError, StoreError, VesselnbError
+from vesselnb.fingerprint import weights_fingerprint
+from vesselnb.store import PredictionStore
+
+# Largest relative change over all components below this: the checkpoints are practically the same weights.
+# bf16 keeps ~3 significant digits, so real training steps move weights by far more than 1e-4.
+NEAR_ZERO_REL_CHANGE = 1e-4
+IDENTITY_KEYS = ("identical_weights", "identical_predictions", "near_zero_weight_delta")
+REQUIRED_COLUMNS = ("sample_id", "patient", "sequence", "status", "has_gt", "dice")
+# What stage 03 records in summary.json "scoring"; a difference in any of these makes the comparison meaningless.
+SCORING_KEYS = {
+    "annotations_hash": "annotations (content hash)",
+    "threshold": "threshold",
+    "prompt": "prompt",
+    "polygon_fill": "polygon fill",
+    "annotation_format": "annotation format",
+}
+PREPROCESSING_KEYS = {"mode": "inference mode", "images_hash": "frames on disk (names and sizes)",
+                      "image_processor_hash": "image-processor settings"}
+
+
+@dataclass
+class RunInputs:
+    """What the comparison needs from one run folder, read once."""
+
+    label: str  # unique within one comparison (a run compared with itself gets "name#2")
+    name: str  # the run's own name (manifest params.run_name, else summary run_name, else folder name)
+    run_dir: Path
+    manifest: dict[str, Any]
+    conversion: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: pd.DataFrame
+    sweep: pd.DataFrame | None  # analysis/threshold_sweep.parquet: per-frame TP/FP/FN per threshold
+    hf_dir: Path | None
+    fingerprint: str | None
+    fingerprint_source: str
+    iteration: int | None
+    checkpoint: str | None
+    predictions_hash: str | None
+    store: PredictionStore
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.manifest.get("params") or {}
+
+    @property
+    def analysis_params(self) -> dict[str, Any]:
+        return self.params.get("analysis") or {}
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        return self.summary.get("scoring") or {}
+
+    @property
+    def scored(self) -> pd.DataFrame:
+        return self.metrics[self.metrics["has_gt"].astype(bool)]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise VesselnbError(f"{path}: cannot read this JSON file ({exc}); rerun the stage that writes it") from None
+
+
+def _run_command_hint(run_dir: Path, manifest: dict[str, Any]) -> str:
+    source = manifest.get("params_file") or (manifest.get("params") or {}).get("source_file")
+    return f"run `vesselnb run {source or f'params/{run_dir.name}.yaml'}` first"
+
+
+def _find_hf_dir(run_dir: Path, manifest: dict[str, Any], conversion: dict[str, Any], store_meta: dict) -> Path | None:
+    """The HF folder the run used: where conversion wrote it, the params' ``hf_model``, the store's, or the default."""
+    params = manifest.get("params") or {}
+    candidates = [
+        conversion.get("output_dir"),
+        manifest.get("output_dir"),
+        params.get("hf_model"),
+        (params.get("checkpoint") or {}).get("hf_output"),
+        store_meta.get("model_dir"),
+        run_dir / "hf_model",
+    ]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return Path(candidate)
+    return None
+
+
+_ITER_PATTERN = re.compile(r"iter_(\d+)")
+
+
+def _find_iteration(manifest: dict[str, Any], conversion: dict[str, Any], name: str) -> tuple[int | None, str | None]:
+    """Training iteration: params ``iteration``, else ``iter_N`` in the checkpoint path, else in the run name."""
+    params = manifest.get("params") or {}
+    checkpoint = (
+        (manifest.get("source_checkpoint") or {}).get("path")
+        or (params.get("checkpoint") or {}).get("path")
+        or (conversion.get("source") or {}).get("path")
+    )
+    if params.get("iteration") is not None:
+        return int(params["iteration"]), checkpoint
+    for text in (checkpoint, params.get("hf_model"), name):
+        match = _ITER_PATTERN.search(str(text or ""))
+        if match:
+            return int(match.group(1)), checkpoint
+    return None, checkpoint
+
+
+def _find_fingerprint(
+    manifest: dict[str, Any], conversion: dict[str, Any], store_meta: dict[str, Any], hf_dir: Path | None
+) -> tuple[str | None, str]:
+    """The recorded weights fingerprint (cheap), else one computed from the HF folder."""
+    for value, source in (
+        (conversion.get("fingerprint"), "conversion.json"),
+        (manifest.get("weights_fingerprint"), "manifest.json"),
+        (store_meta.get("fingerprint"), "predictions/store.json"),
+    ):
+        if value:
+            return str(value), source
+    if hf_dir is not None:
+        return weights_fingerprint(hf_dir), f"computed from {hf_dir}"
+    return None, "unknown (no record, HF folder not found)"
+
+
+def load_run(run_dir: str | Path, label: str | None = None) -> RunInputs:
+    """Read one run folder's manifest, conversion record, summary, metrics table and prediction store.
+
+    The metrics table, summary and store are required (errors name the missing file and the command that writes
+    it); manifest.json and conversion.json are optional (a run on an existing HF folder has no conversion.json).
+    """
+    folder = Path(run_dir).resolve()
+    if not folder.is_dir():
+        raise VesselnbError(f"{folder}: run folder not found; run `vesselnb run params/<run>.yaml` to create it")
+    manifest = _read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else {}
+    conversion = _read_json(folder / "conversion.json") if (folder / "conversion.json").is_file() else {}
+    hint = _run_command_hint(folder, manifest)
+    metrics_path = folder / "analysis" / "metrics.parquet"
+    summary_path = folder / "analysis" / "summary.json"
+    sweep_path = folder / "analysis" / "threshold_sweep.parquet"
+    for needed in (metrics_path, summary_path):
+        if not needed.is_file():
+            raise StageError(f"{needed}: missing; the error-analysis stage (03) writes it — {hint}")
+    store_dir = folder / "predictions"
+    if not (store_dir / "store.json").is_file():
+        raise StoreError(f"{store_dir}: no prediction store; the inference stage (02) writes it — {hint}")
+    summary = _read_json(summary_path)
+    try:
+        metrics = pd.read_parquet(metrics_path)
+        sweep = pd.read_parquet(sweep_path) if sweep_path.is_file() else None
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise StageError(f"{metrics_path.parent}: cannot read a table ({exc}); rerun stage 03 — {hint}") from None
+    missing = set(REQUIRED_COLUMNS) - set(metrics.columns)
+    if missing:
+        raise StageError(f"{metrics_path}: columns {sorted(missing)} missing; rerun stage 03 — {hint}")
+    store = PredictionStore(store_dir)
+    store_meta = store.meta
+    name = str((manifest.get("params") or {}).get("run_name") or summary.get("run_name") or folder.name)
+    hf_dir = _find_hf_dir(folder, manifest, conversion, store_meta)
+    fingerprint, source = _find_fingerprint(manifest, conversion, store_meta, hf_dir)
+    iteration, checkpoint = _find_iteration(manifest, conversion, name)
+    return RunInputs(
+        label=label or name,
+        name=name,
+        run_dir=folder,
+        manifest=manifest,
+        conversion=conversion,
+        summary=summary,
+        metrics=metrics.drop_duplicates("sample_id", keep="last").set_index("sample_id", drop=False),
+        sweep=sweep,
+        hf_dir=hf_dir,
+        fingerprint=fingerprint,
+        fingerprint_source=source,
+        iteration=iteration,
+        checkpoint=checkpoint,
+        predictions_hash=summary.get("predictions_hash") or store.predictions_hash(),
+        store=store,
+    )
+
+
+def unique_labels(names: list[str]) -> list[str]:
+    """Run names made unique within one comparison (``name``, ``name#2``...)."""
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return labels
+
+
+# --- comparability ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why two runs cannot be compared as they are (shown in the red banner; the stage then exits non-zero)."""
+
+    a: str
+    b: str
+    code: str  # "no_shared_frames" | "few_shared_frames" | "scored_differently" | "not_recorded"
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"a": self.a, "b": self.b, "code": self.code, "message": self.message}
+
+
+def comparability(run_a: RunInputs, run_b: RunInputs, min_shared_fraction: float) -> list[Problem]:
+    """Problems that make Δ between these two runs meaningless: too few shared scored frames, or other scoring."""
+    problems: list[Problem] = []
+    scored_a, scored_b = set(run_a.scored["sample_id"]), set(run_b.scored["sample_id"])
+    shared = len(scored_a & scored_b)
+    larger = max(len(scored_a), len(scored_b))
+    a, b = run_a.label, run_b.label
+    if shared == 0:
+        problems.append(Problem(a, b, "no_shared_frames",
+                                f"{a} and {b} share no scored frame ({len(scored_a)} and {len(scored_b)} scored): "
+                                "check that both ran on the same images and annotations"))
+    elif shared < min_shared_fraction * larger:
+        problems.append(Problem(a, b, "few_shared_frames",
+                                f"{a} and {b} share {shared} scored frames, {shared / larger:.0%} of the larger run's "
+                                f"{larger} (minimum {min_shared_fraction:.0%}, analysis.min_shared_fraction): the "
+                                "comparison covers only part of the data"))
+    if not run_a.scoring or not run_b.scoring:
+        missing = a if not run_a.scoring else b
+        problems.append(Problem(a, b, "not_recorded",
+                                f"{missing}: summary.json records no scoring settings (an older stage 03); rerun stage "
+                                "03 so the comparison can check that both runs were scored alike"))
+        return problems
+    differences = []
+    for key, label in SCORING_KEYS.items():
+        value_a, value_b = run_a.scoring.get(key), run_b.scoring.get(key)
+        if value_a != value_b:
+            differences.append(f"{label}: {_short(value_a)} vs {_short(value_b)}")
+    pre_a, pre_b = run_a.scoring.get("preprocessing") or {}, run_b.scoring.get("preprocessing") or {}
+    for key, label in PREPROCESSING_KEYS.items():
+        if pre_a.get(key) != pre_b.get(key):
+            differences.append(f"{label}: {_short(pre_a.get(key))} vs {_short(pre_b.get(key))}")
+    if run_a.scoring.get("frames_hash") != run_b.scoring.get("frames_hash"):
+        differences.append(f"frame set: {run_a.scoring.get('n_frames')} vs {run_b.scoring.get('n_frames')} scored "
+                           f"frames, {shared} shared (only those are compared)")
+    hard = [d for d in differences if not d.startswith("frame set")]
+    if hard:
+        problems.append(Problem(a, b, "scored_differently",
+                                f"{a} and {b} were scored differently — " + "; ".join(differences)))
+    return problems
+
+
+def frame_set_note(run_a: RunInputs, run_b: RunInputs) -> str:
+    """A line when the scored frame sets differ (the comparison uses the shared frames only)."""
+    if run_a.scoring.get("frames_hash") == run_b.scoring.get("frames_hash"):
+        return ""
+    return (f"{run_a.label} scored {run_a.scoring.get('n_frames')} frames and {run_b.label} "
+            f"{run_b.scoring.get('n_frames')}: only the shared ones are compared")
+
+
+def _short(value: Any, limit: int = 48) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- identity -----------------------------------------------------------------------------------------------------
+
+
+def weight_delta(run_a: RunInputs, run_b: RunInputs) -> tuple[pd.DataFrame | None, bool | None, str]:
+    """Per-component weight delta from the converter's :func:`diff_weights`; (table, identical, note).
+
+    The table has the diff's per-component columns (``n_tensors``, ``n_identical``, ``max_abs``, ``rel_norm`` =
+    ‖B − A‖ / ‖A‖ over the component). Without both HF folders only the fingerprints can speak.
+    """
+    if run_a.hf_dir is None or run_b.hf_dir is None:
+        missing = run_a.label if run_a.hf_dir is None else run_b.label
+        return None, None, f"HF folder of {missing} not found: weight delta not computed (fingerprints only)"
+    if run_a.hf_dir.resolve() == run_b.hf_dir.resolve():
+        return None, True, f"both runs used the same HF folder {run_a.hf_dir}"
+    from vesselnb.convert import diff_weights  # torch: imported only when weights are compared
+
+    diff = diff_weights(run_a.hf_dir, run_b.hf_dir)
+    table = diff.component_table.set_index("component")
+    notes = []
+    if diff.only_in_a or diff.only_in_b:
+        notes.append(
+            f"{len(diff.only_in_a)} tensors only in {run_a.label}, {len(diff.only_in_b)} only in {run_b.label}"
+        )
+    if diff.shape_mismatch:
+        notes.append(f"{len(diff.shape_mismatch)} tensors differ in shape, e.g. {diff.shape_mismatch[0]}")
+    return table, diff.identical, "; ".join(notes)
+
+
+def max_rel_change(table: pd.DataFrame | None, note: str) -> float | None:
+    """Largest per-component relative change; None when there is no table or the key sets differ."""
+    if table is None or table.empty or note:
+        return None
+    return float(np.nanmax(table["rel_norm"].to_numpy(dtype=float)))
+
+
+def masks_identical(run_a: RunInputs, run_b: RunInputs, sample_ids: list[str]) -> bool:
+    """Compare predicted masks sample by sample (used only when hashes cannot decide, e.g. different sample sets)."""
+    for sample_id in tqdm(sample_ids, desc=f"masks {run_a.label} vs {run_b.label}", leave=False):
+        if not np.array_equal(run_a.store.mask(sample_id), run_b.store.mask(sample_id)):
+            return False
+    return True

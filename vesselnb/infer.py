@@ -43,8 +43,10 @@ from vesselnb import store_writer
 from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
 from vesselnb.errors import InferenceError, StoreError
+from vesselnb.fingerprint import config_fingerprint
 from vesselnb.frames import open_frame_rgb
 from vesselnb.params import DEFAULT_PROMPT, RunParams
+from vesselnb.run_folder import PARTS_DIR, RunFolder
 from vesselnb.store import (
     STATUSES,
     PredictionStore,
@@ -58,7 +60,6 @@ from vesselnb.store import (
 
 IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "[SEG]"
-PREDICTIONS_DIR = "predictions"
 SAMPLE_DELAY_ENV = "VESSELNB_TEST_SAMPLE_DELAY"
 
 
@@ -674,21 +675,19 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     ``shard=(k, n)`` (or ``accelerate launch``'s RANK/WORLD_SIZE) runs one part; the last part to finish merges all.
     Ground truth (``params.data.annotations``) is never read here.
     """
-    from vesselnb.fingerprint import config_fingerprint, weights_fingerprint
-
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     shard = _resolve_shard(shard)
     inf = params.inference
     prompt, prompt_warning = prepare_prompt(inf.prompt, inf.strict_prompt)
-    hf_dir = params.hf_model_dir(run_dir)
+    hf_dir = run.hf_dir(params)
     if not (hf_dir / "config.json").is_file():
         raise InferenceError(f"{hf_dir}: no HF model folder here; run stage 01 (convert) first or set 'hf_model'")
     if params.data.images is None:
         raise InferenceError("params: 'data.images' is not set; point it at the folder of frames")
     samples = list_samples(params.data.images, params.data.image_glob, params.data.name_regex, params.data.limit)
-    fingerprint = weights_fingerprint(hf_dir)
+    fingerprint = run.weights_fingerprint(params)
     model_config = config_fingerprint(hf_dir)
-    predictions = run_dir / PREDICTIONS_DIR
+    predictions = run.predictions_dir
     meta = read_store_meta(predictions)
     if meta is not None:  # refuse a mismatch before spending minutes loading weights
         wanted = {"fingerprint": fingerprint, "model_config": model_config, "prompt": prompt, "mode": inf.mode,
@@ -697,7 +696,7 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
 
     units = select_shard(work_units(samples, inf.mode), shard)
     mine = [s for unit in units for s in unit]
-    target = predictions / "parts" / part_name(shard) if shard is not None else predictions
+    target = predictions / PARTS_DIR / part_name(shard) if shard is not None else predictions
     already: set[str] = set()
     for folder in {predictions, target}:
         if read_store_meta(folder) is not None:
@@ -731,7 +730,7 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     if shard is not None:
         if store is not None and store.path == target:
             store.mark_part_complete(len(mine))
-        merged = _merge_if_last(predictions, shard[1]) or not (predictions / "parts").exists()
+        merged = _merge_if_last(predictions, shard[1]) or not (predictions / PARTS_DIR).exists()
     final = open_quietly(predictions) if (shard is None or merged) else open_quietly(target)
     wanted_ids = {s.sample_id for s in (samples if final.path == predictions else mine)}
     frame = final.records_frame()
@@ -754,7 +753,7 @@ def _merge_if_last(predictions: Path, n_shards: int) -> bool:
         if "merging shard parts right now" in str(exc):
             return False
         raise
-    return not (predictions / "parts").exists()
+    return not (predictions / PARTS_DIR).exists()
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------------
@@ -797,7 +796,8 @@ def _cli_infer(args: Any) -> int:
 
 
 def _cli_merge(args: Any) -> int:
-    path = args.path / PREDICTIONS_DIR if (args.path / PREDICTIONS_DIR).is_dir() else args.path
+    folder = RunFolder(args.path)
+    path = folder.predictions_dir if folder.predictions_dir.is_dir() else args.path
     report = merge_parts(path, require_complete=not args.allow_incomplete)
     print(f"merged {len(report.parts)} part(s) into {report.store}: {report.copied} samples copied, "
           f"{report.already_present} already present")

@@ -45,6 +45,7 @@ from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, 
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.fingerprint import config_fingerprint
 from vesselnb.frames import open_frame_rgb
+from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_PROMPT, RunParams
 from vesselnb.run_folder import PARTS_DIR, RunFolder
 from vesselnb.store import (
@@ -339,11 +340,6 @@ def _frame_of(stack: Any, index: int) -> np.ndarray:
     raise InferenceError(f"predict_forward returned a mask of shape {array.shape}; expected (frames, H, W)")
 
 
-def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
-    return np.asarray(image) > 127
-
-
 def _resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     image = Image.fromarray(prob.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR)
     return np.asarray(image)
@@ -369,7 +365,7 @@ def interpret_output(
     combined = frame_masks[0] if len(frame_masks) == 1 else np.logical_or.reduce(frame_masks)
     if combined.shape != (height, width):
         record["mask_resized_from"] = [int(combined.shape[0]), int(combined.shape[1])]
-        combined = _resize_mask(combined, height, width)
+        combined = resize_mask(combined, (height, width))
     probability = None
     maps = output.get("probability_maps") if want_probability else None
     if maps:

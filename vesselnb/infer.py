@@ -46,7 +46,7 @@ from vesselnb.errors import InferenceError, StoreError
 from vesselnb.fingerprint import config_fingerprint
 from vesselnb.frames import open_frame_rgb
 from vesselnb.masks import resize_mask
-from vesselnb.params import DEFAULT_PROMPT, RunParams
+from vesselnb.params import DEFAULT_PROMPT, RunParams, load_params
 from vesselnb.run_folder import PARTS_DIR, RunFolder
 from vesselnb.store import (
     STATUSES,
@@ -752,35 +752,8 @@ def _merge_if_last(predictions: Path, n_shards: int) -> bool:
     return not (predictions / PARTS_DIR).exists()
 
 
-# --- CLI ------------------------------------------------------------------------------------------------------------
-def add_cli(subparsers: Any) -> None:
-    """``vesselnb infer`` and ``vesselnb merge-predictions``."""
-    infer = subparsers.add_parser(
-        "infer", help="run stage 02 (predict_forward over the frames) into <run-dir>/predictions",
-        description="Run an HF Sa2VA folder over the frames of a params file. Resumable; for several GPUs use "
-                    "`accelerate launch --num_processes N -m vesselnb.cli infer PARAMS --run-dir DIR`.",
-    )
-    infer.add_argument("params", type=Path, help="params YAML (see params/demo.yaml)")
-    infer.add_argument("--run-dir", type=Path, default=None, help="run folder (default: outputs/<run_name>)")
-    infer.add_argument("--shard", default=None, help="k/n: run only shard k of n (0-based; default under "
-                                                      "accelerate launch: RANK/WORLD_SIZE)")
-    infer.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                       help="override inference.device")
-    infer.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    infer.set_defaults(func=_cli_infer)
-
-    merge = subparsers.add_parser(
-        "merge-predictions", help="merge shard parts (predictions/parts/*) into the run's prediction store",
-    )
-    merge.add_argument("path", type=Path, help="the run folder or its predictions/ folder")
-    merge.add_argument("--allow-incomplete", action="store_true",
-                       help="also merge parts whose shard has not finished (their remaining samples stay missing)")
-    merge.set_defaults(func=_cli_merge)
-
-
+# --- CLI (registered by vesselnb.infer_cli, which imports this module only when the command runs) --------------
 def _cli_infer(args: Any) -> int:
-    from vesselnb.params import load_params
-
     params = load_params(args.params)
     if args.device:
         params.inference.device = args.device
@@ -788,17 +761,4 @@ def _cli_infer(args: Any) -> int:
     shard = parse_shard(args.shard) if args.shard else None
     summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
     print(summary.to_text(), file=sys.stderr if summary.has_problems else sys.stdout)
-    return 0
-
-
-def _cli_merge(args: Any) -> int:
-    folder = RunFolder(args.path)
-    path = folder.predictions_dir if folder.predictions_dir.is_dir() else args.path
-    report = merge_parts(path, require_complete=not args.allow_incomplete)
-    print(f"merged {len(report.parts)} part(s) into {report.store}: {report.copied} samples copied, "
-          f"{report.already_present} already present")
-    if report.incomplete_parts:
-        print(f"not merged (shard still running or killed; rerun it): {', '.join(report.incomplete_parts)}",
-              file=sys.stderr)
-        return 1
     return 0

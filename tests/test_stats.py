@@ -183,4 +183,5 @@ def test_the_cv_threshold_never_sees_the_held_out_patient() -> None:
 def test_dice_from_sweep_counts() -> None:
     counts = np.array([[[5, 5, 0], [0, 0, 0]], [[0, 3, 4], [2, 0, 2]]])
     dice = stats.dice_from_sweep(counts)
-    assert dice[0, 0] == pytest.approx(10 / 15) and math.isnan(dice[0, 1]) and dice[1, 0] == 0 and dice[1, 1] == pytest.approx(4 / 6)
+    assert dice[0, 0] == pytest.approx(10 / 15) and math.isnan(dice[0, 1])
+    assert dice[1, 0] == 0 and dice[1, 1] == pytest.approx(4 / 6)

@@ -34,6 +34,7 @@ from vesselnb.data import GroundTruth, list_samples, load_ground_truth, parse_sa
 from vesselnb.errors import DataError, ParamsError, StageError, StoreError
 from vesselnb.fingerprint import file_digest, new_file_digest
 from vesselnb.jsonable import strict_json
+from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX, AnalysisParams, RunParams
 
 SUMMARY_METRICS = vm.HIGHER_IS_BETTER  # metric -> higher is better; the order of the summary table
@@ -91,7 +92,7 @@ def _prediction_mask(store: Any, sample_id: str, record: dict[str, Any], shape: 
         return probability > threshold * 255.0, probability
     mask = store.mask(sample_id)
     if mask.shape != shape:
-        mask = np.zeros(shape, dtype=bool) if mask.size == 0 else viz._fit_mask(mask, shape)
+        mask = np.zeros(shape, dtype=bool) if mask.size == 0 else resize_mask(mask, shape)
     return mask, probability
 
 

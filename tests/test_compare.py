@@ -13,7 +13,7 @@ import pytest
 from _compare_fixtures import build_run, configured_copy, copy_hf_folder, nudged_copy
 
 from vesselnb.compare import NEAR_ZERO_REL_CHANGE, CompareSettings, compare_stage, paired_comparison
-from vesselnb.compare.runs import _find_iteration, unique_labels
+from vesselnb.compare.runs import unique_labels
 from vesselnb.errors import StageError, VesselnbError
 from vesselnb.jsonable import strict_json
 
@@ -141,13 +141,8 @@ def test_ci_of_the_mean_delta_resamples_patients_not_frames() -> None:
     assert math.isnan(one_patient["ci_low"]) and "only 1 patients" in one_patient["ci_withheld"]
 
 
-def test_labels_iterations_and_json_helpers() -> None:
+def test_labels_and_json_helpers() -> None:
     assert unique_labels(["demo", "demo", "x", "demo"]) == ["demo", "demo#2", "x", "demo#3"]
-    manifest = {"params": {"checkpoint": {"path": "/w/work_dirs/iter_12192.pth"}}}
-    assert _find_iteration(manifest, {}, "run")[0] == 12192
-    assert _find_iteration({"params": {"iteration": 7, "checkpoint": {}}}, {}, "iter_3")[0] == 7
-    assert _find_iteration({}, {}, "ckpt_iter_3672")[0] == 3672
-    assert _find_iteration({}, {}, "final")[0] is None
     text = json.dumps(
         strict_json({"x": math.nan, "y": np.float32(0.5), "z": [np.int64(3), math.inf]}, inf_as="null"),
         allow_nan=False,

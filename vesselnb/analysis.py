@@ -14,7 +14,6 @@ bad to be true before anyone reads the numbers.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -31,11 +30,12 @@ from tqdm import tqdm
 from vesselnb import metrics as vm
 from vesselnb import stats, viz
 from vesselnb.data import GroundTruth, list_samples, load_ground_truth, parse_sample_name
-from vesselnb.errors import DataError, ParamsError, StageError, StoreError
+from vesselnb.errors import DataError, ParamsError, StageError, StoreError, VesselnbError
 from vesselnb.fingerprint import file_digest, new_file_digest
 from vesselnb.jsonable import strict_json
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX, AnalysisParams, RunParams
+from vesselnb.run_folder import RunFolder
 
 SUMMARY_METRICS = vm.HIGHER_IS_BETTER  # metric -> higher is better; the order of the summary table
 TABLE_COLUMNS = [
@@ -423,20 +423,13 @@ def sanity_flags(
 
 
 def other_run_hashes(run_dir: Path, compare_to: Sequence[Path]) -> dict[str, str]:
-    """``predictions_hash`` of sibling run folders and of ``analysis.compare_to``, read from their summary.json."""
-    run_dir = Path(run_dir).resolve()
-    candidates = set(compare_to)
-    if run_dir.parent.is_dir():
-        candidates |= {p for p in run_dir.parent.iterdir() if p.is_dir()}
+    """``predictions_hash`` of the neighbouring run folders and of ``analysis.compare_to`` (their summary.json)."""
     hashes = {}
-    for folder in sorted(Path(c).resolve() for c in candidates):
-        if folder == run_dir:
-            continue
-        path = folder / "analysis" / "summary.json"
+    for folder in RunFolder(run_dir).neighbours(compare_to):
         try:
-            value = json.loads(path.read_text(encoding="utf-8")).get("predictions_hash")
-        except (OSError, ValueError):
-            continue
+            value = (folder.summary() or {}).get("predictions_hash")
+        except VesselnbError:
+            continue  # a neighbour's damaged summary is its own problem, not this run's
         if value:
             hashes[folder.name] = str(value)
     return hashes
@@ -546,7 +539,7 @@ class AnalysisReport:
     @property
     def analysis_dir(self) -> Path:
         """``<run_dir>/analysis``."""
-        return self.run_dir / "analysis"
+        return RunFolder(self.run_dir).analysis_dir
 
     # -- display pieces --
     def flags_html(self) -> str:
@@ -901,19 +894,15 @@ def _spread(ids: list[str], limit: int) -> list[str]:
 
 
 def _write_outputs(report: AnalysisReport, sweep_counts: pd.DataFrame) -> None:
-    out = report.analysis_dir
-    figures_dir = out / "figures"
+    folder = RunFolder(report.run_dir)
+    figures_dir = folder.figures_dir
     figures_dir.mkdir(parents=True, exist_ok=True)
-    report.table.to_parquet(out / "metrics.parquet", index=False)
-    sweep_path = out / "threshold_sweep.parquet"
+    report.table.to_parquet(folder.metrics_path, index=False)
     if len(sweep_counts):
-        sweep_counts.to_parquet(sweep_path, index=False)
-    elif sweep_path.exists():
-        sweep_path.unlink()  # a rerun without probability maps must not leave the last run's sweep behind
-    payload = strict_json(report.summary)
-    temporary = out / ".summary.json.tmp"
-    temporary.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(temporary, out / "summary.json")
+        sweep_counts.to_parquet(folder.sweep_path, index=False)
+    else:
+        folder.sweep_path.unlink(missing_ok=True)  # a rerun without probability maps must not keep an old sweep
+    folder.write_summary(strict_json(report.summary))
     pieces: dict[str, Any] = {"histograms": report.histograms}
     if report.sweep is not None:
         pieces["threshold_sweep"] = report.threshold_sweep_figure

@@ -68,25 +68,17 @@ def ground_truth_reader(run: RunInputs, sample_ids: list[str]) -> tuple[Any, str
 
     Only the panels need ground truth; when it cannot be found the panels show predictions alone and say why.
     """
-    data = run.params.get("data") or {}
-    if not data.get("annotations") or not data.get("images"):
-        return None, f"{run.run_dir / 'manifest.json'}: no data paths recorded, so the panels show no ground truth"
+    data = run.params.data if run.params is not None else None
+    if data is None or data.annotations is None or data.images is None:
+        return None, f"{run.folder.manifest_path}: no data paths recorded, so the panels show no ground truth"
     data_log = logging.getLogger("vesselnb.data")
     level = data_log.level
     data_log.setLevel(logging.ERROR)  # stage 03 already reported this dataset's annotation warnings
     try:
-        samples = list_samples(
-            data["images"],
-            data.get("image_glob") or "*.jpg",
-            data.get("name_regex") or DEFAULT_NAME_REGEX,
-            data.get("limit"),
-        )
-        truth = load_ground_truth(
-            data["annotations"],
-            [s for s in samples if s.sample_id in set(sample_ids)],
-            data.get("annotation_format") or "auto",
-            data.get("polygon_fill") or "union",
-        )
+        samples = list_samples(data.images, data.image_glob, data.name_regex or DEFAULT_NAME_REGEX, data.limit)
+        wanted = set(sample_ids)
+        truth = load_ground_truth(data.annotations, [s for s in samples if s.sample_id in wanted],
+                                  data.annotation_format, polygon_fill=data.polygon_fill)
     except VesselnbError as exc:
         return None, f"ground truth not shown in the panels: {exc}"
     finally:

@@ -19,6 +19,7 @@ import pandas as pd
 from vesselnb import stats
 from vesselnb.compare.runs import Problem, RunInputs
 from vesselnb.metrics import HIGHER_IS_BETTER, WIDTH_BIN_NAMES
+from vesselnb.params import AnalysisParams
 
 # |Δ| at or below this counts as a tie in the frame/patient counts (Dice 0.001 is below any meaningful change).
 DISTANCE_METRICS = ("hd95", "assd", "hd95_mm", "assd_mm")
@@ -47,11 +48,11 @@ class CompareSettings:
     min_shared_fraction: float = 0.9
 
     @classmethod
-    def from_analysis(cls, analysis: dict[str, Any], **overrides: Any) -> CompareSettings:
-        """From a run's recorded ``analysis`` params (missing keys: this dataclass's defaults)."""
-        known = {"primary_metric": "primary_metric", "min_patients": "min_patients", "test": "paired_test",
-                 "n_boot": "bootstrap_samples", "min_shared_fraction": "min_shared_fraction"}
-        values = {name: analysis[key] for name, key in known.items() if analysis.get(key) is not None}
+    def from_analysis(cls, analysis: AnalysisParams, **overrides: Any) -> CompareSettings:
+        """From a run's ``analysis`` params; ``overrides`` that are not None win."""
+        values = {"primary_metric": analysis.primary_metric, "min_patients": analysis.min_patients,
+                  "test": analysis.paired_test, "n_boot": analysis.bootstrap_samples,
+                  "min_shared_fraction": analysis.min_shared_fraction}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

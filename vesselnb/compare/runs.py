@@ -8,8 +8,6 @@ or image preprocessing, or sharing too few frames, give differences that say not
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from vesselnb.errors import StageError, StoreError, VesselnbError
-from vesselnb.fingerprint import weights_fingerprint
+from vesselnb.params import AnalysisParams, RunParams
+from vesselnb.run_folder import RunFolder
 from vesselnb.store import PredictionStore
 
 # Largest relative change over all components below this: the checkpoints are practically the same weights.
@@ -41,13 +40,13 @@ PREPROCESSING_KEYS = {"mode": "inference mode", "images_hash": "frames on disk (
 
 @dataclass
 class RunInputs:
-    """What the comparison needs from one run folder, read once."""
+    """What the comparison needs from one run folder, read once (through :class:`RunFolder`)."""
 
     label: str  # unique within one comparison (a run compared with itself gets "name#2")
-    name: str  # the run's own name (manifest params.run_name, else summary run_name, else folder name)
-    run_dir: Path
+    name: str  # the run's own name (params run_name, else summary run_name, else folder name)
+    folder: RunFolder
+    params: RunParams | None  # as recorded in the manifest (None for a folder without one)
     manifest: dict[str, Any]
-    conversion: dict[str, Any]
     summary: dict[str, Any]
     metrics: pd.DataFrame
     sweep: pd.DataFrame | None  # analysis/threshold_sweep.parquet: per-frame TP/FP/FN per threshold
@@ -60,12 +59,12 @@ class RunInputs:
     store: PredictionStore
 
     @property
-    def params(self) -> dict[str, Any]:
-        return self.manifest.get("params") or {}
+    def run_dir(self) -> Path:
+        return self.folder.path
 
     @property
-    def analysis_params(self) -> dict[str, Any]:
-        return self.params.get("analysis") or {}
+    def analysis_params(self) -> AnalysisParams:
+        return self.params.analysis if self.params is not None else AnalysisParams()
 
     @property
     def scoring(self) -> dict[str, Any]:
@@ -76,121 +75,55 @@ class RunInputs:
         return self.metrics[self.metrics["has_gt"].astype(bool)]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VesselnbError(f"{path}: cannot read this JSON file ({exc}); rerun the stage that writes it") from None
-
-
 def _run_command_hint(run_dir: Path, manifest: dict[str, Any]) -> str:
     source = manifest.get("params_file") or (manifest.get("params") or {}).get("source_file")
     return f"run `vesselnb run {source or f'params/{run_dir.name}.yaml'}` first"
 
 
-def _find_hf_dir(run_dir: Path, manifest: dict[str, Any], conversion: dict[str, Any], store_meta: dict) -> Path | None:
-    """The HF folder the run used: where conversion wrote it, the params' ``hf_model``, the store's, or the default."""
-    params = manifest.get("params") or {}
-    candidates = [
-        conversion.get("output_dir"),
-        manifest.get("output_dir"),
-        params.get("hf_model"),
-        (params.get("checkpoint") or {}).get("hf_output"),
-        store_meta.get("model_dir"),
-        run_dir / "hf_model",
-    ]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "config.json").is_file():
-            return Path(candidate)
-    return None
-
-
-_ITER_PATTERN = re.compile(r"iter_(\d+)")
-
-
-def _find_iteration(manifest: dict[str, Any], conversion: dict[str, Any], name: str) -> tuple[int | None, str | None]:
-    """Training iteration: params ``iteration``, else ``iter_N`` in the checkpoint path, else in the run name."""
-    params = manifest.get("params") or {}
-    checkpoint = (
-        (manifest.get("source_checkpoint") or {}).get("path")
-        or (params.get("checkpoint") or {}).get("path")
-        or (conversion.get("source") or {}).get("path")
-    )
-    if params.get("iteration") is not None:
-        return int(params["iteration"]), checkpoint
-    for text in (checkpoint, params.get("hf_model"), name):
-        match = _ITER_PATTERN.search(str(text or ""))
-        if match:
-            return int(match.group(1)), checkpoint
-    return None, checkpoint
-
-
-def _find_fingerprint(
-    manifest: dict[str, Any], conversion: dict[str, Any], store_meta: dict[str, Any], hf_dir: Path | None
-) -> tuple[str | None, str]:
-    """The recorded weights fingerprint (cheap), else one computed from the HF folder."""
-    for value, source in (
-        (conversion.get("fingerprint"), "conversion.json"),
-        (manifest.get("weights_fingerprint"), "manifest.json"),
-        (store_meta.get("fingerprint"), "predictions/store.json"),
-    ):
-        if value:
-            return str(value), source
-    if hf_dir is not None:
-        return weights_fingerprint(hf_dir), f"computed from {hf_dir}"
-    return None, "unknown (no record, HF folder not found)"
-
-
 def load_run(run_dir: str | Path, label: str | None = None) -> RunInputs:
-    """Read one run folder's manifest, conversion record, summary, metrics table and prediction store.
+    """Read one run folder's manifest, summary, metrics table, threshold sweep and prediction store.
 
     The metrics table, summary and store are required (errors name the missing file and the command that writes
-    it); manifest.json and conversion.json are optional (a run on an existing HF folder has no conversion.json).
+    it); the manifest is optional (then the HF folder and fingerprint come from what the stages recorded).
     """
-    folder = Path(run_dir).resolve()
-    if not folder.is_dir():
-        raise VesselnbError(f"{folder}: run folder not found; run `vesselnb run params/<run>.yaml` to create it")
-    manifest = _read_json(folder / "manifest.json") if (folder / "manifest.json").is_file() else {}
-    conversion = _read_json(folder / "conversion.json") if (folder / "conversion.json").is_file() else {}
-    hint = _run_command_hint(folder, manifest)
-    metrics_path = folder / "analysis" / "metrics.parquet"
-    summary_path = folder / "analysis" / "summary.json"
-    sweep_path = folder / "analysis" / "threshold_sweep.parquet"
-    for needed in (metrics_path, summary_path):
+    folder = RunFolder(Path(run_dir).resolve())
+    if not folder.path.is_dir():
+        raise VesselnbError(f"{folder.path}: run folder not found; run `vesselnb run params/<run>.yaml` to create it")
+    manifest = folder.manifest() or {}
+    hint = _run_command_hint(folder.path, manifest)
+    for needed in (folder.metrics_path, folder.summary_path):
         if not needed.is_file():
             raise StageError(f"{needed}: missing; the error-analysis stage (03) writes it — {hint}")
-    store_dir = folder / "predictions"
-    if not (store_dir / "store.json").is_file():
-        raise StoreError(f"{store_dir}: no prediction store; the inference stage (02) writes it — {hint}")
-    summary = _read_json(summary_path)
+    if not folder.store_meta_path.is_file():
+        raise StoreError(f"{folder.predictions_dir}: no prediction store; the inference stage (02) writes it — {hint}")
+    summary = folder.summary() or {}
     try:
-        metrics = pd.read_parquet(metrics_path)
-        sweep = pd.read_parquet(sweep_path) if sweep_path.is_file() else None
+        metrics = pd.read_parquet(folder.metrics_path)
+        sweep = pd.read_parquet(folder.sweep_path) if folder.sweep_path.is_file() else None
     except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise StageError(f"{metrics_path.parent}: cannot read a table ({exc}); rerun stage 03 — {hint}") from None
+        raise StageError(f"{folder.analysis_dir}: cannot read a table ({exc}); rerun stage 03 — {hint}") from None
     missing = set(REQUIRED_COLUMNS) - set(metrics.columns)
     if missing:
-        raise StageError(f"{metrics_path}: columns {sorted(missing)} missing; rerun stage 03 — {hint}")
-    store = PredictionStore(store_dir)
-    store_meta = store.meta
-    name = str((manifest.get("params") or {}).get("run_name") or summary.get("run_name") or folder.name)
-    hf_dir = _find_hf_dir(folder, manifest, conversion, store_meta)
-    fingerprint, source = _find_fingerprint(manifest, conversion, store_meta, hf_dir)
-    iteration, checkpoint = _find_iteration(manifest, conversion, name)
+        raise StageError(f"{folder.metrics_path}: columns {sorted(missing)} missing; rerun stage 03 — {hint}")
+    store = PredictionStore(folder.predictions_dir)
+    params = folder.params()
+    name = str((params.run_name if params else "") or summary.get("run_name") or folder.name)
+    hf_dir = folder.hf_dir(params)
+    fingerprint = folder.fingerprint(params)
     return RunInputs(
         label=label or name,
         name=name,
-        run_dir=folder,
+        folder=folder,
+        params=params,
         manifest=manifest,
-        conversion=conversion,
         summary=summary,
         metrics=metrics.drop_duplicates("sample_id", keep="last").set_index("sample_id", drop=False),
         sweep=sweep,
-        hf_dir=hf_dir,
-        fingerprint=fingerprint,
-        fingerprint_source=source,
-        iteration=iteration,
-        checkpoint=checkpoint,
+        hf_dir=hf_dir if (hf_dir / "config.json").is_file() else None,
+        fingerprint=fingerprint.value,
+        fingerprint_source=fingerprint.source,
+        iteration=folder.iteration(params),
+        checkpoint=folder.checkpoint_path(params),
         predictions_hash=summary.get("predictions_hash") or store.predictions_hash(),
         store=store,
     )

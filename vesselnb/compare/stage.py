@@ -8,7 +8,6 @@ computed here. Runs are compared in the given order (Δ = later − earlier).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from vesselnb.compare.runs import (
 )
 from vesselnb.errors import VesselnbError
 from vesselnb.metrics import HIGHER_IS_BETTER
+from vesselnb.run_folder import RunFolder
 
 SCATTER_MAX_METRICS = 6
 
@@ -141,10 +141,7 @@ def compare_stage(
                               series=series, headline={}, out_dir=out, figures=figures, seconds=0.0)
     report.headline = headline(pairs[-1] if len(loaded) > 2 else pairs[0], report.identity_alert, report.comparable)
     report.seconds = time.perf_counter() - started
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = out / ".comparison.json.tmp"
-    temporary.write_text(json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    temporary.replace(out / "comparison.json")
+    RunFolder(out).create().write_comparison(report.to_json())
     return report
 
 

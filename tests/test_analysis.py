@@ -145,6 +145,9 @@ def test_threshold_sweep_finds_the_threshold_that_recovers_thin_vessels(dataset)
         p.stem for p in (run_dir / "analysis" / "figures").glob("*.png")}
     sweep_counts = pd.read_parquet(run_dir / "analysis" / "threshold_sweep.parquet")
     assert len(sweep_counts) == len(gts) * len(sweep)
+    temporal = report.temporal  # 3 patients x 2 sequences, each with consecutive frames
+    assert len(temporal) == 6 and temporal[["gt_iou", "pred_iou"]].stack().between(0, 1).all()
+    assert report.summary["temporal_consistency"]["sequences"] == 6
     assert sweep["cldice"].notna().sum() >= 5
     assert (root / "runs_prob" / "with_probabilities" / "analysis" / "figures" / "threshold_sweep.png").is_file()
     lower = analyze_stage(run_params(root, threshold=0.2), run_dir)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import html
 import inspect
 import os
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vesselnb import htmlrepr as hr
 from vesselnb import store_writer
 from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
@@ -629,8 +629,6 @@ class InferenceSummary:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        colour = "#b00020" if self.has_problems else "#1b5e20"
-        background = "#fdecea" if self.has_problems else "#e8f5e9"
         counts = self.status_counts
         rows = [
             ("store", f"{self.store_path}"), ("fingerprint", self.fingerprint), ("prompt", self.prompt),
@@ -643,17 +641,10 @@ class InferenceSummary:
         if self.shard:
             rows.append(("shard", f"{self.shard[0]}/{self.shard[1]}, merged: {self.merged}"))
         notes = ([self.prompt_warning] if self.prompt_warning else []) + self.notes
-        status_cells = "".join(
-            f"<td style='padding:2px 10px'><b>{counts[s]}</b> {s}</td>" for s in STATUSES
-        )
-        table = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-                        f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows)
-        note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-        return (
-            f"<div style='border-left:6px solid {colour};background:{background};padding:6px 10px;margin:4px 0'>"
-            f"<b style='color:{colour}'>{html.escape(self.banner())}</b>"
-            f"<table><tr>{status_cells}</tr></table></div>"
-            f"<table>{table}</table>" + (f"<ul>{note_html}</ul>" if note_html else "")
+        return hr.join(
+            hr.banner(self.banner(), level="error" if self.has_problems else "ok",
+                      lines=["   ".join(f"{counts[s]} {s}" for s in STATUSES)]),
+            hr.table(rows), hr.notes(notes),
         )
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from vesselnb import htmlrepr as hr
 from vesselnb import metrics as vm
 from vesselnb import stats, viz
 from vesselnb.data import GroundTruth, list_samples, load_ground_truth, parse_sample_name
@@ -545,15 +546,9 @@ class AnalysisReport:
     def flags_html(self) -> str:
         """The sanity banner: red for errors, amber for warnings, green when nothing was found."""
         if not self.flags:
-            return ('<div style="padding:8px;border-left:6px solid #2a2;background:#efe">'
-                    "<b>Sanity checks passed</b>: no flags.</div>")
-        items = []
-        for flag in sorted(self.flags, key=lambda f: f.level != "error"):
-            colour, background = ("#c00", "#fee") if flag.level == "error" else ("#c80", "#ffe")
-            items.append(f'<div style="padding:6px;margin:2px 0;border-left:6px solid {colour};'
-                         f'background:{background}"><b>{flag.level.upper()}</b> <code>{html.escape(flag.code)}'
-                         f"</code>: {html.escape(flag.message)}</div>")
-        return "".join(items)
+            return hr.banner("Sanity checks passed: no flags", level="ok")
+        return "".join(hr.banner(f"{flag.level.upper()} {flag.code}", level=flag.level, lines=[flag.message])
+                       for flag in sorted(self.flags, key=lambda f: f.level != "error"))
 
     def headline_html(self) -> str:
         """Counts and headline numbers, as the index page shows them."""
@@ -567,21 +562,21 @@ class AnalysisReport:
     def counts_html(self) -> str:
         """How many patients, sequences and frames the intervals rest on, and why there are none below the minimum."""
         s = self.summary["units"]
-        line = (f"<p>Intervals resample <b>patients</b>: {s['n_patients']} patients · {s['n_sequences']} sequences · "
+        line = (f"Intervals resample patients: {s['n_patients']} patients · {s['n_sequences']} sequences · "
                 f"{s['n_frames']} scored frames.")
         if s["n_patients"] < self.min_patients:
-            line += (f' <span style="color:#c00"><b>No confidence intervals</b>: {s["n_patients"]} patients are '
-                     f"fewer than the minimum of {self.min_patients} (<code>analysis.min_patients</code>); the "
-                     "per-patient values below show the spread instead.</span>")
-        return line + "</p>"
+            return hr.banner(f"No confidence intervals: {s['n_patients']} patients are fewer than the minimum of "
+                             f"{self.min_patients} (analysis.min_patients)", level="warning",
+                             lines=[line, "The per-patient values below show the spread instead."])
+        return hr.muted(line)
 
     def _repr_html_(self) -> str:
         parts = [self.flags_html(), self.headline_html(), self.counts_html(),
-                 self.summary_frame.to_html(float_format=lambda v: f"{v:.4f}", na_rep="NaN")]
+                 hr.table(self.summary_frame, index=True, float_format="{:.4f}")]
         if self.summary["units"]["n_patients"] < self.min_patients:
-            parts.append("<h4>Per-patient values (instead of intervals)</h4>")
-            parts.append(self.patient_values().to_html(float_format=lambda v: f"{v:.4f}", na_rep="NaN"))
-        return "".join(parts)
+            parts.append(hr.table(self.patient_values(), index=True, float_format="{:.4f}",
+                                  caption="Per-patient values (instead of intervals)"))
+        return hr.join(*parts)
 
     def patient_values(self) -> pd.DataFrame:
         """Per-patient means of every summary metric."""

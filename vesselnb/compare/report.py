@@ -5,20 +5,17 @@ Notebook 04 shows the sections in headed cells (banner and verdict first); ``dis
 
 from __future__ import annotations
 
-import base64
-import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from vesselnb import htmlrepr as hr
 from vesselnb.compare.paired import PairedComparison
 from vesselnb.compare.runs import IDENTITY_KEYS, NEAR_ZERO_REL_CHANGE, Problem, RunInputs
 from vesselnb.errors import StageError
 from vesselnb.jsonable import strict_json
-
-RED, GREEN, GREY = "#c62828", "#2e7d32", "#555"
 
 
 @dataclass(frozen=True)
@@ -34,23 +31,17 @@ class Section:
         return self.html
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
-
-
 def _table(frame: pd.DataFrame, index: bool = True) -> str:
-    return frame.to_html(index=index, na_rep="—", float_format=_fmt)
+    return hr.table(frame, index=index)
 
 
 def _img_html(path: Path) -> str:
     """Figures inline (base64) so the HTML report can be attached on its own."""
-    encoded = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f"<img src='data:image/png;base64,{encoded}' style='max-width:100%'>"
+    return hr.figure(Path(path).read_bytes())
 
 
-def _box(colour: str, body: str) -> str:
-    return (f"<div style='background:{colour};color:white;padding:10px 12px;margin:6px 0;border-radius:4px;"
-            f"font-size:14px'>{body}</div>")
+def _pair_heading(pair: PairedComparison, extra: str = "") -> str:
+    return hr.heading(f"{pair.a} → {pair.b}{extra}")
 
 
 @dataclass
@@ -89,41 +80,37 @@ class ComparisonReport:
     # --- sections -----------------------------------------------------------------------------------------------
     def banner(self) -> Section:
         """Red when two runs are the same model or cannot be compared (too few shared frames, other scoring)."""
-        e = html.escape
-        messages = [f"{e(a)} and {e(b)} have <b>identical weights</b> — they are the same model."
+        messages = [f"{a} and {b} have identical weights: they are the same model."
                     for a, b in self.identity["identical_weights"]]
-        messages += [f"{e(a)} and {e(b)} made <b>identical predictions</b> on every common sample."
+        messages += [f"{a} and {b} made identical predictions on every common sample."
                      for a, b in self.identity["identical_predictions"]]
-        messages += [f"{e(a)} and {e(b)} differ by a <b>near-zero weight delta</b> (largest relative change "
-                     f"{rel:.2e}, below {NEAR_ZERO_REL_CHANGE:g})."
-                     for a, b, rel in self.identity["near_zero_weight_delta"]]
+        messages += [f"{a} and {b} differ by a near-zero weight delta (largest relative change {rel:.2e}, below "
+                     f"{NEAR_ZERO_REL_CHANGE:g})." for a, b, rel in self.identity["near_zero_weight_delta"]]
         parts = []
         if messages:
-            parts.append(_box(RED, "<b>⚠ Same model?</b><br>" + "<br>".join(messages)
-                              + "<br>Metric differences below are not evidence of a better checkpoint."))
+            parts.append(hr.banner("⚠ Same model?", level="error", strong=True, lines=[
+                *messages, "Metric differences below are not evidence of a better checkpoint."]))
         if self.problems:
-            parts.append(_box(RED, "<b>⚠ Not comparable as they are</b><br>"
-                              + "<br>".join(e(p.message) for p in self.problems)
-                              + "<br>The numbers below are shown for diagnosis only; this stage fails."))
+            parts.append(hr.banner("⚠ Not comparable as they are", level="error", strong=True, lines=[
+                *(p.message for p in self.problems), "The numbers below are shown for diagnosis only; this stage "
+                "fails."]))
         if not parts:
-            notes = "".join(f"<br>{e(n)}" for n in self.identity_notes)
-            parts.append(_box(GREEN, f"Distinct weights and predictions, scored alike, for every pair.{notes}"))
-        elif self.identity_notes:
-            parts.append("<p>" + "<br>".join(e(n) for n in self.identity_notes) + "</p>")
-        return Section("".join(parts))
+            parts.append(hr.banner("Distinct weights and predictions, scored alike, for every pair", level="ok",
+                                   lines=self.identity_notes))
+        else:
+            parts.append(hr.notes(self.identity_notes))
+        return Section(hr.join(*parts))
 
     def verdict(self) -> Section:
         """Per pair: the primary metric's verdict and, as prominently, every metric that got significantly worse."""
         parts = []
         for pair in self.pairs:
-            colour = GREEN if pair.better and pair.worse.empty else (RED if not pair.worse.empty else GREY)
-            parts.append(f"<h3>{html.escape(pair.a)} → {html.escape(pair.b)}</h3>")
-            parts.append(f"<p style='color:{colour};font-weight:bold;font-size:16px'>{html.escape(pair.verdict)}</p>")
-            items = "".join(f"<li>{html.escape(line)}</li>" for line in pair.details)
-            parts.append(f"<ul style='font-size:14px'>{items}</ul>")
-            parts.append(f"<p>Primary metric: <code>{html.escape(pair.settings.primary_metric)}</code> "
-                         "(<code>analysis.primary_metric</code>). " + html.escape(self._method_text(pair)) + "</p>")
-        return Section("".join(parts))
+            level = "error" if not pair.worse.empty else ("ok" if pair.better else "info")
+            parts.append(_pair_heading(pair))
+            parts.append(hr.banner(pair.verdict, level=level, items=pair.details))
+            parts.append(hr.muted(f"Primary metric: {pair.settings.primary_metric} (analysis.primary_metric). "
+                                  + self._method_text(pair)))
+        return Section(hr.join(*parts))
 
     @staticmethod
     def _method_text(pair: PairedComparison) -> str:
@@ -169,14 +156,14 @@ class ComparisonReport:
         parts = []
         for pair in self.pairs:
             view = pair.stats.rename(columns={"mean_a": f"mean {pair.a}", "mean_b": f"mean {pair.b}"})
-            parts.append(f"<h4>{html.escape(pair.a)} → {html.escape(pair.b)} (Δ = {html.escape(pair.b)} − "
-                         f"{html.escape(pair.a)}; better/worse for {html.escape(pair.b)})</h4>")
+            parts.append(_pair_heading(pair, f" (Δ = {pair.b} − {pair.a}; better/worse for {pair.b})"))
             if pair.too_few_patients:
-                parts.append(f"<p style='color:{RED}'>Only {pair.counts.n_patients} patients (minimum "
-                             f"{pair.settings.min_patients}): no intervals; the per-patient Δ follow.</p>")
-            styled = view.style.format(_fmt, na_rep="—", subset=view.select_dtypes("number").columns).apply(
+                parts.append(hr.banner(f"Only {pair.counts.n_patients} patients (minimum "
+                                       f"{pair.settings.min_patients}): no intervals; see the per-patient Δ",
+                                       level="warning"))
+            styled = view.style.format("{:.4g}", na_rep="—", subset=view.select_dtypes("number").columns).apply(
                 _highlight_direction, axis=1)
-            parts.append(styled.to_html())
+            parts.append(hr.table(styled))
             if "scatter" in pair.figures:
                 parts.append(_img_html(pair.figures["scatter"]))
         return Section("".join(parts))
@@ -185,36 +172,31 @@ class ComparisonReport:
         """ΔDice at the common threshold and at each run's cross-validated threshold."""
         parts = []
         for pair in self.pairs:
-            parts.append(f"<h4>{html.escape(pair.a)} → {html.escape(pair.b)}</h4>")
-            if pair.thresholds is None:
-                parts.append(f"<p><i>{html.escape(pair.thresholds_note)}</i></p>")
-                continue
-            parts.append(_table(pair.thresholds))
+            parts.append(_pair_heading(pair))
+            if pair.thresholds is not None:
+                parts.append(_table(pair.thresholds))
             if pair.thresholds_note:
-                parts.append(f"<p><i>{html.escape(pair.thresholds_note)}</i></p>")
+                parts.append(hr.muted(pair.thresholds_note))
         return Section("".join(parts))
 
     def per_patient(self) -> Section:
         """Per-patient means and Δ (what to read instead of intervals when there are few patients)."""
-        return Section("".join(f"<h4>{html.escape(p.a)} → {html.escape(p.b)}</h4>" + _table(p.per_patient())
-                               for p in self.pairs))
+        return Section(hr.join(*(_pair_heading(p) + _table(p.per_patient()) for p in self.pairs)))
 
     def per_sequence(self) -> Section:
         """Mean Δ per (patient, sequence) of the primary metric and every significant one."""
-        return Section("".join(f"<h4>{html.escape(p.a)} → {html.escape(p.b)}</h4>" + _table(p.per_sequence())
-                               for p in self.pairs))
+        return Section(hr.join(*(_pair_heading(p) + _table(p.per_sequence()) for p in self.pairs)))
 
     def width_bins(self) -> Section:
         """Δ recall by vessel width (thin, medium, thick)."""
         columns = ["mean_a", "mean_b", "delta", "ci_low", "ci_high", "p_holm", "direction", "n_patients"]
-        return Section("".join(f"<h4>{html.escape(p.a)} → {html.escape(p.b)}</h4>" + _table(p.width_bins()[columns])
-                               for p in self.pairs))
+        return Section(hr.join(*(_pair_heading(p) + _table(p.width_bins()[columns]) for p in self.pairs)))
 
     def status_changes(self) -> Section:
         parts = []
         for pair in self.pairs:
-            parts.append(f"<h4>{html.escape(pair.a)} → {html.escape(pair.b)}</h4>")
-            parts.append("<p>None: every common sample has the same status in both runs.</p>"
+            parts.append(_pair_heading(pair))
+            parts.append(hr.muted("None: every common sample has the same status in both runs.")
                          if pair.status_changes.empty else _table(pair.status_changes, index=False))
         return Section("".join(parts))
 
@@ -222,11 +204,11 @@ class ComparisonReport:
         """Per-component weight delta (the converter's diff) and notes."""
         parts = []
         for pair in self.pairs:
-            parts.append(f"<h4>{html.escape(pair.a)} → {html.escape(pair.b)}</h4>")
+            parts.append(_pair_heading(pair))
             if pair.weights is not None:
-                parts.append(pair.weights.to_html(float_format=lambda v: f"{v:.3g}"))
+                parts.append(hr.table(pair.weights, index=True, float_format="{:.3g}"))
             if pair.weights_note:
-                parts.append(f"<p><i>{html.escape(pair.weights_note)}</i></p>")
+                parts.append(hr.muted(pair.weights_note))
         return Section("".join(parts))
 
     def disagreements(self) -> Section:
@@ -235,20 +217,20 @@ class ComparisonReport:
         for pair in self.pairs:
             if "panels" not in pair.figures:
                 continue
-            parts.append(f"<h4>{html.escape(pair.a)} → {html.escape(pair.b)}: largest "
-                         f"|Δ{html.escape(pair.settings.primary_metric)}|</h4>" + _img_html(pair.figures["panels"]))
+            parts.append(_pair_heading(pair, f": largest |Δ{pair.settings.primary_metric}|")
+                         + _img_html(pair.figures["panels"]))
             if pair.panels_note:
-                parts.append(f"<p><i>{html.escape(pair.panels_note)}</i></p>")
-        return Section("".join(parts) or "<p>No sample differs between the runs.</p>")
+                parts.append(hr.muted(pair.panels_note))
+        return Section(hr.join(*parts) if parts else hr.muted("No sample differs between the runs."))
 
     def series_section(self) -> Section:
         """Metrics against training iteration, with stage 03's intervals (more than two runs only)."""
         if self.series is None:
-            return Section("<p>Two runs: no series.</p>")
+            return Section(hr.muted("Two runs: no series."))
         return Section(_table(self.series, index=False) + _img_html(self.figures["series"]))
 
     def _repr_html_(self) -> str:
-        title = f"<h2>Checkpoint comparison: {html.escape(' vs '.join(r.label for r in self.runs))}</h2>"
+        title = hr.heading(f"Checkpoint comparison: {' vs '.join(r.label for r in self.runs)}", level=2)
         sections = [("", self.banner()), ("Verdict", self.verdict()), ("Runs", self.runs_section()),
                     ("Every metric, paired by patient", self.metrics()),
                     ("Thresholds: common and cross-validated", self.thresholds()),
@@ -257,9 +239,8 @@ class ComparisonReport:
                     ("Weight delta per component", self.weights()), ("Where they disagree most", self.disagreements())]
         if self.series is not None:
             sections.append(("Metrics vs training iteration", self.series_section()))
-        body = "".join((f"<h3>{heading}</h3>" if heading else "") + section.html for heading, section in sections)
-        return title + body + (f"<p style='color:#666'>Written to {html.escape(str(self.out_dir))} in "
-                               f"{self.seconds:.1f} s.</p>")
+        body = [(hr.heading(heading, level=3) if heading else "") + section.html for heading, section in sections]
+        return hr.join(title, *body, hr.muted(f"Written to {self.out_dir} in {self.seconds:.1f} s."))
 
     # --- comparison.json ----------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

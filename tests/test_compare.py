@@ -14,6 +14,7 @@ from _compare_fixtures import build_run, configured_copy, copy_hf_folder, nudged
 
 from vesselnb.compare import NEAR_ZERO_REL_CHANGE, CompareSettings, compare_stage, paired_comparison
 from vesselnb.compare.runs import unique_labels
+from vesselnb.demo import DemoSettings, ensure_demo_assets
 from vesselnb.errors import StageError, VesselnbError
 from vesselnb.jsonable import strict_json
 
@@ -184,7 +185,8 @@ def test_demo_checkpoints_two_patients_are_too_few_for_a_verdict(demo_runs, tmp_
     # the small test demo has 2 patients: no interval, no significance, and the report says why
     assert pair.better is None and row["ci_withheld"].startswith("only 2 patients")
     assert pair.verdict.startswith("No significant difference on dice") and pair.too_few_patients
-    assert {"betti0_error", "spurious_components", "average_precision", "recall_thin"} <= set(pair.stats.index)
+    assert {"betti0_error", "spurious_components", "recall_thin", "nsd"} <= set(pair.stats.index)
+    assert "average_precision" not in pair.stats.index  # these runs keep no probability maps
     assert pair.n_common == len(pair.per_sample) and pair.n_left_out == 0
     assert not report.identity_alert and report.comparable
     weights = pair.weights
@@ -193,8 +195,8 @@ def test_demo_checkpoints_two_patients_are_too_few_for_a_verdict(demo_runs, tmp_
     assert written["runs"] == ["short", "long"] and written["headline"]["better"] is None
     assert written["pairs"][0]["delta_mean"]["dice"] == pytest.approx(row["delta"])
     assert written["pairs"][0]["ci95"]["dice"] is None and written["comparable"] is True
-    thresholds = pair.thresholds
-    assert thresholds is not None and len(thresholds) == 2  # common threshold, and each run's CV threshold
+    thresholds = pair.thresholds  # the common threshold only: no probability maps, no cross-validated threshold
+    assert thresholds is not None and len(thresholds) == 1 and "no probability maps" in pair.thresholds_note
     for relative in written["figures"].values():
         assert (tmp_path / "cmp" / relative).stat().st_size > 1000
     page = report._repr_html_()
@@ -354,3 +356,41 @@ def test_notebook_04_runs_under_papermill_and_renders_the_report(demo_runs, tmp_
     page = (out_dir / "04_compare_checkpoints.html").read_text(encoding="utf-8")
     assert "Checkpoint comparison" in page and "Every metric" in page and "Verdict" in page
     assert json.loads((out_dir / "comparison.json").read_text())["runs"] == ["short", "long"]
+
+
+# --- the demo's design at a size where patient-level statistics can speak -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def twelve_patient_demo(tmp_path_factory) -> tuple[Path, Path]:
+    """The demo's own training (50 vs 400 iterations) on 12 patients x 1 sequence x 2 frames: the smallest demo with
+    enough patients for intervals and a verdict Holm-corrected over 17 metrics (no probability maps, which would add
+    Brier and AP to the family)."""
+    root = tmp_path_factory.mktemp("demo12")
+    assets = ensure_demo_assets(root / "assets", DemoSettings(n_patients=12, sequences_per_patient=1,
+                                                              frames_per_sequence=2))
+    outputs = root / "outputs"
+    short = build_run(outputs, "short", assets.reference_hf["short"], assets, iteration=50)
+    long = build_run(outputs, "long", assets.reference_hf["long"], assets, iteration=400)
+    return short, long
+
+
+@pytest.mark.slow
+def test_the_demo_comparison_reports_the_topology_regression(twelve_patient_demo, tmp_path) -> None:
+    """The longer-trained demo model wins on Dice and predicts specks: the verdict must say both."""
+    report = compare_stage(list(twelve_patient_demo), tmp_path / "cmp")
+    pair = report.pairs[0]
+    assert report.comparable and pair.counts.n_patients == 12 and not pair.too_few_patients
+    assert pair.better == "long" and pair.stats.loc["dice", "ci_low"] > 0
+    assert {"betti0_error", "spurious_components"} <= set(pair.worse.index)
+    assert pair.verdict.startswith("long is better than short on dice, worse on ")
+    assert "betti0_error (+" in pair.verdict and "spurious_components (+" in pair.verdict
+    assert any(line.startswith("betti0_error: Δ +") for line in pair.details)
+    written = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert "betti0_error" in written["headline"]["significantly_worse"]
+    # stage 03 of each run: intervals shown (12 patients), fragments counted; 04 shows 03's interval, not its own
+    summary = json.loads((twelve_patient_demo[1] / "analysis" / "summary.json").read_text())
+    assert summary["intervals"]["dice"]["low"] is not None and summary["units"]["n_patients"] == 12
+    assert summary["fragments"]["spurious_components"] > 0
+    low, high = summary["intervals"]["dice"]["low"], summary["intervals"]["dice"]["high"]
+    assert report.runs_table().loc["long", "dice 95% CI (stage 03)"] == f"[{low:.4f}, {high:.4f}]"

@@ -112,7 +112,8 @@ def _sweep_counts(gt: np.ndarray, probability: np.ndarray) -> np.ndarray:
     return np.stack([tp, fp, fn], axis=1)
 
 
-def _score_sample(sample_id: str) -> dict[str, Any]:
+def _score_sample(sample_id: str) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """(row, GT mask, prediction as scored); the masks are None for a frame without annotation."""
     settings: ScoringSettings = _WORKER["settings"]
     store = _WORKER["store"]
     gt_source: GroundTruth = _WORKER["gt"]
@@ -124,7 +125,7 @@ def _score_sample(sample_id: str) -> dict[str, Any]:
         "has_probability": bool(record.get("has_probability")), "image": str(record.get("image", "")),
     }
     if not row["has_gt"]:
-        return row
+        return row, None, None
     gt = gt_source.mask(sample_id)
     pred, probability = _prediction_mask(store, sample_id, record, gt.shape, settings.threshold)
     row.update(vm.sample_metrics(gt, pred, nsd_tolerance_px=settings.nsd_tolerance_px,
@@ -143,11 +144,34 @@ def _score_sample(sample_id: str) -> dict[str, Any]:
                 binary = probability > t * 255.0
                 values.append(vm.cldice_from_skeletons(gt, binary, gt_skeleton, vm.skeleton(binary))[0])
             row["_cldice_sweep"] = np.array(values)
-    return row
+    return row, gt, pred
 
 
 def _score_chunk(sample_ids: list[str]) -> list[dict[str, Any]]:
-    return [_score_sample(sample_id) for sample_id in sample_ids]
+    """Score a run of consecutive frames of one sequence; each row also gets the frame-to-frame IoU with the next
+    frame (prediction and GT), so temporal consistency needs no second pass over the masks."""
+    rows, previous = [], None
+    for sample_id in sample_ids:
+        row, gt, pred = _score_sample(sample_id)
+        if previous is not None and gt is not None and previous[1] is not None and previous[1].shape == gt.shape:
+            previous[0]["_iou_next_pred"] = float(vm.frame_to_frame_iou([previous[2], pred])[0])
+            previous[0]["_iou_next_gt"] = float(vm.frame_to_frame_iou([previous[1], gt])[0])
+        previous = (row, gt, pred)
+        rows.append(row)
+    return rows
+
+
+def _sequence_chunks(ids: list[str], name_regex: str, size: int = 16) -> list[list[str]]:
+    """Sample ids grouped by (patient, sequence) in frame order, long sequences cut into runs of ``size``."""
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for sample_id in ids:
+        patient, sequence, frame = parse_sample_name(sample_id, name_regex)
+        groups.setdefault((patient, sequence), []).append((frame, sample_id))
+    chunks = []
+    for key in sorted(groups):
+        ordered = [sample_id for _, sample_id in sorted(groups[key])]
+        chunks += [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    return chunks
 
 
 def score_store(store: Any, gt: GroundTruth, settings: ScoringSettings, workers: int = 0) -> list[dict[str, Any]]:
@@ -155,7 +179,7 @@ def score_store(store: Any, gt: GroundTruth, settings: ScoringSettings, workers:
     ids = store.sample_ids()
     if workers <= 0:
         workers = min(2, os.cpu_count() or 1) if len(ids) >= 64 else 1
-    chunks = [ids[i : i + 16] for i in range(0, len(ids), 16)]
+    chunks = _sequence_chunks(ids, settings.name_regex)
     rows: list[dict[str, Any]] = []
     progress = tqdm(total=len(ids), desc="scoring samples", unit="frame", mininterval=2.0)
     if workers == 1:
@@ -278,6 +302,24 @@ def sweep_frames(rows: list[dict[str, Any]]) -> pd.DataFrame:
             records.append((row["sample_id"], row["patient"], row["sequence"], float(threshold),
                             int(tp), int(fp), int(fn)))
     return pd.DataFrame(records, columns=["sample_id", "patient", "sequence", "threshold", "tp", "fp", "fn"])
+
+
+def temporal_consistency(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
+    """Per sequence with ≥ 2 scored frames: mean frame-to-frame IoU of predictions (as scored) and of the GT.
+
+    Consecutive *stored* frames of a sequence are paired (a gap in the frame numbers is not bridged by anything).
+    """
+    pairs = [row for row in rows if "_iou_next_pred" in row]
+    if not pairs:
+        return None
+    frame = pd.DataFrame({"patient": [r["patient"] for r in pairs], "sequence": [r["sequence"] for r in pairs],
+                          "pred_iou": [r["_iou_next_pred"] for r in pairs],
+                          "gt_iou": [r["_iou_next_gt"] for r in pairs]})
+    table = frame.groupby(["patient", "sequence"]).agg(frames=("pred_iou", "size"), pred_iou=("pred_iou", "mean"),
+                                                       gt_iou=("gt_iou", "mean"))
+    table["frames"] += 1  # n pairs come from n + 1 frames
+    table["pred - gt"] = table["pred_iou"] - table["gt_iou"]
+    return table
 
 
 def pooled_calibration(rows: list[dict[str, Any]]) -> vm.Calibration | None:
@@ -632,29 +674,6 @@ class AnalysisReport:
         """Dice / clDice vs threshold, or None when the store has no probability maps."""
         return None if self.sweep is None else sweep_figure(self.sweep, self.threshold, self.threshold_cv)
 
-    def compute_temporal(self) -> pd.DataFrame | None:
-        """Per sequence with ≥ 2 scored frames: mean frame-to-frame IoU of predictions (as scored) and of GT."""
-        from vesselnb.store import PredictionStore
-
-        scored = self.table[self.table["has_gt"]].sort_values(["patient", "sequence", "frame"])
-        store = PredictionStore(self.run_dir / "predictions")
-        rows = {}
-        for key, group in scored.groupby(["patient", "sequence"], sort=True):
-            if len(group) < 2:
-                continue
-            gts, preds = [], []
-            for sample_id in group["sample_id"]:
-                gt = self.gt.mask(sample_id)
-                gts.append(gt)
-                preds.append(_prediction_mask(store, sample_id, store.record(sample_id), gt.shape, self.threshold)[0])
-            pred_iou, gt_iou = vm.frame_to_frame_iou(preds).mean(), vm.frame_to_frame_iou(gts).mean()
-            rows[key] = {"frames": len(group), "pred_iou": pred_iou, "gt_iou": gt_iou, "pred - gt": pred_iou - gt_iou}
-        if not rows:
-            return None
-        frame = pd.DataFrame.from_dict(rows, orient="index")
-        frame.index = pd.MultiIndex.from_tuples(frame.index, names=["patient", "sequence"])
-        return frame
-
     def ranked(self, metric: str = "dice", worst: bool = True) -> pd.DataFrame:
         """Scored samples sorted by ``metric`` (worst first by default), NaN last."""
         higher_better = SUMMARY_METRICS.get(metric, True)
@@ -814,7 +833,7 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
     report = AnalysisReport(params.run_name, run_dir, table, summary, flags, frame, sweep, gt,
                             settings.threshold, settings.gallery_k, threshold_cv=choice, calibration=calibration,
                             min_patients=settings.min_patients)
-    report.temporal = report.compute_temporal()
+    report.temporal = temporal_consistency(rows)
     if report.temporal is not None:
         summary["temporal_consistency"] = {"pred_iou": float(report.temporal["pred_iou"].mean()),
                                            "gt_iou": float(report.temporal["gt_iou"].mean()),

@@ -210,7 +210,7 @@ def test_a_run_compared_with_itself_shows_zero_delta_and_the_banner(demo_runs, t
     report = compare_stage([demo_runs["long"], demo_runs["long"]], tmp_path / "self")
     pair = report.pairs[0]
     assert (pair.a, pair.b) == ("long", "long#2")
-    assert (pair.stats["delta_mean"].fillna(0) == 0).all() and pair.better is None
+    assert (pair.stats["delta"].fillna(0) == 0).all() and pair.better is None
     assert report.identity["identical_weights"] == [["long", "long#2"]]
     assert report.identity["identical_predictions"] == [["long", "long#2"]]
     assert _banner_first(report._repr_html_())
@@ -354,7 +354,7 @@ def test_notebook_04_runs_under_papermill_and_renders_the_report(demo_runs, tmp_
     outcome = execute_stage(COMPARE_STAGE, parameters, out_dir, default_notebooks_dir(), header={}, progress=False)
     assert outcome.status == "ok", outcome.error
     page = (out_dir / "04_compare_checkpoints.html").read_text(encoding="utf-8")
-    assert "Checkpoint comparison" in page and "Every metric" in page and "Verdict" in page
+    assert "Compare checkpoints" in page and "Every metric" in page and "Verdict" in page
     assert json.loads((out_dir / "comparison.json").read_text())["runs"] == ["short", "long"]
 
 

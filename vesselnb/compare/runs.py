@@ -25,7 +25,7 @@ from vesselnb.store import PredictionStore
 # bf16 keeps ~3 significant digits, so real training steps move weights by far more than 1e-4.
 NEAR_ZERO_REL_CHANGE = 1e-4
 IDENTITY_KEYS = ("identical_weights", "identical_predictions", "near_zero_weight_delta")
-REQUIRED_COLUMNS = ("sample_id", "patient", "sequence", "status", "has_gt", "dice")
+REQUIRED_COLUMNS = ("sample_id", "patient", "sequence", "status", "has_gt", "image", "dice")
 # What stage 03 records in summary.json "scoring"; a difference in any of these makes the comparison meaningless.
 SCORING_KEYS = {
     "annotations_hash": "annotations (content hash)",
@@ -183,9 +183,14 @@ def comparability(run_a: RunInputs, run_b: RunInputs, min_shared_fraction: float
         if value_a != value_b:
             differences.append(f"{label}: {_short(value_a)} vs {_short(value_b)}")
     pre_a, pre_b = run_a.scoring.get("preprocessing") or {}, run_b.scoring.get("preprocessing") or {}
+    same_frames = run_a.scoring.get("frames_hash") == run_b.scoring.get("frames_hash")
     for key, label in PREPROCESSING_KEYS.items():
+        if key == "images_hash" and not same_frames:
+            continue  # a hash over other frame sets says nothing: the shared frames' files are compared below
         if pre_a.get(key) != pre_b.get(key):
             differences.append(f"{label}: {_short(pre_a.get(key))} vs {_short(pre_b.get(key))}")
+    if not same_frames and (changed := _changed_images(run_a, run_b, scored_a & scored_b)):
+        differences.append(f"frames on disk: {len(changed)} shared frames read from other files, e.g. {changed[0]}")
     if run_a.scoring.get("frames_hash") != run_b.scoring.get("frames_hash"):
         differences.append(f"frame set: {run_a.scoring.get('n_frames')} vs {run_b.scoring.get('n_frames')} scored "
                            f"frames, {shared} shared (only those are compared)")
@@ -194,6 +199,22 @@ def comparability(run_a: RunInputs, run_b: RunInputs, min_shared_fraction: float
         problems.append(Problem(a, b, "scored_differently",
                                 f"{a} and {b} were scored differently — " + "; ".join(differences)))
     return problems
+
+
+def _changed_images(run_a: RunInputs, run_b: RunInputs, shared: set[str]) -> list[str]:
+    """Shared frames whose image files differ (other path and other size, or one of them unreadable)."""
+    changed = []
+    for sample_id in sorted(shared):
+        path_a, path_b = str(run_a.metrics.at[sample_id, "image"]), str(run_b.metrics.at[sample_id, "image"])
+        if path_a == path_b:
+            continue
+        try:
+            if Path(path_a).stat().st_size == Path(path_b).stat().st_size:
+                continue
+        except OSError:
+            pass
+        changed.append(sample_id)
+    return changed
 
 
 def frame_set_note(run_a: RunInputs, run_b: RunInputs) -> str:

@@ -54,7 +54,7 @@ def scatter_figure(pair: PairedComparison, metrics: list[str]) -> Figure:
         axis.set_ylabel(f"{metric} — {pair.b}")
         row = pair.stats.loc[metric]
         axis.set_title(f"{metric} ({row['better_when']} is better; {row['direction']})", fontsize=9)
-    if len(pair.per_sample["patient"].unique()) <= 12:
+    if len(pair.per_sample["patient"].unique()) <= 12 and fig.axes[0].get_legend_handles_labels()[0]:
         fig.axes[0].legend(fontsize=7, title="patient", title_fontsize=7)
     return fig
 

@@ -416,7 +416,7 @@ class RunFolder:
             "kind": "run",
             "run_name": params.run_name,
             "description": params.description,
-            "iteration": params.iteration,
+            "iteration": self.iteration(params),
             "params_file": str(params.source_file) if params.source_file else None,
             "params": params.to_dict(),
             "run_dir": str(self.path),

@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from vesselnb.errors import VesselnbError
+from vesselnb.fs_errors import describe_os_error, log_traceback
+from vesselnb.interrupts import Interrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except VesselnbError as exc:
         print(f"vesselnb: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:  # a graceful stop: what was done is saved, a rerun resumes
+        print(f"vesselnb: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before any stage started: nothing to save
+        print("vesselnb: interrupted (SIGINT) before any stage started; nothing was written", file=sys.stderr)
+        return 130
+    except OSError as exc:  # read-only, full disk, permissions: one line with the path and the fix
+        log = log_traceback(exc)
+        print(f"vesselnb: error: {describe_os_error(exc)}" + (f" (details: {log})" if log else ""), file=sys.stderr)
         return 2
 
 

@@ -44,6 +44,8 @@ from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.frames import open_frame_rgb
+from vesselnb.interrupts import check_stop, graceful_stop
+from vesselnb.locks import hold_all, run_folder_lock, store_lock
 from vesselnb.params import DEFAULT_PROMPT, RunParams
 from vesselnb.store import (
     STATUSES,
@@ -525,6 +527,8 @@ def run_inference(
                 ThreadPoolExecutor(1, thread_name_prefix="vesselnb-read") as reader:
             upcoming = reader.submit(decode_frames, units[0]) if units else None
             for index, unit in enumerate(units):
+                # A stop request (Ctrl-C, SIGTERM) ends the loop here, between frames: everything so far is stored.
+                check_stop(f"after {stats.n_run} of {todo} frames (all stored: a rerun resumes)")
                 decoded = upcoming.result()
                 upcoming = reader.submit(decode_frames, units[index + 1]) if index + 1 < len(units) else None
                 if mode == "image":
@@ -672,8 +676,15 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     """Stage 02: predict every frame of ``params.data.images`` into ``run_dir/predictions``; resumable.
 
     ``shard=(k, n)`` (or ``accelerate launch``'s RANK/WORLD_SIZE) runs one part; the last part to finish merges all.
-    Ground truth (``params.data.annotations``) is never read here.
+    Ground truth (``params.data.annotations``) is never read here. The store is locked while this writes it (shards
+    share it and each locks its own part), so a second writer is refused at once, naming this one.
     """
+    with hold_all(store_lock(Path(run_dir) / PREDICTIONS_DIR, _resolve_shard(shard))):
+        return _infer_stage(params, run_dir, shard, progress)
+
+
+def _infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] | None = None,
+                 progress: bool = True) -> InferenceSummary:
     from vesselnb.fingerprint import config_fingerprint, weights_fingerprint
 
     run_dir = Path(run_dir)
@@ -791,7 +802,9 @@ def _cli_infer(args: Any) -> int:
         params.inference.device = args.device
     run_dir = args.run_dir or Path("outputs") / params.run_name
     shard = parse_shard(args.shard) if args.shard else None
-    summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
+    # Shards share the run folder (each locks its own part of the store); a `vesselnb run` on it is refused meanwhile.
+    with graceful_stop("the current frame"), hold_all([run_folder_lock(run_dir, "shared")]):
+        summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
     print(summary.to_text(), file=sys.stderr if summary.has_problems else sys.stdout)
     return 0
 

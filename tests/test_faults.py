@@ -1,0 +1,251 @@
+"""Faults a user meets, each reproduced for real: a second process on the same folder (a real flock), Ctrl-C and
+SIGTERM (real signals to a real ``vesselnb`` subprocess), a holder killed with ``kill -9``, a read-only and a full
+filesystem (real tmpfs mounts when the machine allows it, else skipped), bad params files.
+
+Every case asserts the one line the user sees, the exit code, and that nothing already done was lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from _infer_fixtures import REPO, cli_command, copy_frames, demo_model_dir, subprocess_env, write_params
+
+from vesselnb.locks import LOCK_DIR, read_holders
+
+N_FRAMES = 6
+WAIT = 120.0  # seconds any single wait may take on a busy 2-core machine before the test gives up
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------------
+def wait_until(condition: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = WAIT) -> None:
+    """Poll ``condition``; fail with the process's stderr if it ends first or the wait runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"process ended (rc {proc.returncode}) before the condition held: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(0.05)
+
+
+def records(run_dir: Path) -> list[Path]:
+    """Stored samples of the run's store (merged store and shard parts)."""
+    found = list((run_dir / "predictions" / "records").glob("*.json"))
+    found += list((run_dir / "predictions" / "parts").glob("*/records/*.json"))
+    return found
+
+
+def start(command: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(command, env=subprocess_env(**env), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run(command: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=subprocess_env(**env), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def vesselnb(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vesselnb.cli", *args]
+
+
+def one_line(stderr: str) -> str:
+    """The user-facing error: exactly one ``vesselnb:`` line and no traceback anywhere."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("vesselnb:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``path`` (root only); the test is skipped where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+# --- fixtures --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def frames(demo_assets, tmp_path_factory) -> Path:
+    return copy_frames(demo_assets, tmp_path_factory.mktemp("fault_frames") / "images", N_FRAMES)
+
+
+@pytest.fixture()
+def params(demo_assets, frames, tmp_path) -> Path:
+    return write_params(tmp_path / "faults.yaml", demo_model_dir(demo_assets), frames)
+
+
+# --- locks and signals -----------------------------------------------------------------------------------------------
+def test_second_writer_refused_then_sigint_stops_after_a_frame_and_rerun_resumes(params, frames, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    first = start(cli_command(params, run_dir), VESSELNB_TEST_SAMPLE_DELAY="1.0")
+    wait_until(lambda: len(records(run_dir)) >= 1, first)
+
+    second = run(cli_command(params, run_dir))
+    line = one_line(second.stderr)
+    assert second.returncode == 2
+    assert f"pid {first.pid} on {socket.gethostname()} since " in line and "in use by" in line
+    assert "kill -INT" in line and str(run_dir) in line
+
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=WAIT)
+    assert first.returncode == 130, stderr[-3000:]
+    line = one_line(stderr.replace("vesselnb: SIGINT received", "(note) SIGINT received"))
+    stopped = re.search(r"stopped by SIGINT after (\d+) of 6 frames", line)
+    assert stopped, line
+    done = int(stopped.group(1))
+    assert 1 <= done < N_FRAMES
+    assert len(records(run_dir)) == done  # every frame counted as done is stored, and nothing half-written
+    assert read_holders(run_dir / "predictions" / LOCK_DIR) == []  # the lock was released with its note
+
+    rerun = run(cli_command(params, run_dir))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    stored = [json.loads(p.read_text()) for p in records(run_dir)]
+    assert sorted(r["sample_id"] for r in stored) == sorted(p.stem for p in frames.glob("*.jpg"))
+    assert {r["status"] for r in stored} == {"ok"}
+
+
+def test_sigterm_stops_after_the_current_frame_with_143(params, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    proc = start(cli_command(params, run_dir), VESSELNB_TEST_SAMPLE_DELAY="1.0")
+    wait_until(lambda: len(records(run_dir)) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 143, stderr[-3000:]
+    line = one_line(stderr.replace("vesselnb: SIGTERM received", "(note) SIGTERM received"))
+    done = int(re.search(r"stopped by SIGTERM after (\d+) of 6 frames", line).group(1))
+    assert len(records(run_dir)) == done
+
+
+def test_lock_of_a_killed_holder_is_taken_over_with_a_note(params, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    holder = start([sys.executable, "-c",
+                    "import sys, time; from vesselnb.locks import store_lock\n"
+                    f"lock = store_lock({str(run_dir / 'predictions')!r})[0].acquire(); print('held', flush=True)\n"
+                    "time.sleep(600)"])
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=WAIT)
+    notes = read_holders(run_dir / "predictions" / LOCK_DIR)
+    assert [n.pid for n in notes] == [holder.pid]  # the dead holder's note is still there; its flock is not
+
+    proc = run(cli_command(params, run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"took over the prediction store lock of {run_dir / 'predictions'} left by pid {holder.pid}" in proc.stderr
+    assert "no longer running" in proc.stderr
+    assert len(records(run_dir)) == N_FRAMES
+    assert read_holders(run_dir / "predictions" / LOCK_DIR) == []
+
+
+def test_shards_of_one_infer_share_the_store_and_exclude_other_writers(params, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    shards = [start(cli_command(params, run_dir, "--shard", f"{k}/2"), VESSELNB_TEST_SAMPLE_DELAY="0.5")
+              for k in range(2)]
+    for proc in shards:
+        wait_until(lambda: len(read_holders(run_dir / "predictions" / LOCK_DIR)) == 2 and len(records(run_dir)) >= 1,
+                   proc)
+    for proc in shards:  # paused mid-run (SIGSTOP keeps their locks): the intruders meet two live writers
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        unsharded = start(cli_command(params, run_dir))
+        same_shard = start(cli_command(params, run_dir, "--shard", "0/2"))
+        unsharded_err, same_shard_err = (proc.communicate(timeout=WAIT)[1] for proc in (unsharded, same_shard))
+    finally:
+        for proc in shards:
+            proc.send_signal(signal.SIGCONT)
+    assert unsharded.returncode == 2 and same_shard.returncode == 2
+    line = one_line(unsharded_err)
+    assert "prediction store is in use by" in line and all(f"pid {p.pid}" in line for p in shards)
+    assert f"shard 0/2 is in use by pid {shards[0].pid}" in one_line(same_shard_err)
+
+    for proc in shards:
+        _, stderr = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, stderr[-3000:]
+    stored = list((run_dir / "predictions" / "records").glob("*.json"))
+    assert len(stored) == N_FRAMES and not (run_dir / "predictions" / "parts").exists()
+
+
+# --- params ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [(lambda text: text + "run_name: again\n", r"key 'run_name' is given twice \(lines \d+ and \d+\)"),
+     (lambda text: text.replace("device: cpu", "device: cpu\n  max_memory_per_gpu: lots"),
+      r"key 'inference.max_memory_per_gpu' must be a size such as 70GiB")],
+)
+def test_bad_params_refused_before_anything_is_written(params, tmp_path, edit, expected) -> None:
+    params.write_text(edit(params.read_text()))
+    run_dir = tmp_path / "run"
+    proc = run(cli_command(params, run_dir))
+    assert proc.returncode == 2
+    line = one_line(proc.stderr)
+    assert re.search(expected, line) and str(params) in line
+    assert not run_dir.exists()
+
+
+def test_image_glob_matching_nothing_refused_before_any_stage(params, tmp_path) -> None:
+    params.write_text(params.read_text().replace("data:\n", "data:\n  image_glob: '*.png'\n"))
+    run_dir = tmp_path / "run"
+    proc = run(cli_command(params, run_dir))
+    assert proc.returncode == 2
+    line = one_line(proc.stderr)
+    assert "'data.image_glob' '*.png' matches no file" in line and "'*.jpg' files" in line
+    assert not run_dir.exists()
+
+
+# --- filesystems -----------------------------------------------------------------------------------------------------
+def test_read_only_outputs_one_line_with_path_and_fix(params, tmp_path) -> None:
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as mount:
+        proc = run(cli_command(params, mount / "run"))
+        assert proc.returncode == 2
+        line = one_line(proc.stderr)
+        assert str(mount / "run") in line and "Read-only file system" in line and "--outputs" in line
+
+        logs = tmp_path / "logs"
+        proc = run(vesselnb("index", "--outputs", str(mount)), VESSELNB_LOG_DIR=str(logs))
+        assert proc.returncode == 2
+        line = one_line(proc.stderr)
+        assert str(mount) in line and "read-only" in line
+        log = Path(re.search(r"\(details: (\S+)\)", line).group(1))
+        assert log.parent == logs and "Traceback" in log.read_text()
+
+
+def test_full_disk_mid_run_loses_nothing_and_rerun_completes(params, tmp_path) -> None:
+    with tmpfs(tmp_path / "small", "256k") as mount:
+        filler = mount / "filler"
+        run_dir = mount / "run"
+        filler.write_bytes(b"\0" * (150 * 1024))  # room for a few frames only
+        proc = run(cli_command(params, run_dir))
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = one_line(proc.stderr)
+        assert "No space left on device" in line and str(run_dir / "predictions") in line
+        assert "stored samples are kept" in line
+        kept = records(run_dir)
+        assert len(kept) < N_FRAMES
+        for path in kept:  # whatever was stored is whole: its record parses and its mask exists
+            record = json.loads(path.read_text())
+            assert (run_dir / "predictions" / "masks" / f"{record['sample_id']}.png").stat().st_size > 0
+        filler.unlink()
+        rerun = run(cli_command(params, run_dir))
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert len(records(run_dir)) == N_FRAMES
+        shutil.rmtree(run_dir)

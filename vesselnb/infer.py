@@ -43,10 +43,13 @@ from vesselnb import store_writer
 from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
 from vesselnb.errors import InferenceError, StoreError
+from vesselnb.fingerprint import config_fingerprint
 from vesselnb.frames import open_frame_rgb
 from vesselnb.interrupts import check_stop, graceful_stop
 from vesselnb.locks import hold_all, run_folder_lock, store_lock
+from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_PROMPT, RunParams
+from vesselnb.run_folder import PARTS_DIR, RunFolder
 from vesselnb.store import (
     STATUSES,
     PredictionStore,
@@ -60,7 +63,6 @@ from vesselnb.store import (
 
 IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "[SEG]"
-PREDICTIONS_DIR = "predictions"
 SAMPLE_DELAY_ENV = "VESSELNB_TEST_SAMPLE_DELAY"
 
 
@@ -340,11 +342,6 @@ def _frame_of(stack: Any, index: int) -> np.ndarray:
     raise InferenceError(f"predict_forward returned a mask of shape {array.shape}; expected (frames, H, W)")
 
 
-def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
-    return np.asarray(image) > 127
-
-
 def _resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     image = Image.fromarray(prob.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR)
     return np.asarray(image)
@@ -370,7 +367,7 @@ def interpret_output(
     combined = frame_masks[0] if len(frame_masks) == 1 else np.logical_or.reduce(frame_masks)
     if combined.shape != (height, width):
         record["mask_resized_from"] = [int(combined.shape[0]), int(combined.shape[1])]
-        combined = _resize_mask(combined, height, width)
+        combined = resize_mask(combined, (height, width))
     probability = None
     maps = output.get("probability_maps") if want_probability else None
     if maps:
@@ -679,27 +676,25 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     Ground truth (``params.data.annotations``) is never read here. The store is locked while this writes it (shards
     share it and each locks its own part), so a second writer is refused at once, naming this one.
     """
-    with hold_all(store_lock(Path(run_dir) / PREDICTIONS_DIR, _resolve_shard(shard))):
+    with hold_all(store_lock(RunFolder(run_dir).predictions_dir, _resolve_shard(shard))):
         return _infer_stage(params, run_dir, shard, progress)
 
 
 def _infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] | None = None,
                  progress: bool = True) -> InferenceSummary:
-    from vesselnb.fingerprint import config_fingerprint, weights_fingerprint
-
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     shard = _resolve_shard(shard)
     inf = params.inference
     prompt, prompt_warning = prepare_prompt(inf.prompt, inf.strict_prompt)
-    hf_dir = params.hf_model_dir(run_dir)
+    hf_dir = run.hf_dir(params)
     if not (hf_dir / "config.json").is_file():
         raise InferenceError(f"{hf_dir}: no HF model folder here; run stage 01 (convert) first or set 'hf_model'")
     if params.data.images is None:
         raise InferenceError("params: 'data.images' is not set; point it at the folder of frames")
     samples = list_samples(params.data.images, params.data.image_glob, params.data.name_regex, params.data.limit)
-    fingerprint = weights_fingerprint(hf_dir)
+    fingerprint = run.weights_fingerprint(params)
     model_config = config_fingerprint(hf_dir)
-    predictions = run_dir / PREDICTIONS_DIR
+    predictions = run.predictions_dir
     meta = read_store_meta(predictions)
     if meta is not None:  # refuse a mismatch before spending minutes loading weights
         wanted = {"fingerprint": fingerprint, "model_config": model_config, "prompt": prompt, "mode": inf.mode,
@@ -708,7 +703,7 @@ def _infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] 
 
     units = select_shard(work_units(samples, inf.mode), shard)
     mine = [s for unit in units for s in unit]
-    target = predictions / "parts" / part_name(shard) if shard is not None else predictions
+    target = predictions / PARTS_DIR / part_name(shard) if shard is not None else predictions
     already: set[str] = set()
     for folder in {predictions, target}:
         if read_store_meta(folder) is not None:
@@ -742,7 +737,7 @@ def _infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] 
     if shard is not None:
         if store is not None and store.path == target:
             store.mark_part_complete(len(mine))
-        merged = _merge_if_last(predictions, shard[1]) or not (predictions / "parts").exists()
+        merged = _merge_if_last(predictions, shard[1]) or not (predictions / PARTS_DIR).exists()
     final = open_quietly(predictions) if (shard is None or merged) else open_quietly(target)
     wanted_ids = {s.sample_id for s in (samples if final.path == predictions else mine)}
     frame = final.records_frame()
@@ -765,7 +760,7 @@ def _merge_if_last(predictions: Path, n_shards: int) -> bool:
         if "merging shard parts right now" in str(exc):
             return False
         raise
-    return not (predictions / "parts").exists()
+    return not (predictions / PARTS_DIR).exists()
 
 
 # --- CLI ------------------------------------------------------------------------------------------------------------
@@ -810,7 +805,8 @@ def _cli_infer(args: Any) -> int:
 
 
 def _cli_merge(args: Any) -> int:
-    path = args.path / PREDICTIONS_DIR if (args.path / PREDICTIONS_DIR).is_dir() else args.path
+    folder = RunFolder(args.path)
+    path = folder.predictions_dir if folder.predictions_dir.is_dir() else args.path
     report = merge_parts(path, require_complete=not args.allow_incomplete)
     print(f"merged {len(report.parts)} part(s) into {report.store}: {report.copied} samples copied, "
           f"{report.already_present} already present")

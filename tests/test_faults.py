@@ -140,8 +140,8 @@ def test_sigterm_stops_after_the_current_frame_with_143(params, tmp_path) -> Non
 def test_lock_of_a_killed_holder_is_taken_over_with_a_note(params, tmp_path) -> None:
     run_dir = tmp_path / "run"
     holder = start([sys.executable, "-c",
-                    "import sys, time; from vesselnb.locks import store_lock\n"
-                    f"lock = store_lock({str(run_dir / 'predictions')!r})[0].acquire(); print('held', flush=True)\n"
+                    "import sys, time; from vesselnb.run_folder import RunFolder\n"
+                    f"lock = RunFolder({str(run_dir)!r}).store_locks()[0].acquire(); print('held', flush=True)\n"
                     "time.sleep(600)"])
     assert holder.stdout.readline().strip() == "held"
     holder.send_signal(signal.SIGKILL)

@@ -46,7 +46,7 @@ from vesselnb.errors import InferenceError, StoreError
 from vesselnb.fingerprint import config_fingerprint
 from vesselnb.frames import open_frame_rgb
 from vesselnb.interrupts import check_stop, graceful_stop
-from vesselnb.locks import hold_all, run_folder_lock, store_lock
+from vesselnb.locks import hold_all
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_PROMPT, RunParams
 from vesselnb.run_folder import PARTS_DIR, RunFolder
@@ -676,7 +676,7 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     Ground truth (``params.data.annotations``) is never read here. The store is locked while this writes it (shards
     share it and each locks its own part), so a second writer is refused at once, naming this one.
     """
-    with hold_all(store_lock(RunFolder(run_dir).predictions_dir, _resolve_shard(shard))):
+    with hold_all(RunFolder(run_dir).store_locks(_resolve_shard(shard))):
         return _infer_stage(params, run_dir, shard, progress)
 
 
@@ -798,7 +798,7 @@ def _cli_infer(args: Any) -> int:
     run_dir = args.run_dir or Path("outputs") / params.run_name
     shard = parse_shard(args.shard) if args.shard else None
     # Shards share the run folder (each locks its own part of the store); a `vesselnb run` on it is refused meanwhile.
-    with graceful_stop("the current frame"), hold_all([run_folder_lock(run_dir, "shared")]):
+    with graceful_stop("the current frame"), hold_all([RunFolder(run_dir).lock("shared")]):
         summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
     print(summary.to_text(), file=sys.stderr if summary.has_problems else sys.stdout)
     return 0

@@ -8,11 +8,15 @@ Layout: ``<folder>/.vesselnb-lock/lock`` is the flocked file; each holder writes
 (``{"pid", "host", "started", "command", "mode"}``) beside it and deletes it on release, so a refusal can name every
 holder. An exclusive lock (``vesselnb run``, one unsharded ``infer``) excludes everyone; shared locks (the shards of one
 ``infer`` on one store) coexist with each other and exclude an exclusive taker.
+
+This module knows nothing of a run folder's layout: :class:`vesselnb.run_folder.RunFolder` says which folders are
+locked how (``RunFolder.lock()``, ``RunFolder.store_locks(shard)``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fcntl
 import json
@@ -27,8 +31,6 @@ from typing import Any, Literal
 
 from vesselnb.errors import VesselnbError
 from vesselnb.fs_errors import describe_os_error
-from vesselnb.stages import now_iso
-from vesselnb.store import part_name
 
 LOCK_DIR = ".vesselnb-lock"
 Mode = Literal["exclusive", "shared"]
@@ -50,7 +52,8 @@ class Holder:
 
     @classmethod
     def me(cls, mode: str) -> Holder:
-        return cls(os.getpid(), socket.gethostname(), now_iso(), _command_line(), mode)
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # as run_folder.now_iso
+        return cls(os.getpid(), socket.gethostname(), started, _command_line(), mode)
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host} since {self.started} ({self.command})"
@@ -141,6 +144,9 @@ class FolderLock:
         os.close(self._fd)
         self._fd = None
 
+    def __del__(self) -> None:  # a lock object dropped without release (an exception path) must not pin the folder
+        self.release()
+
     def __enter__(self) -> FolderLock:
         return self.acquire()
 
@@ -194,43 +200,6 @@ def _holder_files(lock_dir: Path) -> list[tuple[Path, Holder]]:
 def read_holders(lock_dir: str | Path) -> list[Holder]:
     """The notes in ``<folder>/.vesselnb-lock`` (live or stale), oldest first."""
     return sorted((h for _, h in _holder_files(Path(lock_dir))), key=lambda h: h.started)
-
-
-@contextlib.contextmanager
-def locked(folder: str | Path, mode: Mode = "exclusive", what: str = "folder", hint: str = "",
-           announce: bool = True) -> Iterator[FolderLock]:
-    """``with locked(run_dir, what="run folder"):`` — take, print any takeover note to stderr, always release."""
-    lock = FolderLock(folder, mode, what, hint).acquire()
-    try:
-        if announce:
-            for note in lock.notes:
-                print(f"vesselnb: note: {note}", file=sys.stderr, flush=True)
-        yield lock
-    finally:
-        lock.release()
-
-
-def run_folder_lock(run_dir: str | Path, mode: Mode = "exclusive") -> FolderLock:
-    """The lock of ``outputs/<run>/``: exclusive for ``vesselnb run``, shared for the shards of ``vesselnb infer``."""
-    return FolderLock(run_dir, mode, what="run folder",
-                      hint="wait for it to finish, or stop it with Ctrl-C / kill -INT <pid> (it saves its report) "
-                           "and run again; to run the same checkpoint twice, give the copy another run_name")
-
-
-def store_lock(predictions: str | Path, shard: tuple[int, int] | None = None) -> list[FolderLock]:
-    """Locks a writer of ``predictions/`` takes, in order: the store (shared by shards, else exclusive), then its part.
-
-    Shards of one ``infer`` each write their own ``parts/<k>-of-<n>/``, so they share the store and exclude each other
-    only on the same part; an unsharded writer excludes every other writer of the store.
-    """
-    predictions = Path(predictions)
-    hint = ("wait for it to finish, or stop it with Ctrl-C / kill -INT <pid> and run again (the store resumes); "
-            "several GPUs: use --shard k/n or accelerate launch")
-    if shard is None:
-        return [FolderLock(predictions, "exclusive", what="prediction store", hint=hint)]
-    part = predictions / "parts" / part_name(shard)
-    return [FolderLock(predictions, "shared", what="prediction store", hint=hint),
-            FolderLock(part, "exclusive", what=f"shard {shard[0]}/{shard[1]}", hint=hint)]
 
 
 @contextlib.contextmanager

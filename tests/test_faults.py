@@ -105,9 +105,11 @@ def test_second_writer_refused_then_sigint_stops_after_a_frame_and_rerun_resumes
     line = one_line(second.stderr)
     assert second.returncode == 2
     assert f"pid {first.pid} on {socket.gethostname()} since " in line and "in use by" in line
-    assert "kill -INT" in line and str(run_dir) in line
+    assert f"kill -INT {first.pid}" in line and str(run_dir) in line
 
     first.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the signal is handled; now let the cell in progress finish
+    (run_dir / "go").touch()
     _, stderr = first.communicate(timeout=WAIT)
     assert first.returncode == 130, stderr[-3000:]
     line = one_line(stderr.replace("vesselnb: SIGINT received", "(note) SIGINT received"))
@@ -249,3 +251,142 @@ def test_full_disk_mid_run_loses_nothing_and_rerun_completes(params, tmp_path) -
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert len(records(run_dir)) == N_FRAMES
         shutil.rmtree(run_dir)
+
+
+# --- `vesselnb run`: stand-in notebooks (real papermill kernels, no model) -------------------------------------------
+# 01 has a cell that waits for a 'go' file (with STUB_WAIT set) followed by another: a stop must let the first
+# finish and skip the second.
+# 02 stores "frames" one by one and calls the real check_stop between them, as the inference loop does.
+_STUB_CELLS = {
+    "01_convert.ipynb": [
+        "import os, pathlib, time\nrun = pathlib.Path(run_dir); run.mkdir(parents=True, exist_ok=True)\n"
+        "(run / 'cell_a_started').touch()\n"
+        "while os.environ.get('STUB_WAIT') and not (run / 'go').exists(): time.sleep(0.05)\n"
+        "(run / 'cell_a_done').touch()",
+        "(run / 'cell_b_done').touch()",
+    ],
+    "02_inference.ipynb": [
+        "import os, pathlib, time\nfrom vesselnb.interrupts import check_stop\n"
+        "records = pathlib.Path(run_dir) / 'predictions' / 'records'; records.mkdir(parents=True, exist_ok=True)\n"
+        "n = int(os.environ.get('STUB_FRAMES', '3'))\n"
+        "for i in range(n):\n"
+        "    check_stop(f'after {len(list(records.glob(\"*.json\")))} of {n} frames (all stored)')\n"
+        "    if (records / f'f{i}.json').exists(): continue\n"
+        "    time.sleep(float(os.environ.get('STUB_FRAME_SECONDS', '0')))\n"
+        "    (records / f'f{i}.json').write_text('{}')",
+    ],
+    "03_error_analysis.ipynb": [
+        "import json, pathlib\nrun = pathlib.Path(run_dir); (run / 'analysis').mkdir(parents=True, exist_ok=True)\n"
+        "(run / 'analysis' / 'summary.json').write_text(json.dumps({'n_samples': 3, 'status_counts': {'ok': 3},\n"
+        "    'headline': {'dice': 0.8123, 'cldice': 0.7711, 'hd95': 4.5, 'ciou': 0.69}}))",
+    ],
+}
+
+
+@pytest.fixture()
+def stub_run(tmp_path) -> tuple[Path, Path, Path]:
+    """(params file, notebooks folder, outputs folder) for `vesselnb run` on stand-in notebooks."""
+    import nbformat
+    from _spine_fixtures import write_params as write_stub_params
+
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for name, cells in _STUB_CELLS.items():
+        parameters = nbformat.v4.new_code_cell('params_path = "../params/demo.yaml"\nrun_dir = "../outputs/demo"')
+        parameters.metadata["tags"] = ["parameters"]
+        notebook = nbformat.v4.new_notebook(cells=[parameters, *(nbformat.v4.new_code_cell(c) for c in cells)])
+        nbformat.write(notebook, str(notebooks / name))
+    params = write_stub_params(tmp_path / "params" / "stub.yaml", "stub")
+    return params, notebooks, tmp_path / "outputs"
+
+
+def run_command(stub: tuple[Path, Path, Path]) -> list[str]:
+    params, notebooks, outputs = stub
+    return vesselnb("run", str(params), "--outputs", str(outputs), "--notebooks", str(notebooks), "--no-progress")
+
+
+def manifest_of(run_dir: Path) -> dict:
+    from vesselnb.run_folder import RunFolder
+
+    return RunFolder(run_dir).manifest()
+
+
+def test_run_second_refused_sigint_stops_after_the_cell_and_index_stays_honest(stub_run) -> None:
+    run_dir = stub_run[2] / "stub"
+    good = run(run_command(stub_run))
+    assert good.returncode == 0, good.stderr[-3000:]
+    index = (stub_run[2] / "index.html").read_text()
+    assert "0.812" in index  # the good run's Dice, as current
+
+    for marker in ("cell_a_started", "cell_a_done", "cell_b_done"):
+        (run_dir / marker).unlink()
+    first = start(run_command(stub_run), STUB_WAIT="1")
+    wait_until(lambda: (run_dir / "cell_a_started").exists(), first)
+    second = run(run_command(stub_run))
+    assert second.returncode == 2
+    line = one_line(second.stderr)
+    assert f"{run_dir}: this run folder is in use by pid {first.pid} on {socket.gethostname()} since" in line
+    assert "vesselnb run" in line and f"kill -INT {first.pid}" in line
+
+    first.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the signal is handled; now let the cell in progress finish
+    (run_dir / "go").touch()
+    _, stderr = first.communicate(timeout=WAIT)
+    assert first.returncode == 130, stderr[-3000:]
+    line = one_line(stderr.replace("vesselnb: SIGINT received", "(note) SIGINT received"))
+    assert "stopped by SIGINT during stage 'convert' of 'stub'" in line and "01_convert.html" in line
+    assert (run_dir / "cell_a_done").exists() and not (run_dir / "cell_b_done").exists()  # the cell finished, no more
+    assert (run_dir / "01_convert.ipynb").is_file() and (run_dir / "01_convert.html").is_file()
+    manifest = manifest_of(run_dir)
+    assert manifest["status"] == "interrupted" and manifest["stages"]["convert"]["status"] == "interrupted"
+    assert manifest["stages"]["infer"]["status"] == "pending"
+    index = (stub_run[2] / "index.html").read_text()
+    assert "interrupted" in index and "last good" in index
+    row = index[index.index('id="run-stub"'):]
+    row = row[:row.index("</tr>")]
+    assert re.search(r'<td class="num">0\.812', row) is None  # the old Dice is never shown as current
+
+    (run_dir / "go").unlink()
+    rerun = run(run_command(stub_run))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert manifest_of(run_dir)["status"] == "ok" and (run_dir / "cell_b_done").exists()
+
+
+def test_run_sigterm_stops_after_the_current_frame_and_rerun_resumes(stub_run) -> None:
+    run_dir = stub_run[2] / "stub"
+    proc = start(run_command(stub_run), STUB_FRAMES="6", STUB_FRAME_SECONDS="1")
+    wait_until(lambda: len(list((run_dir / "predictions" / "records").glob("*.json"))) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=WAIT)
+    assert proc.returncode == 143, stderr[-3000:]
+    line = one_line(stderr.replace("vesselnb: SIGTERM received", "(note) SIGTERM received"))
+    done = int(re.search(r"during stage 'infer' of 'stub' after (\d+) of 6 frames \(all stored\)", line).group(1))
+    assert 1 <= done < 6 and len(list((run_dir / "predictions" / "records").glob("*.json"))) == done
+    assert (run_dir / "02_inference.ipynb").is_file() and (run_dir / "02_inference.html").is_file()
+    assert manifest_of(run_dir)["stages"]["infer"]["status"] == "interrupted"
+
+    rerun = run(run_command(stub_run), STUB_FRAMES="6")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(list((run_dir / "predictions" / "records").glob("*.json"))) == 6
+
+
+def test_kill_9_leaves_running_which_the_next_command_reports_as_interrupted(stub_run) -> None:
+    run_dir = stub_run[2] / "stub"
+    proc = start(run_command(stub_run), STUB_WAIT="1")
+    wait_until(lambda: (run_dir / "cell_a_started").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=WAIT)
+    on_disk = json.loads((run_dir / "manifest.json").read_text())
+    assert on_disk["stages"]["convert"]["status"] == "running" and on_disk["stages"]["convert"]["pid"] == proc.pid
+
+    index = run(vesselnb("index", "--outputs", str(stub_run[2])))
+    assert index.returncode == 0, index.stderr[-3000:]
+    manifest = manifest_of(run_dir)
+    assert manifest["stages"]["convert"]["status"] == "interrupted" and manifest["status"] == "interrupted"
+    assert f"pid {proc.pid}" in manifest["stages"]["convert"]["error"]["evalue"]
+    assert "interrupted" in (stub_run[2] / "index.html").read_text()
+
+    rerun = run(run_command(stub_run))  # the lock died with its holder: no refusal, no manual cleanup
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"left by pid {proc.pid}" in rerun.stderr and "no longer running" in rerun.stderr
+    assert manifest_of(run_dir)["status"] == "ok"

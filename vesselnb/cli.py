@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vesselnb: error: {exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:  # a graceful stop: what was done is saved, a rerun resumes
-        print(f"vesselnb: {exc}", file=sys.stderr)
+        again = "" if "again" in str(exc) else "; run the same command again to resume"
+        print(f"vesselnb: {exc}{again}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # Ctrl-C before any stage started: nothing to save
         print("vesselnb: interrupted (SIGINT) before any stage started; nothing was written", file=sys.stderr)

@@ -525,7 +525,7 @@ def run_inference(
             upcoming = reader.submit(decode_frames, units[0]) if units else None
             for index, unit in enumerate(units):
                 # A stop request (Ctrl-C, SIGTERM) ends the loop here, between frames: everything so far is stored.
-                check_stop(f"after {stats.n_run} of {todo} frames (all stored: a rerun resumes)")
+                check_stop(f"after {stats.n_run} of {todo} frames (all stored)")
                 decoded = upcoming.result()
                 upcoming = reader.submit(decode_frames, units[index + 1]) if index + 1 < len(units) else None
                 if mode == "image":

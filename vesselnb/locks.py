@@ -61,7 +61,10 @@ class Holder:
 
 def _command_line() -> str:
     """``vesselnb run params/x.yaml`` rather than the interpreter's path: what the user typed, shortened."""
-    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program in ("cli.py", "__main__.py"):  # python -m vesselnb.cli ...
+        program = "vesselnb"
+    argv = [program, *sys.argv[1:]]
     text = shlex.join(argv)
     return text if len(text) <= 160 else text[:157] + "..."
 
@@ -163,7 +166,8 @@ class FolderLock:
             stop = f"kill -INT {first.pid}" if first.host == socket.gethostname() else f"stop it on {first.host}"
         else:
             who, stop = "another process (it left no note)", "stop it"
-        fix = self.hint or f"wait for it to finish, or stop it ({stop}) and run again"
+        fix = (self.hint or f"wait for it to finish, or stop it ({stop}) and run again").replace(
+            "<pid>", str(holders[0].pid) if holders else "<pid>")
         return f"{self.folder}: this {self.what} is in use by {who}. {fix[0].upper() + fix[1:]}."
 
     def _take_over_stale(self, lock_dir: Path) -> None:

@@ -390,3 +390,47 @@ def test_kill_9_leaves_running_which_the_next_command_reports_as_interrupted(stu
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"left by pid {proc.pid}" in rerun.stderr and "no longer running" in rerun.stderr
     assert manifest_of(run_dir)["status"] == "ok"
+
+
+# --- names in other scripts ----------------------------------------------------------------------------------------
+def test_cjk_names_render_without_tofu_or_glyph_warnings() -> None:
+    import warnings
+
+    import numpy as np
+
+    from vesselnb import fonts, viz
+
+    name = "张伟_0000103366__1-4_frame_000034"
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    covering = [f for f in fonts.configure_matplotlib_fonts() if f != fonts.BASE_FAMILY]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        viz.figure_png(viz.four_panel(image, None, None, title=name))
+    glyph_warnings = [str(w.message) for w in caught if "missing from font" in str(w.message)]
+    if covering:  # a CJK font is installed (fonts-noto-cjk here): the name is drawn as is
+        assert glyph_warnings == [] and fonts.displayable(name) == name
+    # with Latin fonts only, the name is spelled out, never drawn as empty boxes
+    latin_only = fonts.displayable(name, [fonts.BASE_FAMILY])
+    assert latin_only == "U+5F20U+4F1F_0000103366__1-4_frame_000034"
+
+
+def test_nfd_file_name_meets_its_nfc_annotation(tmp_path) -> None:
+    import unicodedata
+
+    from PIL import Image
+
+    from vesselnb.data import list_samples, load_ground_truth
+
+    nfc = unicodedata.normalize("NFC", "Zoë_Lefèvre_0001__s1_frame_000001")
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfc != nfd
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (16, 16), (40, 40, 40)).save(images / f"{nfd}.jpg")  # as macOS writes it
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text(json.dumps([{"image": f"{nfc}.jpg", "mask": [[2, 2, 12, 2, 12, 12, 2, 12]],
+                                        "text": "blood vessel"}], ensure_ascii=False), encoding="utf-8")
+    samples = list_samples(images)
+    truth = load_ground_truth(annotations, samples, annotation_format="sa2va")
+    assert truth.report.missing == [] and truth.report.unmatched == []
+    assert truth.mask(samples[0].sample_id).sum() > 0

@@ -434,3 +434,40 @@ def test_nfd_file_name_meets_its_nfc_annotation(tmp_path) -> None:
     truth = load_ground_truth(annotations, samples, annotation_format="sa2va")
     assert truth.report.missing == [] and truth.report.unmatched == []
     assert truth.mask(samples[0].sample_id).sum() > 0
+
+
+# --- filesystems under `vesselnb run` -------------------------------------------------------------------------------
+def test_run_on_read_only_full_or_file_in_path_outputs_is_one_line(stub_run, tmp_path) -> None:
+    params, notebooks, _ = stub_run
+
+    def run_into(outputs: Path) -> subprocess.CompletedProcess:
+        return run(vesselnb("run", str(params), "--outputs", str(outputs), "--notebooks", str(notebooks),
+                            "--no-progress"), VESSELNB_LOG_DIR=str(tmp_path / "logs"))
+
+    (tmp_path / "a_file").write_text("")
+    proc = run_into(tmp_path / "a_file" / "outputs")  # a parent that is a file, not a folder
+    assert proc.returncode == 2
+    line = one_line(proc.stderr)
+    assert str(tmp_path / "a_file") in line and "not a folder" in line
+
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as mount:
+        proc = run_into(mount)
+        assert proc.returncode == 2
+        line = one_line(proc.stderr)
+        assert str(mount / "stub") in line and "read-only" in line and "--outputs" in line
+
+    with tmpfs(tmp_path / "full", "4m") as mount:
+        filler = mount / "filler"
+        filler.write_bytes(b"\0" * (4 * 1024 - 40) * 1024)  # 40 kB left: the run fills it in its first stage
+        proc = run_into(mount)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("vesselnb: error: ") and str(mount / "stub") in last
+        assert "No space left on device" in last and "free space" in last
+        log = Path(re.search(r"\(details: (\S+)\)", last).group(1))
+        assert "Traceback" in log.read_text()
+        filler.unlink()
+        rerun = run_into(mount)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert manifest_of(mount / "stub")["status"] == "ok"
+        assert (mount / "stub" / "03_error_analysis.html").is_file()

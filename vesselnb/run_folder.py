@@ -95,6 +95,11 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a full disk fails in write/close, whose errors name no file: name it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -135,6 +135,7 @@ def test_manifest_records_params_and_stages(tmp_path: Path) -> None:
         assert datetime.datetime.fromisoformat(manifest[key]).utcoffset() == datetime.timedelta(0)
     assert folder.params() == params
     assert folder.iteration() == 7  # the checkpoint stage 01 recorded, not the params' guess
+    assert manifest["iteration"] == 7
 
 
 def test_hf_folder_rule(tmp_path: Path) -> None:

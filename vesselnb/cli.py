@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vesselnb import infer_cli, runner
+from vesselnb.convert import cli as convert_cli
 from vesselnb.errors import VesselnbError
 from vesselnb.fs_errors import describe_os_error, log_traceback
 from vesselnb.interrupts import Interrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """All subcommands; owners register theirs so this file stays a dispatcher."""
-    from vesselnb import infer, runner
-    from vesselnb.convert import cli as convert_cli
-
+    """All subcommands; owners register theirs so this file stays a dispatcher (registering imports no torch)."""
     parser = argparse.ArgumentParser(
         prog="vesselnb",
         description="Convert, run and analyse fine-tuned Sa2VA vessel-segmentation checkpoints. "
@@ -23,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     runner.add_cli(sub)  # run, compare, demo, index
     convert_cli.add_cli(sub)  # convert, diff
-    infer.add_cli(sub)  # infer, merge-predictions
+    infer_cli.add_cli(sub)  # infer, merge-predictions
     return parser
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import html
 import inspect
 import os
 import sys
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vesselnb import htmlrepr as hr
 from vesselnb import store_writer
 from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
@@ -48,7 +48,7 @@ from vesselnb.frames import open_frame_rgb
 from vesselnb.interrupts import check_stop, graceful_stop
 from vesselnb.locks import hold_all
 from vesselnb.masks import resize_mask
-from vesselnb.params import DEFAULT_PROMPT, RunParams
+from vesselnb.params import DEFAULT_PROMPT, RunParams, load_params
 from vesselnb.run_folder import PARTS_DIR, RunFolder
 from vesselnb.store import (
     STATUSES,
@@ -633,8 +633,6 @@ class InferenceSummary:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        colour = "#b00020" if self.has_problems else "#1b5e20"
-        background = "#fdecea" if self.has_problems else "#e8f5e9"
         counts = self.status_counts
         rows = [
             ("store", f"{self.store_path}"), ("fingerprint", self.fingerprint), ("prompt", self.prompt),
@@ -647,17 +645,10 @@ class InferenceSummary:
         if self.shard:
             rows.append(("shard", f"{self.shard[0]}/{self.shard[1]}, merged: {self.merged}"))
         notes = ([self.prompt_warning] if self.prompt_warning else []) + self.notes
-        status_cells = "".join(
-            f"<td style='padding:2px 10px'><b>{counts[s]}</b> {s}</td>" for s in STATUSES
-        )
-        table = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-                        f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows)
-        note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-        return (
-            f"<div style='border-left:6px solid {colour};background:{background};padding:6px 10px;margin:4px 0'>"
-            f"<b style='color:{colour}'>{html.escape(self.banner())}</b>"
-            f"<table><tr>{status_cells}</tr></table></div>"
-            f"<table>{table}</table>" + (f"<ul>{note_html}</ul>" if note_html else "")
+        return hr.join(
+            hr.banner(self.banner(), level="error" if self.has_problems else "ok",
+                      lines=["   ".join(f"{counts[s]} {s}" for s in STATUSES)]),
+            hr.table(rows), hr.notes(notes),
         )
 
 
@@ -763,35 +754,8 @@ def _merge_if_last(predictions: Path, n_shards: int) -> bool:
     return not (predictions / PARTS_DIR).exists()
 
 
-# --- CLI ------------------------------------------------------------------------------------------------------------
-def add_cli(subparsers: Any) -> None:
-    """``vesselnb infer`` and ``vesselnb merge-predictions``."""
-    infer = subparsers.add_parser(
-        "infer", help="run stage 02 (predict_forward over the frames) into <run-dir>/predictions",
-        description="Run an HF Sa2VA folder over the frames of a params file. Resumable; for several GPUs use "
-                    "`accelerate launch --num_processes N -m vesselnb.cli infer PARAMS --run-dir DIR`.",
-    )
-    infer.add_argument("params", type=Path, help="params YAML (see params/demo.yaml)")
-    infer.add_argument("--run-dir", type=Path, default=None, help="run folder (default: outputs/<run_name>)")
-    infer.add_argument("--shard", default=None, help="k/n: run only shard k of n (0-based; default under "
-                                                      "accelerate launch: RANK/WORLD_SIZE)")
-    infer.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                       help="override inference.device")
-    infer.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    infer.set_defaults(func=_cli_infer)
-
-    merge = subparsers.add_parser(
-        "merge-predictions", help="merge shard parts (predictions/parts/*) into the run's prediction store",
-    )
-    merge.add_argument("path", type=Path, help="the run folder or its predictions/ folder")
-    merge.add_argument("--allow-incomplete", action="store_true",
-                       help="also merge parts whose shard has not finished (their remaining samples stay missing)")
-    merge.set_defaults(func=_cli_merge)
-
-
+# --- CLI (registered by vesselnb.infer_cli, which imports this module only when the command runs) --------------
 def _cli_infer(args: Any) -> int:
-    from vesselnb.params import load_params
-
     params = load_params(args.params)
     if args.device:
         params.inference.device = args.device
@@ -801,17 +765,4 @@ def _cli_infer(args: Any) -> int:
     with graceful_stop("the current frame"), hold_all([RunFolder(run_dir).lock("shared")]):
         summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
     print(summary.to_text(), file=sys.stderr if summary.has_problems else sys.stdout)
-    return 0
-
-
-def _cli_merge(args: Any) -> int:
-    folder = RunFolder(args.path)
-    path = folder.predictions_dir if folder.predictions_dir.is_dir() else args.path
-    report = merge_parts(path, require_complete=not args.allow_incomplete)
-    print(f"merged {len(report.parts)} part(s) into {report.store}: {report.copied} samples copied, "
-          f"{report.already_present} already present")
-    if report.incomplete_parts:
-        print(f"not merged (shard still running or killed; rerun it): {', '.join(report.incomplete_parts)}",
-              file=sys.stderr)
-        return 1
     return 0

@@ -17,9 +17,21 @@ from typing import Any
 import jinja2
 
 from vesselnb.errors import VesselnbError
-from vesselnb.run_folder import INDEX_FILE, RunFolder, atomic_write_text, now_iso, output_folders
+from vesselnb.run_folder import (
+    ANALYSIS_DIR,
+    COMPARISON_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    SUMMARY_FILE,
+    RunFolder,
+    atomic_write_text,
+    now_iso,
+    output_folders,
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+# Layout names the index page links to or mentions (spelled in run_folder only).
+_LAYOUT = {"manifest": MANIFEST_FILE, "comparison": COMPARISON_FILE, "summary": f"{ANALYSIS_DIR}/{SUMMARY_FILE}"}
 _EXTERNAL_SCRIPT = re.compile(r"<script\b[^>]*\bsrc=[\"']?(?:https?:)?//[^>]*>\s*</script>", re.IGNORECASE)
 # tqdm's bar: "label:  42%|████▏     | 5/12 [00:01<00:02,  3.1it/s]"
 _PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*\d+/\d*")
@@ -105,7 +117,7 @@ def write_index(outputs_dir: Path) -> Path:
                              undefined=jinja2.StrictUndefined)
     page = env.get_template("index_page.html").render(
         runs=runs, comparisons=comparisons, run_names={r["name"] for r in runs}, generated=now_iso(),
-        outputs_dir=str(outputs),
+        outputs_dir=str(outputs), layout=_LAYOUT,
     )
     return atomic_write_text(outputs / INDEX_FILE, page)
 

@@ -17,7 +17,6 @@ imports it: this module imports nothing heavier than ``vesselnb.params`` so any 
 
 from __future__ import annotations
 
-import datetime
 import importlib.metadata
 import json
 import os
@@ -36,7 +35,10 @@ from vesselnb.errors import VesselnbError
 from vesselnb.fingerprint import weights_fingerprint
 from vesselnb.locks import FolderLock, Mode, process_alive
 from vesselnb.params import RunParams
-from vesselnb.stages import RUN_STAGES, Stage, StageOutcome
+from vesselnb.stages import RUN_STAGES, Stage, StageOutcome, now_iso
+
+__all__ = ["RunFolder", "Fingerprint", "atomic_write_bytes", "atomic_write_text", "write_json", "read_json", "now_iso",
+           "output_folders", "comparison_folder_name", "package_versions", "git_revision", "overall_status"]
 
 # --- layout: every name of outputs/<run>/ -------------------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
@@ -71,12 +73,7 @@ _STORE_LOCK_HINT = ("wait for it to finish, or stop it with Ctrl-C / kill -INT <
                     "GPUs use --shard k/n or accelerate launch")
 
 
-# --- time, atomic writes, JSON --------------------------------------------------------------------------------------
-
-def now_iso() -> str:
-    """UTC, ISO 8601, seconds precision (``2026-12-03T12:47:30+00:00``): the one time format of a run folder."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
+# --- atomic writes, JSON (the time format is stages.now_iso, re-exported here) ---------------------------------
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> Path:
     """Write ``path`` so readers see the old file or the whole new one, never a part (temp file + ``os.replace``).
@@ -429,7 +426,7 @@ class RunFolder:
             "kind": "run",
             "run_name": params.run_name,
             "description": params.description,
-            "iteration": params.iteration,
+            "iteration": self.iteration(params),
             "params_file": str(params.source_file) if params.source_file else None,
             "params": params.to_dict(),
             "run_dir": str(self.path),

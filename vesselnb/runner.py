@@ -12,6 +12,7 @@ record the failure in ``manifest.json`` and mark later stages ``skipped``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import signal
@@ -319,7 +320,8 @@ def _build_demo(root: Path) -> None:
 
 def _header(params: RunParams, folder: RunFolder) -> dict[str, Any]:
     fingerprint = folder.weights_fingerprint(params, compute=False)
-    return {"run": params.run_name, "fingerprint": fingerprint, "date": now_iso(), "iteration": params.iteration}
+    return {"run": params.run_name, "fingerprint": fingerprint, "date": now_iso(),
+            "iteration": folder.iteration(params)}
 
 
 def compare_runs(
@@ -439,8 +441,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def _log_cells(enabled: bool) -> None:
     """``--log-output``: papermill logs each cell's output to its logger, which prints nothing unless configured."""
     if enabled:
-        import logging
-
         logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 

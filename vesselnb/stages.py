@@ -1,8 +1,9 @@
-"""The pipeline's stages and what happened to each: shared by the runner, the run folder and the report without
-any of them importing another."""
+"""The pipeline's stages, what happened to each, and the one time format: shared by the runner, the run folder and
+the report without any of them importing another."""
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,8 @@ class StageOutcome:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the manifest."""
         return dict(self.__dict__)
+
+
+def now_iso() -> str:
+    """UTC, ISO 8601, seconds precision (``2026-12-03T12:47:30+00:00``): the one time format of vesselnb's files."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -13,7 +13,7 @@ How a stop travels:
   :class:`Interrupted`; papermill records it as the failing cell and still writes the executed notebook;
 * between cells, :func:`stop_before_cell` (papermill's ``on_cell_start`` hook) raises :class:`Interrupted` before a
   new cell starts;
-* a second signal stops at once: the kernels started under :class:`TrackedKernelManager` get SIGINT, and the owning
+* a second signal stops at once: the kernels started under :func:`tracked_kernel_manager` get SIGINT, and the owning
   process raises :class:`Interrupted` where it is.
 
 The caller marks the stage ``interrupted`` and exits ``128 + signal`` (130 for SIGINT, 143 for SIGTERM).
@@ -22,6 +22,7 @@ The caller marks the stage ``interrupted`` and exits ``128 + signal`` (130 for S
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -31,8 +32,6 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from jupyter_client.manager import KernelManager
 
 STOP_FILE_ENV = "VESSELNB_STOP_FILE"
 _OWNER_ENV = "VESSELNB_STOP_OWNER"  # pid of the process whose graceful_stop is active (nested blocks are no-ops)
@@ -65,7 +64,7 @@ def signal_name(signum: int) -> str:
 
 # --- the request ---------------------------------------------------------------------------------------------------
 _requested: int | None = None  # signal number of the first stop request in this process
-_kernels: weakref.WeakSet[KernelManager] = weakref.WeakSet()
+_kernels: weakref.WeakSet[Any] = weakref.WeakSet()  # jupyter_client KernelManagers of the running stages
 
 
 def stop_requested() -> int | None:
@@ -102,17 +101,24 @@ def reset() -> None:
     _requested = None
 
 
-class TrackedKernelManager(KernelManager):
-    """The kernel manager papermill uses for our stages: remembered, so a second signal can interrupt the kernel."""
+@functools.cache
+def tracked_kernel_manager() -> type:
+    """The kernel manager class papermill uses for our stages: each instance is remembered, so a second signal can
+    interrupt its kernel at once. Built on first use: jupyter_client (zmq, tornado) is paid when a notebook runs,
+    not by ``vesselnb --help``."""
+    from jupyter_client.manager import KernelManager
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        _kernels.add(self)
+    class TrackedKernelManager(KernelManager):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            _kernels.add(self)
+
+    return TrackedKernelManager
 
 
 def papermill_kwargs() -> dict[str, Any]:
     """Extra ``papermill.execute_notebook`` arguments wiring a notebook run into graceful stops."""
-    return {"on_cell_start": stop_before_cell, "kernel_manager_class": TrackedKernelManager}
+    return {"on_cell_start": stop_before_cell, "kernel_manager_class": tracked_kernel_manager()}
 
 
 def _interrupt_kernels() -> None:

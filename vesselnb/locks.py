@@ -16,9 +16,7 @@ locked how (``RunFolder.lock()``, ``RunFolder.store_locks(shard)``).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
-import fcntl
 import json
 import os
 import shlex
@@ -29,8 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: folders are not locked there (vesselnb's runs target Linux GPU machines)
+    fcntl = None  # type: ignore[assignment]
+
 from vesselnb.errors import VesselnbError
 from vesselnb.fs_errors import describe_os_error
+from vesselnb.stages import now_iso
 
 LOCK_DIR = ".vesselnb-lock"
 Mode = Literal["exclusive", "shared"]
@@ -52,8 +56,7 @@ class Holder:
 
     @classmethod
     def me(cls, mode: str) -> Holder:
-        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")  # as run_folder.now_iso
-        return cls(os.getpid(), socket.gethostname(), started, _command_line(), mode)
+        return cls(os.getpid(), socket.gethostname(), now_iso(), _command_line(), mode)
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host} since {self.started} ({self.command})"
@@ -105,7 +108,7 @@ class FolderLock:
 
     def acquire(self) -> FolderLock:
         """Take the lock at once or raise :class:`LockError` naming the holder(s); never waits."""
-        if self._fd is not None:
+        if self._fd is not None or fcntl is None:
             return self
         lock_dir = self.folder / LOCK_DIR
         try:

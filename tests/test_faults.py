@@ -98,16 +98,19 @@ def params(demo_assets, frames, tmp_path) -> Path:
 # --- locks and signals -----------------------------------------------------------------------------------------------
 def test_second_writer_refused_then_sigint_stops_after_a_frame_and_rerun_resumes(params, frames, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    first = start(cli_command(params, run_dir), VESSELNB_TEST_SAMPLE_DELAY="1.0")
+    first = start(cli_command(params, run_dir), VESSELNB_TEST_SAMPLE_DELAY="1.5")
     wait_until(lambda: len(records(run_dir)) >= 1, first)
-
-    second = run(cli_command(params, run_dir))
+    first.send_signal(signal.SIGSTOP)  # paused mid-run, locks held, however slowly the second one starts
+    try:
+        second = run(cli_command(params, run_dir))
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first.send_signal(signal.SIGINT)
     line = one_line(second.stderr)
     assert second.returncode == 2
     assert f"pid {first.pid} on {socket.gethostname()} since " in line and "in use by" in line
     assert f"kill -INT {first.pid}" in line and str(run_dir) in line
 
-    first.send_signal(signal.SIGINT)
     time.sleep(0.5)  # the signal is handled; now let the cell in progress finish
     (run_dir / "go").touch()
     _, stderr = first.communicate(timeout=WAIT)

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         again = "" if "again" in str(exc) else "; run the same command again to resume"
         print(f"vesselnb: {exc}{again}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:  # Ctrl-C before any stage started: nothing to save
-        print("vesselnb: interrupted (SIGINT) before any stage started; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside a stage (loading params, building the demo): nothing half-written
+        print("vesselnb: interrupted (SIGINT) outside a stage; run the same command again", file=sys.stderr)
         return 130
     except OSError as exc:  # read-only, full disk, permissions: one line with the path and the fix
         log = log_traceback(exc)

@@ -358,6 +358,10 @@ def compare_runs(
     RunFolder(out_dir).write_compare_manifest(run_dirs, outcome)
     if refresh_index:
         write_index(outputs)
+    if outcome.status == "interrupted":
+        report = out_dir / (outcome.html or outcome.executed or "")
+        raise Interrupted(stop_requested() or signal.SIGINT,
+                          f"during the comparison {out_dir.name}; report: {report}; run the same command again")
     return result
 
 

@@ -667,7 +667,14 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     Ground truth (``params.data.annotations``) is never read here. The store is locked while this writes it (shards
     share it and each locks its own part), so a second writer is refused at once, naming this one.
     """
-    with hold_all(RunFolder(run_dir).store_locks(_resolve_shard(shard))):
+    run = RunFolder(run_dir)
+    # Refusals that must leave no folder behind come before the lock (which creates the store's folder).
+    if params.inference.strict_prompt:
+        prepare_prompt(params.inference.prompt, strict=True)
+    if not (run.hf_dir(params) / "config.json").is_file():
+        raise InferenceError(f"{run.hf_dir(params)}: no HF model folder here; run stage 01 (convert) first or set "
+                             "'hf_model'")
+    with hold_all(run.store_locks(_resolve_shard(shard))):
         return _infer_stage(params, run_dir, shard, progress)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -306,9 +307,13 @@ def load_ground_truth(
     # raw: stem -> (annotation, declared (width, height) or None)
     raw = readers[fmt](source, report)
     found: dict[str, _Annotation] = {}
-    for stem, (entry, declared) in raw.items():
+    # Names are matched in Unicode NFC: a file saved in NFD (macOS) must meet its NFC annotation, not be "missing".
+    nfc_ids = {unicodedata.normalize("NFC", sample_id): sample_id for sample_id in by_stem}
+    nfc_folder = {unicodedata.normalize("NFC", f) for f in frames_in_folder} if frames_in_folder is not None else None
+    for raw_stem, (entry, declared) in raw.items():
+        stem = nfc_ids.get(unicodedata.normalize("NFC", raw_stem), raw_stem)
         if stem not in by_stem:
-            if frames_in_folder is None or stem not in frames_in_folder:
+            if nfc_folder is None or unicodedata.normalize("NFC", stem) not in nfc_folder:
                 report.unmatched.append(stem)
             continue
         if stem not in sizes:

@@ -45,6 +45,8 @@ from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, 
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.fingerprint import config_fingerprint
 from vesselnb.frames import open_frame_rgb
+from vesselnb.interrupts import check_stop, graceful_stop
+from vesselnb.locks import hold_all
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_PROMPT, RunParams, load_params
 from vesselnb.run_folder import PARTS_DIR, RunFolder
@@ -522,6 +524,8 @@ def run_inference(
                 ThreadPoolExecutor(1, thread_name_prefix="vesselnb-read") as reader:
             upcoming = reader.submit(decode_frames, units[0]) if units else None
             for index, unit in enumerate(units):
+                # A stop request (Ctrl-C, SIGTERM) ends the loop here, between frames: everything so far is stored.
+                check_stop(f"after {stats.n_run} of {todo} frames (all stored)")
                 decoded = upcoming.result()
                 upcoming = reader.submit(decode_frames, units[index + 1]) if index + 1 < len(units) else None
                 if mode == "image":
@@ -660,8 +664,22 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     """Stage 02: predict every frame of ``params.data.images`` into ``run_dir/predictions``; resumable.
 
     ``shard=(k, n)`` (or ``accelerate launch``'s RANK/WORLD_SIZE) runs one part; the last part to finish merges all.
-    Ground truth (``params.data.annotations``) is never read here.
+    Ground truth (``params.data.annotations``) is never read here. The store is locked while this writes it (shards
+    share it and each locks its own part), so a second writer is refused at once, naming this one.
     """
+    run = RunFolder(run_dir)
+    # Refusals that must leave no folder behind come before the lock (which creates the store's folder).
+    if params.inference.strict_prompt:
+        prepare_prompt(params.inference.prompt, strict=True)
+    if not (run.hf_dir(params) / "config.json").is_file():
+        raise InferenceError(f"{run.hf_dir(params)}: no HF model folder here; run stage 01 (convert) first or set "
+                             "'hf_model'")
+    with hold_all(run.store_locks(_resolve_shard(shard))):
+        return _infer_stage(params, run_dir, shard, progress)
+
+
+def _infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] | None = None,
+                 progress: bool = True) -> InferenceSummary:
     run = RunFolder(run_dir)
     shard = _resolve_shard(shard)
     inf = params.inference
@@ -750,6 +768,8 @@ def _cli_infer(args: Any) -> int:
         params.inference.device = args.device
     run_dir = args.run_dir or Path("outputs") / params.run_name
     shard = parse_shard(args.shard) if args.shard else None
-    summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
+    # Shards share the run folder (each locks its own part of the store); a `vesselnb run` on it is refused meanwhile.
+    with graceful_stop("the current frame"), hold_all([RunFolder(run_dir).lock("shared")]):
+        summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
     print(summary.to_text(), file=sys.stderr if summary.has_problems else sys.stdout)
     return 0

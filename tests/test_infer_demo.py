@@ -83,8 +83,55 @@ def test_full_run_stores_every_frame_with_masks_and_probabilities(reference_run,
             assert mask.shape == (image.height, image.width) == (rec["height"], rec["width"])
         assert "[SEG]" in rec["text"] and rec["n_seg"] >= 1 and rec["seconds"] > 0
         assert mask.any() and prob is not None and prob.dtype == np.uint8
-        # The stored probability map thresholded at 0.5 gives back the model's own mask (up to uint8 rounding).
-        assert np.mean((prob >= 128) == mask) > 0.995
+        # The map was captured from the model's logits (the demo returns masks only, as upstream) and, stored,
+        # thresholded at 0.5 as the analysis does, gives back the model's own mask bit for bit.
+        assert rec["probability_source"].startswith("captured")
+        assert np.array_equal(prob > 0.5 * 255, mask)
+        assert 0 < np.count_nonzero((prob > 0) & (prob < 255))  # a soft map, not the mask in disguise
+
+
+def test_captured_maps_reproduce_the_returned_masks_bit_for_bit(model_dir, frames) -> None:
+    """Image and video calls: the captured map thresholded at 0.5 is predict_forward's own mask, frame by frame,
+    both as float and as stored (uint8); a non-square frame exercises upstream's resize to the input size."""
+    from vesselnb.mask_capture import quantise_consistent
+
+    loaded = load_model(model_dir, device="cpu")
+    assert loaded.probability.captured
+    paths = sorted(frames.glob("*.jpg"))[:3]
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    calls = [{"image": images[0]}, {"image": images[1].resize((301, 207))}, {"video": images}]
+    for call in calls:
+        output = loaded.predict(text=DEFAULT_PROMPT, probability=True, **call)
+        plain = loaded.predict(text=DEFAULT_PROMPT, **call)
+        assert "probability_maps" not in plain and "probability_error" not in output
+        masks, maps = output["prediction_masks"], output["probability_maps"]
+        assert len(masks) == len(maps) > 0
+        for mask, prob, plain_mask in zip(masks, maps, plain["prediction_masks"], strict=True):
+            assert prob.shape == mask.shape and np.array_equal(plain_mask, mask)
+            assert np.array_equal(prob > 0.5, mask)
+            for index in range(mask.shape[0]):
+                stored = quantise_consistent(prob[index], mask[index])
+                assert np.array_equal(stored > 127.5, mask[index])
+    assert "language_embd_inference" not in vars(loaded.model.grounding_encoder)
+
+
+def test_a_capture_that_does_not_reproduce_the_masks_stores_no_map(model_dir, frames, tmp_path) -> None:
+    """Code whose returned masks are not the captured logits' threshold: no map, the reason in the record."""
+    folder = copy_model(model_dir, tmp_path / "other_threshold")
+    modeling = folder / "modeling_sa2va_demo.py"
+    code = modeling.read_text()
+    assert "masks.sigmoid() > 0.5" in code
+    modeling.write_text(code.replace("masks.sigmoid() > 0.5", "masks.sigmoid() > 0.3"))
+    params = load_params(write_params(tmp_path / "p.yaml", folder, frames))
+    params.data.limit = 1
+    summary = infer_stage(params, tmp_path / "run", progress=False)
+    (rec,) = PredictionStore(tmp_path / "run" / "predictions").records()
+    assert rec["status"] == "ok" and not rec["has_probability"]
+    assert "differ from the returned mask" in rec["probability_source"]
+    assert any("no probability map" in note for note in summary.notes)
 
 
 @pytest.mark.slow

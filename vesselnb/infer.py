@@ -45,6 +45,14 @@ from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, 
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.fingerprint import config_fingerprint
 from vesselnb.frames import open_frame_rgb
+from vesselnb.mask_capture import (
+    CaptureMismatch,
+    LogitCapture,
+    ProbabilitySupport,
+    maps_from_logits,
+    probability_support,
+    quantise_consistent,
+)
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_PROMPT, RunParams, load_params
 from vesselnb.run_folder import PARTS_DIR, RunFolder
@@ -95,36 +103,6 @@ def prepare_prompt(prompt: str, strict: bool = False) -> tuple[str, str | None]:
 
 
 # --- loading --------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProbabilitySupport:
-    """Whether the model's ``predict_forward`` can return probability maps, and how to ask for them."""
-
-    available: bool
-    call_kwargs: dict[str, Any]
-    reason: str
-
-
-def probability_support(model: Any) -> ProbabilitySupport:
-    """Inspect ``predict_forward``'s signature.
-
-    * ``return_probability_maps`` (vesselnb's demo model): pass ``True``, read ``probability_maps``;
-    * ``return_tensors`` (the vessel fork qimingfan10/RLSa2va): it always returns ``probability_maps`` (sigmoid of
-      the fp32 logits before the 0.5 threshold) as numpy unless ``return_tensors=True``; nothing to pass;
-    * otherwise (upstream Sa2VA): only thresholded masks come back, so no probability maps.
-    """
-    try:
-        params = inspect.signature(model.predict_forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "return_probability_maps" in params:
-        return ProbabilitySupport(True, {"return_probability_maps": True}, "predict_forward(return_probability_maps)")
-    if "return_tensors" in params:
-        return ProbabilitySupport(True, {}, "predict_forward returns probability_maps (vessel-fork signature)")
-    return ProbabilitySupport(
-        False, {}, "this model's predict_forward returns only thresholded masks (upstream Sa2VA); no probability maps"
-    )
-
-
 @dataclass
 class LoadedModel:
     """A model ready for ``predict_forward``, with its tokenizer and where/how it runs."""
@@ -139,8 +117,12 @@ class LoadedModel:
     # "inference_mode" until a model shows it needs "no_grad" (see _grad_guard); sticky for the rest of the run.
     grad_guard: str = "inference_mode"
 
-    def predict(self, **kwargs: Any) -> dict[str, Any]:
+    def predict(self, probability: bool = False, **kwargs: Any) -> dict[str, Any]:
         """``model.predict_forward(**kwargs, tokenizer=...)`` with autograd off (and the CPU shim on the CPU).
+
+        ``probability``: also return ``probability_maps`` (one float32 (T, H, W) stack per mask) — asked of the
+        model when its signature offers them, else captured from its mask logits (:mod:`vesselnb.mask_capture`);
+        when the capture cannot reproduce the masks the answer carries ``probability_error`` instead.
 
         Upstream Sa2VA decorates only ``generate`` with ``@torch.no_grad()``; its SAM2 path and ``text_hidden_fcs``
         run outside it, so an unguarded call keeps SAM2's whole graph (5x the memory of a no-grad call, measured on
@@ -148,18 +130,32 @@ class LoadedModel:
         tensors across the mode boundary (torch then refuses with "Inference tensors ...") is retried once under
         ``torch.no_grad()``, which costs the same memory, and stays there.
         """
+        capture = probability and self.probability.captured
+        if probability:
+            kwargs = {**self.probability.call_kwargs, **kwargs}
         try:
-            return self._guarded_call(kwargs)
+            return self._guarded_call(kwargs, capture)
         except RuntimeError as error:
             if self.grad_guard != "inference_mode" or "inference tensor" not in str(error).lower():
                 raise
             self.grad_guard = "no_grad"
             self.warnings.append(f"model code is incompatible with torch.inference_mode() ({error}); using no_grad")
-            return self._guarded_call(kwargs)
+            return self._guarded_call(kwargs, capture)
 
-    def _guarded_call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _guarded_call(self, kwargs: dict[str, Any], capture: bool = False) -> dict[str, Any]:
         with maybe_cuda_shim(self.plan), _grad_guard(self.grad_guard):
-            return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+            if not capture:
+                return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+            capturing = LogitCapture(self.model)
+            with capturing.active() as logits:
+                output = self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+            output = dict(output)
+            masks = list(output.get("prediction_masks") or [])
+            try:
+                output["probability_maps"] = maps_from_logits(logits, masks) if masks else []
+            except CaptureMismatch as exc:
+                output["probability_error"] = f"no probability map: {exc}"
+            return output
 
 
 def _grad_guard(name: str) -> contextlib.AbstractContextManager[Any]:
@@ -347,13 +343,15 @@ def _resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray
 
 def interpret_output(
     output: dict[str, Any], sample: Sample, frame_index: int, height: int, width: int, seconds: float,
-    want_probability: bool,
+    want_probability: bool, map_source: str | None = None,
 ) -> FrameResult:
     """Turn one ``predict_forward`` answer into a record: ``ok`` / ``no_seg``, OR-ed masks, resize if needed.
 
     Several ``[SEG]`` masks are OR-ed (as the official referring-segmentation eval does; their probability maps
     combine by maximum, which thresholds to the same union). No ``[SEG]`` in the text, or no mask returned, is
-    ``no_seg`` with an empty mask — never a substitute.
+    ``no_seg`` with an empty mask — never a substitute. The stored map is quantised so that it thresholds at 0.5
+    to the stored mask exactly (:func:`vesselnb.mask_capture.quantise_consistent`); ``probability_source`` in the
+    record says where the map came from, or why there is none.
     """
     text = str(output.get("prediction", ""))
     masks = list(output.get("prediction_masks") or [])
@@ -373,9 +371,10 @@ def interpret_output(
         prob = frame_maps[0] if len(frame_maps) == 1 else np.maximum.reduce(frame_maps)
         if prob.shape != (height, width):
             prob = _resize_probability(prob, height, width)
-        scaled = np.clip(prob, 0.0, 1.0)  # a new array: the model's output is never modified in place
-        scaled *= 255.0
-        probability = np.rint(scaled, out=scaled).astype(np.uint8)
+        probability = quantise_consistent(prob, combined)
+        record["probability_source"] = map_source or "returned by predict_forward"
+    elif want_probability:
+        record["probability_source"] = "none: " + str(output.get("probability_error") or "the model returned no map")
     record["status"] = "ok"
     return FrameResult(record, combined, probability)
 
@@ -411,12 +410,12 @@ def predict_image(
     if frame.image is None:
         return error_result(sample, str(frame.error))
     image = frame.image
-    kwargs = loaded.probability.call_kwargs if want_probability else {}
     started = time.perf_counter()
     try:
-        output = loaded.predict(image=image, text=prompt, **kwargs)
+        output = loaded.predict(image=image, text=prompt, probability=want_probability)
         seconds = time.perf_counter() - started
-        return interpret_output(output, sample, 0, image.height, image.width, seconds, want_probability)
+        return interpret_output(output, sample, 0, image.height, image.width, seconds, want_probability,
+                                loaded.probability.source)
     except Exception as exc:  # noqa: BLE001 - recorded as status "error" with its text; counted and shown
         return error_result(sample, describe_exception(exc), time.perf_counter() - started)
 
@@ -434,13 +433,13 @@ def predict_sequence(
     frames = [(d.sample, d.image) for d in decoded if d.image is not None]
     started = time.perf_counter()
     if frames:
-        kwargs = loaded.probability.call_kwargs if want_probability else {}
         try:
-            output = loaded.predict(video=[image for _, image in frames], text=prompt, **kwargs)
+            output = loaded.predict(video=[image for _, image in frames], text=prompt, probability=want_probability)
             share = (time.perf_counter() - started) / len(frames)
             for index, (sample, image) in enumerate(frames):
                 results[sample.sample_id] = interpret_output(
-                    output, sample, index, image.height, image.width, share, want_probability
+                    output, sample, index, image.height, image.width, share, want_probability,
+                    loaded.probability.source,
                 )
         except Exception as exc:  # noqa: BLE001
             share = (time.perf_counter() - started) / len(frames)
@@ -490,6 +489,14 @@ class LoopStats:
     n_run: int = 0
     wall_seconds: float = 0.0
     model_seconds: float = 0.0
+    n_retried: int = 0  # error records predicted again (their file changed, or --retry-errors)
+    missing_maps: dict[str, int] = field(default_factory=dict)  # reason -> samples stored "ok" without a map
+
+    @property
+    def notes(self) -> list[str]:
+        """What the summary must say about this pass beyond the counts."""
+        return [f"{n} ok sample(s) stored with no probability map — {reason}"
+                for reason, n in sorted(self.missing_maps.items())]
 
 
 def run_inference(
@@ -529,6 +536,10 @@ def run_inference(
                 else:
                     results = predict_sequence(loaded, unit, prompt, want_probability, decoded)
                 for result in results:
+                    source = str(result.record.get("probability_source") or "")
+                    if result.record["status"] == "ok" and source.startswith("none: "):
+                        reason = source[len("none: "):]
+                        stats.missing_maps[reason] = stats.missing_maps.get(reason, 0) + 1
                     writer.put(result.record, result.mask, result.probability)
                     stats.model_seconds += float(result.record["seconds"])
                     stats.n_run += 1
@@ -712,7 +723,7 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
         store = PredictionStore.create_or_open(target, **identity)
         stats = run_inference(loaded, mine, store, prompt, inf.mode, want_probability, already, progress)
         device, dtype_name, load_seconds = loaded.plan.device, loaded.plan.dtype_name, loaded.load_seconds
-        notes = list(loaded.warnings)
+        notes = list(loaded.warnings) + stats.notes
     merged = None
     if shard is not None:
         if store is not None and store.path == target:

@@ -106,10 +106,14 @@ def dicom_samples(path: Path, name_regex: str = DEFAULT_NAME_REGEX) -> list[Samp
 
     Patient = PatientName_PatientID and sequence = Series Number (else Series Instance UID) from the tags; where a
     tag is empty the file-name rule fills it in. Frame = the index in a multi-frame file, else Instance Number (else
-    the file-name rule). A header that cannot be read is a :class:`DataError` naming the file.
+    the file-name rule). A file whose header cannot be read is one sample named by the file-name rule: decoding it
+    fails, so it becomes that sample's ``error`` record, and the run goes on.
     """
-    info = dicom_frames(path)
     name_patient, name_sequence, name_frame = parse_sample_name(path.stem, name_regex)
+    try:
+        info = dicom_frames(path)
+    except DataError:
+        return [Sample(path.stem, path, name_patient, name_sequence, name_frame)]
     patient = info.patient or name_patient
     sequence = info.sequence or name_sequence
     if info.n_frames <= 1:

@@ -111,11 +111,20 @@ def _first(value: Any) -> float | None:
         return None
 
 
+def _read_dicom(path: str | Path, stop_before_pixels: bool = False) -> Any:
+    """``pydicom.dcmread``, with a :class:`DataError` naming the file when it is not DICOM."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable DICOM file ({exc}); re-export it or exclude it with "
+                        "'data.image_glob'") from None
+
+
 @functools.lru_cache(maxsize=1)
 def _dicom_pixels(path: str, mtime_ns: int, size: int) -> tuple[Any, np.ndarray]:
     """Header and all frames of one DICOM file ((frames, H, W[, 3]) after Rescale Slope/Intercept), cached for the
     next frame of the same cine run (the key includes mtime and size, so a changed file is read again)."""
-    dataset = pydicom.dcmread(path)
+    dataset = _read_dicom(path)
     try:
         pixels = dataset.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for missing codecs / broken data
@@ -189,7 +198,7 @@ def frame_size(reference: str | Path) -> tuple[int, int]:
     path, _ = split_reference(reference)
     try:
         if is_dicom(path):
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            header = _read_dicom(path, stop_before_pixels=True)
             return int(header.Rows), int(header.Columns)
         with Image.open(path) as image:
             return image.height, image.width
@@ -210,11 +219,7 @@ class DicomFrames:
 def dicom_frames(path: str | Path) -> DicomFrames:
     """Read a DICOM header (no pixels): number of frames, patient (PatientName_PatientID), sequence (Series
     Number or Series Instance UID), Instance Number. Raises :class:`DataError` naming the file if unreadable."""
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable DICOM file ({exc}); re-export it or exclude it with "
-                        "'data.image_glob'") from None
+    header = _read_dicom(path, stop_before_pixels=True)
     name = str(header.get("PatientName", "") or "").replace("^", "_").strip("_ ")
     patient_id = str(header.get("PatientID", "") or "").strip()
     patient = "_".join(part for part in (name, patient_id) if part)

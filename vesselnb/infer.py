@@ -764,6 +764,31 @@ class InferenceSummary:
         step = max(len(ok) // max(k - len(bad), 1), 1)
         return bad + ok[::step][: k - len(bad)]
 
+    @property
+    def video_notes(self) -> list[str]:
+        """Video mode's caveats: which frames the language model saw, and memory per window against the plan."""
+        if self.mode != "video":
+            return []
+        lines = [f"video mode: upstream Sa2VA shows only the first {UPSTREAM_LLM_FRAMES} frames of each call to the "
+                 "language model (all frames go to SAM2); each record's 'llm_saw_frame' says whether its frame was "
+                 "among them, 'video_window' which window [first, last] it was predicted in"]
+        windows = self.stats.windows
+        peaks = [w["peak_mb"] for w in windows if w["peak_mb"] is not None]
+        if peaks:
+            over = [w for w in windows if w["peak_mb"] is not None and w["planned_mb"] is not None
+                    and w["peak_mb"] > w["planned_mb"]]
+            lines.append(f"{len(windows)} window(s) run; peak memory per window {min(peaks):.0f}–{max(peaks):.0f} MB"
+                         + (f"; {len(over)} above the memory model's plan (lower inference.video_window)" if over
+                            else "; none above the memory model's plan"))
+        return lines
+
+    def window_table(self):  # -> pandas.DataFrame
+        """Video mode: one row per window run in this pass (frames, frames the LLM saw, peak vs planned MB)."""
+        import pandas as pd
+
+        columns = ["sequence", "first", "last", "frames", "llm_frames", "peak_mb", "planned_mb"]
+        return pd.DataFrame(self.stats.windows, columns=columns)
+
     def banner(self) -> str:
         """One line: the state of this run (what the CLI prints and the HTML shows in colour)."""
         counts = self.status_counts
@@ -785,7 +810,8 @@ class InferenceSummary:
             lines.append(f"shard {self.shard[0]}/{self.shard[1]}: "
                          + ("parts merged into the store" if self.merged else
                             "part written; merge with `vesselnb merge-predictions` when all shards are done"))
-        lines += [f"note: {n}" for n in ([self.prompt_warning] if self.prompt_warning else []) + self.notes]
+        lines += [f"note: {n}" for n in ([self.prompt_warning] if self.prompt_warning else []) + self.notes
+                  + self.video_notes]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -801,7 +827,7 @@ class InferenceSummary:
         ]
         if self.shard:
             rows.append(("shard", f"{self.shard[0]}/{self.shard[1]}, merged: {self.merged}"))
-        notes = ([self.prompt_warning] if self.prompt_warning else []) + self.notes
+        notes = ([self.prompt_warning] if self.prompt_warning else []) + self.notes + self.video_notes
         return hr.join(
             hr.banner(self.banner(), level="error" if self.has_problems else "ok",
                       lines=["   ".join(f"{counts[s]} {s}" for s in STATUSES)]),

@@ -288,3 +288,40 @@ def test_quantised_maps_threshold_to_the_mask_even_at_exactly_one_half() -> None
     assert np.rint(0.5 * 255) == 128  # plain rounding would say "vessel" where upstream said no
     assert np.array_equal(stored > 0.5 * 255, mask)
     assert np.abs(stored.astype(int) - np.rint(prob * 255)).max() <= 1
+
+
+# --- video windows --------------------------------------------------------------------------------------------------
+def test_window_bounds_cover_every_frame_and_refuse_bad_settings() -> None:
+    import doctest
+
+    import vesselnb.infer as infer_module
+    from vesselnb.infer import window_bounds
+
+    assert doctest.testmod(infer_module).failed == 0
+    for n in range(1, 40):
+        for window in (1, 2, 5, 16):
+            for overlap in range(window):
+                bounds = window_bounds(n, window, overlap)
+                covered = sorted({i for a, b in bounds for i in range(a, b + 1)})
+                assert covered == list(range(n))
+                assert all(b - a + 1 == min(window, n) for a, b in bounds)
+                assert all(later[0] - earlier[1] <= 1 for earlier, later in zip(bounds, bounds[1:]))
+    with pytest.raises(InferenceError, match="video_overlap"):
+        window_bounds(10, 4, 4)
+
+
+def test_each_frame_is_owned_by_exactly_one_window_the_nearest_centre() -> None:
+    from vesselnb.infer import video_windows
+
+    sequence = [Sample(f"f{i}", Path(f"f{i}.jpg"), "p", "s", i) for i in range(10)]
+    windows = video_windows(sequence, 4, 2)  # (0,3) (2,5) (4,7) (6,9)
+    assert [(w.first, w.last) for w in windows] == [(0, 3), (2, 5), (4, 7), (6, 9)]
+    owners = {}
+    for k, window in enumerate(windows):
+        for sample_id in window.owned:
+            assert sample_id not in owners
+            owners[sample_id] = k
+    assert sorted(owners) == sorted(s.sample_id for s in sequence)
+    # frame 2: centres 1.5 (distance 0.5) and 3.5 (1.5) -> window 0; frame 3: 1.5 (1.5) vs 3.5 (0.5) -> window 1
+    assert [owners[f"f{i}"] for i in range(10)] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert video_windows(sequence, 4, 2) == windows  # deterministic

@@ -305,7 +305,7 @@ def test_window_bounds_cover_every_frame_and_refuse_bad_settings() -> None:
                 covered = sorted({i for a, b in bounds for i in range(a, b + 1)})
                 assert covered == list(range(n))
                 assert all(b - a + 1 == min(window, n) for a, b in bounds)
-                assert all(later[0] - earlier[1] <= 1 for earlier, later in zip(bounds, bounds[1:]))
+                assert all(later[0] - earlier[1] <= 1 for earlier, later in zip(bounds, bounds[1:], strict=False))
     with pytest.raises(InferenceError, match="video_overlap"):
         window_bounds(10, 4, 4)
 

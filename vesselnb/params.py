@@ -81,6 +81,13 @@ class InferenceParams:
     mode: Literal["image", "video"] = "image"
     probability_maps: bool = True
     max_memory_per_gpu: str | None = None
+    # How >8-bit frames become 8 bit (vesselnb.frames): "auto" = a DICOM file's window centre/width, else min-max;
+    # "minmax" = always min-max. Recorded per sample in the store.
+    windowing: Literal["auto", "minmax"] = "auto"
+    # Video mode: frames per model call (None = vesselnb.infer.DEFAULT_VIDEO_WINDOW, from its memory model) and
+    # frames shared by consecutive windows.
+    video_window: int | None = None
+    video_overlap: int = 0
 
 
 @dataclass

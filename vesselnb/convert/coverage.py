@@ -56,6 +56,8 @@ class ConversionReport:
     seconds: float = 0.0
     fates: list[dict[str, Any]] = field(default_factory=list)
     provenance: list[dict[str, Any]] = field(default_factory=list)
+    training_info: dict[str, Any] = field(default_factory=dict)  # the checkpoint's meta / message_hub, summarised
+    config_fingerprint: str = ""  # config, tokenizer and remote code: the half of the identity weights do not cover
 
     # --- tables -------------------------------------------------------------------------------------------------
     @property
@@ -89,6 +91,29 @@ class ConversionReport:
         )
 
     @property
+    def training_table(self) -> pd.DataFrame:
+        """What the checkpoint's ``meta`` / ``message_hub`` say: iteration, epoch, save time, seed, versions and,
+        per logged scalar, how many values, the first, the last and the minimum (the loss history)."""
+        info = self.training_info or {}
+        rows = [{"field": k, "value": str(v)} for k, v in info.items() if k not in ("scalars",)]
+        for name, values in (info.get("scalars") or {}).items():
+            if values:
+                rows.append(
+                    {
+                        "field": name,
+                        "value": f"{len(values)} logged (kept by mmengine): first {values[0]:.4g}, last "
+                        f"{values[-1]:.4g}, min {min(values):.4g}",
+                    }
+                )
+        return pd.DataFrame(rows, columns=["field", "value"])
+
+    @property
+    def loss_history(self) -> list[float]:
+        """The logged training loss values the checkpoint carries (``message_hub`` ``train/loss``), oldest first."""
+        scalars = (self.training_info or {}).get("scalars") or {}
+        return list(scalars.get("train/loss") or scalars.get("loss") or [])
+
+    @property
     def component_table(self) -> pd.DataFrame:
         """Per model part: tensors by source and relative change vs the base."""
         rows = []
@@ -113,6 +138,7 @@ class ConversionReport:
         """The ``run_dir/conversion.json`` record of docs/contracts.md (plus a few extra keys)."""
         return {
             "fingerprint": self.fingerprint,
+            "config_fingerprint": self.config_fingerprint,
             "source": {"path": self.source.get("path"), "bytes": self.source.get("bytes")},
             "coverage": self.coverage,
             "components": self.components,
@@ -125,6 +151,7 @@ class ConversionReport:
             "input_fingerprint": self.input_fingerprint,
             "base_model": self.base_model,
             "lora": self.lora,
+            "training": {k: v for k, v in self.training_info.items() if k != "scalars"},
             "seconds": round(self.seconds, 2),
         }
 
@@ -140,8 +167,16 @@ class ConversionReport:
     def summary_lines(self) -> list[str]:
         lines = [
             f"output: {self.output_dir}",
-            f"fingerprint: {self.fingerprint}  dtype: {self.dtype}  bytes: {self.output_bytes:,}",
+            f"fingerprint: {self.fingerprint}  config: {self.config_fingerprint or '?'}  dtype: {self.dtype}  "
+            f"bytes: {self.output_bytes:,}",
         ]
+        info = self.training_info or {}
+        if info:
+            said = ", ".join(f"{k}={info[k]}" for k in ("iter", "epoch", "time", "seed") if k in info)
+            losses = self.loss_history
+            if losses:
+                said += f", loss {losses[0]:.4g} -> {losses[-1]:.4g} ({len(losses)} logged)"
+            lines.append(f"training: {said}")
         if self.source.get("path"):
             lines.append(f"source: {self.source['path']} ({self.source.get('bytes', 0):,} bytes)")
         if self.skipped:
@@ -169,10 +204,16 @@ class ConversionReport:
         parts = [
             f'<div style="border-left:6px solid {colour};padding:6px 10px;background:{colour}14">'
             f'<div style="color:{colour};font-weight:bold;font-size:1.1em">{title}</div>'
-            f"<div>fingerprint <code>{html.escape(self.fingerprint)}</code> · dtype {self.dtype} · "
+            f"<div>weights fingerprint <code>{html.escape(self.fingerprint)}</code> · config fingerprint "
+            f"<code>{html.escape(self.config_fingerprint or '?')}</code> · dtype {self.dtype} · "
             f"{self.output_bytes / 1e9:.3f} GB · {html.escape(self.output_dir)}</div>"
             f"<ul>{items}{notes}</ul></div>"
         ]
+        if self.training_info:
+            parts.append(
+                "<h4>What the checkpoint says about its training (meta / message_hub)</h4>"
+                + self.training_table.to_html(index=False)
+            )
         if self.coverage:
             table = self.coverage_table
             parts.append("<h4>Coverage (every key accounted for)</h4>" + table[table["keys"] > 0].to_html(index=False))

@@ -194,3 +194,27 @@ def test_frozen_copy_check_samples_large_tensors() -> None:
     other = {next(iter(same)): torch.randn(3000, 2000)}
     _, bad = frozen_mismatches(other, shapes, lambda key: base)
     assert [m.hf_key for m in bad] == ["language_model.lm_head.weight"] and bad[0].rel_diff > 0.5
+
+
+def test_last_checkpoint_outside_the_work_dir_is_not_followed(world: dict, tmp_path: Path) -> None:
+    from vesselnb.convert.checkpoint import resolve_checkpoint
+    from vesselnb.errors import CheckpointError
+
+    work = tmp_path / "copied_work_dir"
+    work.mkdir()
+    (work / "last_checkpoint").write_text(str(world["ckpt"].path))  # another run's file, by absolute path
+    with pytest.raises(CheckpointError, match="outside this work dir"):
+        resolve_checkpoint(work)
+    shutil.copy(world["ckpt"].path, work / world["ckpt"].path.name)
+    assert resolve_checkpoint(work) == work / world["ckpt"].path.name
+
+
+def test_given_hf_model_with_a_missing_shard_refused_at_stage_01(world: dict, tmp_path: Path) -> None:
+    from vesselnb.convert import convert_stage
+    from vesselnb.params import RunParams
+
+    folder = tmp_path / "given"
+    shutil.copytree(world["base"], folder)
+    next(folder.glob("model-*.safetensors")).unlink()
+    with pytest.raises(ConversionError, match="shards named in .* are missing"):
+        convert_stage(RunParams(hf_model=folder), tmp_path / "run")

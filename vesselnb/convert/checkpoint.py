@@ -126,9 +126,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{given}: checkpoint not found (give an iter_N.pth file or its work dir)")
     if given.is_dir() and (given / "last_checkpoint").is_file() and not (given / DEEPSPEED_MODEL_FILE).exists():
         named = (given / "last_checkpoint").read_text(encoding="utf-8").strip()
-        target = Path(named)
-        if not target.exists():
-            target = given / Path(named).name  # the work dir was moved: last_checkpoint holds an old absolute path
+        target = Path(named) if Path(named).is_absolute() else given / named
+        local = given / Path(named).name
+        if not target.resolve().is_relative_to(given.resolve()):
+            # mmengine writes an absolute path; a moved or copied work dir then points at another run's file.
+            if local.exists():
+                return local
+            raise CheckpointError(
+                f"{given / 'last_checkpoint'} names {named}, outside this work dir, and {local.name} is not in it; "
+                "pass the .pth file directly"
+            )
         if not target.exists():
             raise CheckpointError(
                 f"{given / 'last_checkpoint'} names {named}, which does not exist; pass the .pth file directly"

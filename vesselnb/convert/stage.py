@@ -7,6 +7,7 @@ from pathlib import Path
 
 from vesselnb.convert.converter import convert_checkpoint, read_record
 from vesselnb.convert.coverage import ConversionReport
+from vesselnb.convert.hf_folder import BaseFolder
 from vesselnb.fingerprint import config_fingerprint, weights_fingerprint
 from vesselnb.params import RunParams
 
@@ -19,6 +20,7 @@ def _folder_bytes(folder: Path) -> int:
 
 def _given_folder_report(hf_dir: Path) -> ConversionReport:
     """``hf_model`` set: nothing to convert; record the fingerprint (and vesselnb's record if the folder has one)."""
+    BaseFolder(hf_dir).close()  # every shard the index names exists and holds its keys (else one clear error)
     fingerprint = weights_fingerprint(hf_dir)
     report = read_record(hf_dir)
     reason = "params.hf_model names an already converted folder: conversion not run, fingerprint recorded only"

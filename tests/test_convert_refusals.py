@@ -218,3 +218,16 @@ def test_given_hf_model_with_a_missing_shard_refused_at_stage_01(world: dict, tm
     next(folder.glob("model-*.safetensors")).unlink()
     with pytest.raises(ConversionError, match="shards named in .* are missing"):
         convert_stage(RunParams(hf_model=folder), tmp_path / "run")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_non_finite_check_exact_even_when_the_fast_sum_overflows(dtype: torch.dtype) -> None:
+    from vesselnb.convert.checks import has_non_finite
+
+    big = torch.full((1000,), torch.finfo(dtype).max / 2, dtype=dtype)  # finite values whose sum overflows
+    assert not has_non_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensor = torch.zeros(3 << 23, dtype=dtype)  # more than one chunk; the bad value in the second
+        tensor[(1 << 24) + 5] = bad
+        assert has_non_finite(tensor)
+    assert not has_non_finite(torch.zeros(3 << 23, dtype=dtype))

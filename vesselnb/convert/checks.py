@@ -41,6 +41,27 @@ FLAG_FROZEN_MISMATCH = "--allow-frozen-mismatch"
 FLAG_OTHER_BASE = "--allow-other-base"
 
 
+_FINITE_CHUNK = 1 << 24
+
+
+def has_non_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating tensor holds a NaN or an inf, in one cheap pass per chunk.
+
+    A sum is non-finite whenever any term is (NaN and inf propagate through addition; inf + -inf is NaN), so a
+    finite chunk sum proves the chunk finite; only a non-finite sum (a NaN/inf, or finite values overflowing) is
+    checked element-wise. On bf16 this is ~10x cheaper than ``isfinite().all()``, which allocates a bool tensor and
+    was the largest single cost of a conversion.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[start : start + _FINITE_CHUNK]
+        if not bool(torch.isfinite(chunk.sum())) and not bool(torch.isfinite(chunk).all()):
+            return True
+    return False
+
+
 def _names(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 

@@ -88,17 +88,10 @@ def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
     """Refuse a checkpoint holding NaN/inf weights before anything is written.
 
     A diverged run saves NaN weights without complaint; merged into the base they give a model that answers with
-    empty masks, which inference would record as ``ok``. One pass over the (memory-mapped) tensors, chunked so no
-    full-size temporary is held.
+    empty masks, which inference would record as ``ok``. One pass over the (memory-mapped) tensors
+    (:func:`~vesselnb.convert.checks.has_non_finite`).
     """
-    bad = []
-    for key, tensor in tensors.items():
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        flat = tensor.reshape(-1)
-        if any(not bool(torch.isfinite(flat[i : i + _CHUNK_ELEMENTS]).all())
-               for i in range(0, flat.numel(), _CHUNK_ELEMENTS)):
-            bad.append(key)
+    bad = [key for key, tensor in tensors.items() if checks.has_non_finite(tensor)]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ConversionError(

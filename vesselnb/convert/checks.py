@@ -181,5 +181,6 @@ def other_base_message(config: TrainingConfig, given: Path) -> str | None:
     return (
         f"{config.source}: the training config names the base {config.base_model_path!r}, but --base is {given}. "
         "Converting onto another base gives another model. Pass the base the config names (or its local copy under "
-        f"the same name), or allow it explicitly with {FLAG_OTHER_BASE} (checkpoint.allow_other_base: true)."
+        "the same name); if the folder given is that base's Sa2VA HF release (same weights, with SAM2 and the remote "
+        f"code), allow it explicitly with {FLAG_OTHER_BASE} (checkpoint.allow_other_base: true)."
     )

@@ -15,7 +15,7 @@ import yaml
 from vesselnb.analysis import analyze_stage
 from vesselnb.infer import infer_stage
 from vesselnb.params import load_params
-from vesselnb.report import update_run_manifest
+from vesselnb.run_folder import RunFolder
 
 
 def build_run(
@@ -44,7 +44,7 @@ def build_run(
     run_dir = outputs / name
     infer_stage(params, run_dir, progress=False)
     analyze_stage(params, run_dir, workers=1)
-    update_run_manifest(run_dir, params, [])
+    RunFolder(run_dir).write_manifest(params)
     return run_dir
 
 

@@ -110,12 +110,11 @@ def test_a_writer_killed_mid_file_leaves_no_record(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import os, signal, numpy as np
         import vesselnb.store as st
-        real = st._atomic_write_bytes
-        def half_then_die(path, data, durable=False):
+        def half_then_die(path, data, *, durable=False):
             tmp = path.with_name(f".{{path.name}}.{{os.getpid()}}.tmp")
             tmp.write_bytes(data[: len(data) // 2])
             os.kill(os.getpid(), signal.SIGKILL)
-        st._atomic_write_bytes = half_then_die
+        st.atomic_write_bytes = half_then_die
         store = st.PredictionStore.create_or_open({str(store_dir)!r}, **{IDENTITY!r})
         store.write({_record("inflight")!r}, np.ones((5, 7), bool))
     """)

@@ -28,6 +28,7 @@ from vesselnb import metrics as vm
 from vesselnb import viz
 from vesselnb.data import GroundTruth, list_samples, load_ground_truth, parse_sample_name
 from vesselnb.errors import DataError, StageError, StoreError
+from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX, AnalysisParams, RunParams
 
 # Metric -> higher is better; the order of the summary table.
@@ -100,7 +101,7 @@ def _prediction_mask(store: Any, sample_id: str, record: dict[str, Any], shape: 
         return probability > threshold * 255.0, probability
     mask = store.mask(sample_id)
     if mask.shape != shape:
-        mask = np.zeros(shape, dtype=bool) if mask.size == 0 else viz._fit_mask(mask, shape)
+        mask = np.zeros(shape, dtype=bool) if mask.size == 0 else resize_mask(mask, shape)
     return mask, probability
 
 

@@ -6,14 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from vesselnb import infer_cli, runner
+from vesselnb.convert import cli as convert_cli
 from vesselnb.errors import VesselnbError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """All subcommands; owners register theirs so this file stays a dispatcher."""
-    from vesselnb import infer, runner
-    from vesselnb.convert import cli as convert_cli
-
+    """All subcommands; owners register theirs so this file stays a dispatcher (registering imports no torch)."""
     parser = argparse.ArgumentParser(
         prog="vesselnb",
         description="Convert, run and analyse fine-tuned Sa2VA vessel-segmentation checkpoints. "
@@ -22,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     runner.add_cli(sub)  # run, compare, demo, index
     convert_cli.add_cli(sub)  # convert, diff
-    infer.add_cli(sub)  # infer, merge-predictions
+    infer_cli.add_cli(sub)  # infer, merge-predictions
     doctor = sub.add_parser("doctor", help="check an HF model folder in seconds, before a long run")
     doctor.add_argument("folder", type=Path, help="the HF folder (converted Sa2VA model)")
     doctor.add_argument("--device", default="auto", help="auto | cpu | cuda (as inference.device)")

@@ -18,6 +18,7 @@ from PIL import Image
 from skimage import draw, measure
 
 from vesselnb.errors import DataError
+from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX
 
 
@@ -191,9 +192,7 @@ class GroundTruth:
             return _read_mask_png(entry.png, shape, sample_id, self.report)
         mask = polygons_to_mask(entry.polygons, shape, self.report.polygon_fill)
         for bitmap in entry.bitmaps:
-            if bitmap.shape != shape:
-                bitmap = np.asarray(Image.fromarray(bitmap).resize((shape[1], shape[0]), Image.NEAREST))
-            mask |= bitmap
+            mask |= resize_mask(bitmap, shape)
         return mask
 
 
@@ -224,11 +223,7 @@ def _read_mask_png(path: Path, shape: tuple[int, int], sample_id: str, report: G
     with Image.open(path) as image:
         values = np.asarray(image.convert("L"))
     mask = values > (127 if values.max(initial=0) > 1 else 0)
-    if mask.shape != shape:
-        # Counted when the annotations were read; resized with nearest neighbour so labels stay binary.
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
-        mask = np.asarray(resized) > 127
-    return mask
+    return resize_mask(mask, shape)  # a size mismatch was counted when the annotations were read
 
 
 def detect_annotation_format(path: Path) -> str:

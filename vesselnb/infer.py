@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import html
 import inspect
 import os
 import sys
@@ -40,11 +39,15 @@ import torch
 from PIL import Image
 
 from vesselnb import doctor, store_writer
+from vesselnb import htmlrepr as hr
 from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
 from vesselnb.errors import InferenceError, StoreError
+from vesselnb.fingerprint import config_fingerprint
 from vesselnb.frames import open_frame_rgb
-from vesselnb.params import DEFAULT_PROMPT, RunParams
+from vesselnb.masks import resize_mask
+from vesselnb.params import DEFAULT_PROMPT, RunParams, load_params
+from vesselnb.run_folder import PARTS_DIR, RunFolder
 from vesselnb.store import (
     STATUSES,
     PredictionStore,
@@ -58,7 +61,6 @@ from vesselnb.store import (
 
 IMAGE_TOKEN = "<image>"
 SEG_TOKEN = "[SEG]"
-PREDICTIONS_DIR = "predictions"
 SAMPLE_DELAY_ENV = "VESSELNB_TEST_SAMPLE_DELAY"
 
 
@@ -347,11 +349,6 @@ def _frame_of(stack: Any, index: int) -> np.ndarray:
     raise InferenceError(f"predict_forward returned a mask of shape {array.shape}; expected (frames, H, W)")
 
 
-def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
-    return np.asarray(image) > 127
-
-
 def _resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray:
     image = Image.fromarray(prob.astype(np.float32), mode="F").resize((width, height), Image.BILINEAR)
     return np.asarray(image)
@@ -377,7 +374,7 @@ def interpret_output(
     combined = frame_masks[0] if len(frame_masks) == 1 else np.logical_or.reduce(frame_masks)
     if combined.shape != (height, width):
         record["mask_resized_from"] = [int(combined.shape[0]), int(combined.shape[1])]
-        combined = _resize_mask(combined, height, width)
+        combined = resize_mask(combined, (height, width))
     probability = None
     maps = output.get("probability_maps") if want_probability else None
     if maps:
@@ -641,8 +638,6 @@ class InferenceSummary:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        colour = "#b00020" if self.has_problems else "#1b5e20"
-        background = "#fdecea" if self.has_problems else "#e8f5e9"
         counts = self.status_counts
         rows = [
             ("store", f"{self.store_path}"), ("fingerprint", self.fingerprint), ("prompt", self.prompt),
@@ -655,17 +650,10 @@ class InferenceSummary:
         if self.shard:
             rows.append(("shard", f"{self.shard[0]}/{self.shard[1]}, merged: {self.merged}"))
         notes = ([self.prompt_warning] if self.prompt_warning else []) + self.notes
-        status_cells = "".join(
-            f"<td style='padding:2px 10px'><b>{counts[s]}</b> {s}</td>" for s in STATUSES
-        )
-        table = "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-                        f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows)
-        note_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-        return (
-            f"<div style='border-left:6px solid {colour};background:{background};padding:6px 10px;margin:4px 0'>"
-            f"<b style='color:{colour}'>{html.escape(self.banner())}</b>"
-            f"<table><tr>{status_cells}</tr></table></div>"
-            f"<table>{table}</table>" + (f"<ul>{note_html}</ul>" if note_html else "")
+        return hr.join(
+            hr.banner(self.banner(), level="error" if self.has_problems else "ok",
+                      lines=["   ".join(f"{counts[s]} {s}" for s in STATUSES)]),
+            hr.table(rows), hr.notes(notes),
         )
 
 
@@ -683,21 +671,19 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     ``shard=(k, n)`` (or ``accelerate launch``'s RANK/WORLD_SIZE) runs one part; the last part to finish merges all.
     Ground truth (``params.data.annotations``) is never read here.
     """
-    from vesselnb.fingerprint import config_fingerprint, weights_fingerprint
-
-    run_dir = Path(run_dir)
+    run = RunFolder(run_dir)
     shard = _resolve_shard(shard)
     inf = params.inference
     prompt, prompt_warning = prepare_prompt(inf.prompt, inf.strict_prompt)
-    hf_dir = params.hf_model_dir(run_dir)
+    hf_dir = run.hf_dir(params)
     if not (hf_dir / "config.json").is_file():
         raise InferenceError(f"{hf_dir}: no HF model folder here; run stage 01 (convert) first or set 'hf_model'")
     if params.data.images is None:
         raise InferenceError("params: 'data.images' is not set; point it at the folder of frames")
     samples = list_samples(params.data.images, params.data.image_glob, params.data.name_regex, params.data.limit)
-    fingerprint = weights_fingerprint(hf_dir)
+    fingerprint = run.weights_fingerprint(params)
     model_config = config_fingerprint(hf_dir)
-    predictions = run_dir / PREDICTIONS_DIR
+    predictions = run.predictions_dir
     meta = read_store_meta(predictions)
     if meta is not None:  # refuse a mismatch before spending minutes loading weights
         wanted = {"fingerprint": fingerprint, "model_config": model_config, "prompt": prompt, "mode": inf.mode,
@@ -706,7 +692,7 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
 
     units = select_shard(work_units(samples, inf.mode), shard)
     mine = [s for unit in units for s in unit]
-    target = predictions / "parts" / part_name(shard) if shard is not None else predictions
+    target = predictions / PARTS_DIR / part_name(shard) if shard is not None else predictions
     already: set[str] = set()
     for folder in {predictions, target}:
         if read_store_meta(folder) is not None:
@@ -740,7 +726,7 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     if shard is not None:
         if store is not None and store.path == target:
             store.mark_part_complete(len(mine))
-        merged = _merge_if_last(predictions, shard[1]) or not (predictions / "parts").exists()
+        merged = _merge_if_last(predictions, shard[1]) or not (predictions / PARTS_DIR).exists()
     final = open_quietly(predictions) if (shard is None or merged) else open_quietly(target)
     wanted_ids = {s.sample_id for s in (samples if final.path == predictions else mine)}
     frame = final.records_frame()
@@ -763,38 +749,11 @@ def _merge_if_last(predictions: Path, n_shards: int) -> bool:
         if "merging shard parts right now" in str(exc):
             return False
         raise
-    return not (predictions / "parts").exists()
+    return not (predictions / PARTS_DIR).exists()
 
 
-# --- CLI ------------------------------------------------------------------------------------------------------------
-def add_cli(subparsers: Any) -> None:
-    """``vesselnb infer`` and ``vesselnb merge-predictions``."""
-    infer = subparsers.add_parser(
-        "infer", help="run stage 02 (predict_forward over the frames) into <run-dir>/predictions",
-        description="Run an HF Sa2VA folder over the frames of a params file. Resumable; for several GPUs use "
-                    "`accelerate launch --num_processes N -m vesselnb.cli infer PARAMS --run-dir DIR`.",
-    )
-    infer.add_argument("params", type=Path, help="params YAML (see params/demo.yaml)")
-    infer.add_argument("--run-dir", type=Path, default=None, help="run folder (default: outputs/<run_name>)")
-    infer.add_argument("--shard", default=None, help="k/n: run only shard k of n (0-based; default under "
-                                                      "accelerate launch: RANK/WORLD_SIZE)")
-    infer.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                       help="override inference.device")
-    infer.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    infer.set_defaults(func=_cli_infer)
-
-    merge = subparsers.add_parser(
-        "merge-predictions", help="merge shard parts (predictions/parts/*) into the run's prediction store",
-    )
-    merge.add_argument("path", type=Path, help="the run folder or its predictions/ folder")
-    merge.add_argument("--allow-incomplete", action="store_true",
-                       help="also merge parts whose shard has not finished (their remaining samples stay missing)")
-    merge.set_defaults(func=_cli_merge)
-
-
+# --- CLI (registered by vesselnb.infer_cli, which imports this module only when the command runs) --------------
 def _cli_infer(args: Any) -> int:
-    from vesselnb.params import load_params
-
     params = load_params(args.params)
     if args.device:
         params.inference.device = args.device
@@ -802,16 +761,4 @@ def _cli_infer(args: Any) -> int:
     shard = parse_shard(args.shard) if args.shard else None
     summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
     print(summary.to_text(), file=sys.stderr if summary.has_problems else sys.stdout)
-    return 0
-
-
-def _cli_merge(args: Any) -> int:
-    path = args.path / PREDICTIONS_DIR if (args.path / PREDICTIONS_DIR).is_dir() else args.path
-    report = merge_parts(path, require_complete=not args.allow_incomplete)
-    print(f"merged {len(report.parts)} part(s) into {report.store}: {report.copied} samples copied, "
-          f"{report.already_present} already present")
-    if report.incomplete_parts:
-        print(f"not merged (shard still running or killed; rerun it): {', '.join(report.incomplete_parts)}",
-              file=sys.stderr)
-        return 1
     return 0

@@ -107,7 +107,7 @@ class RunParams:
 
     run_name: str = ""
     description: str = ""
-    demo_root: Path | None = None  # when set, demo assets are built there if missing (see vesselnb.demo)
+    demo_root: Path | None = None  # where `vesselnb demo`/`vesselnb run` build the demo assets (see vesselnb.demo)
     iteration: int | None = None  # training iteration, for curves across checkpoints
     hf_model: Path | None = None  # an already converted HF folder: skips stage 01
     checkpoint: CheckpointParams = field(default_factory=CheckpointParams)
@@ -116,17 +116,23 @@ class RunParams:
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
     source_file: Path | None = None  # set by load_params, not read from YAML
 
-    def hf_model_dir(self, run_dir: Path) -> Path:
-        """The HF folder inference reads: the given one, or where stage 01 writes."""
-        if self.hf_model is not None:
-            return self.hf_model
-        if self.checkpoint.hf_output is not None:
-            return self.checkpoint.hf_output
-        return Path(run_dir) / "hf_model"
-
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (paths as strings) for manifests and papermill parameters."""
         return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str | Path | None = None) -> RunParams:
+        """The inverse of :meth:`to_dict` (e.g. a manifest's ``params``), with a YAML file's checks of keys and types.
+
+        ``source`` names the file the dict came from in errors; paths are not checked for existence (an old run's
+        inputs may be gone). Readers get the dataclass defaults, never restate them.
+        """
+        raw = dict(data)
+        source_file = raw.pop("source_file", None)
+        where = Path(source or source_file or "<params>").resolve()
+        params = _build(cls, raw, prefix="", source=where)
+        params.source_file = Path(source_file) if source_file else None
+        return params
 
 
 def _to_plain(value: Any) -> Any:
@@ -155,7 +161,8 @@ def load_params(path: str | Path, check_paths: bool = True) -> RunParams:
     """Read and validate a params YAML file.
 
     Unknown keys, wrong types and (with ``check_paths``) paths that do not exist raise :class:`ParamsError`
-    naming the key and the file. When ``demo_root`` is set, the demo assets are built there first if missing.
+    naming the key and the file. Nothing is built here: with ``demo_root`` set, the caller builds the demo assets
+    first (``vesselnb demo``, ``vesselnb run``), and a missing demo path says so.
     """
     source = Path(path).resolve()
     if not source.is_file():
@@ -172,10 +179,6 @@ def load_params(path: str | Path, check_paths: bool = True) -> RunParams:
     params.source_file = source
     if not params.run_name:
         params.run_name = source.stem
-    if params.demo_root is not None:
-        from vesselnb.demo import ensure_demo_assets
-
-        ensure_demo_assets(params.demo_root)
     if check_paths:
         _check_paths(params, source)
     _check_values(params, source)
@@ -253,7 +256,9 @@ def _check_paths(params: RunParams, source: Path) -> None:
     for key in _PATHS_THAT_MUST_EXIST:
         value = _lookup(params, key)
         if value is not None and not Path(value).exists():
-            raise ParamsError(f"{source}: key '{key}' points to {value}, which does not exist. Fix the path.")
+            fix = (f"Build the demo assets under {params.demo_root} first (`vesselnb demo`)"
+                   if params.demo_root is not None and Path(value).is_relative_to(params.demo_root) else "Fix the path")
+            raise ParamsError(f"{source}: key '{key}' points to {value}, which does not exist. {fix}.")
     if params.hf_model is None and params.checkpoint.path is None:
         raise ParamsError(f"{source}: give either 'checkpoint.path' (a training checkpoint) or 'hf_model'.")
     if params.data.images is None:

@@ -8,27 +8,30 @@ regenerated with ``vesselnb index``.
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
 import math
-import os
-import platform
 import re
-import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vesselnb.params import RunParams
-from vesselnb.stages import RUN_STAGES, now_iso
+import jinja2
+
+from vesselnb.errors import VesselnbError
+from vesselnb.run_folder import (
+    ANALYSIS_DIR,
+    COMPARISON_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    SUMMARY_FILE,
+    RunFolder,
+    atomic_write_text,
+    now_iso,
+    output_folders,
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
-# Packages whose versions decide what a run computed; looked up without importing them (torch takes seconds).
-_VERSIONED = ("vesselnb", "torch", "transformers", "accelerate", "peft", "safetensors", "numpy", "scipy",
-              "scikit-image", "monai", "pandas", "matplotlib", "papermill", "nbconvert", "ipykernel")
+# Layout names the index page links to or mentions (spelled in run_folder only).
+_LAYOUT = {"manifest": MANIFEST_FILE, "comparison": COMPARISON_FILE, "summary": f"{ANALYSIS_DIR}/{SUMMARY_FILE}"}
 _EXTERNAL_SCRIPT = re.compile(r"<script\b[^>]*\bsrc=[\"']?(?:https?:)?//[^>]*>\s*</script>", re.IGNORECASE)
 # tqdm's bar: "label:  42%|████▏     | 5/12 [00:01<00:02,  3.1it/s]"
 _PROGRESS_LINE = re.compile(r"\d+%\|.*\|\s*\d+/\d*")
@@ -65,7 +68,7 @@ def render_html(executed: Path, html_path: Path, header: dict[str, Any], show_co
     }
     body, _ = exporter.from_notebook_node(notebook, resources=resources)
     body = _EXTERNAL_LINK.sub("", _EXTERNAL_SCRIPT.sub("", body))  # belt and braces: nothing loads from the web
-    _write_text_atomic(html_path, body)
+    atomic_write_text(html_path, body)
     return html_path
 
 
@@ -89,195 +92,70 @@ def _drop_progress_bars(notebook: Any) -> None:
         cell["outputs"] = kept
 
 
-# --- manifests ----------------------------------------------------------------------------------------------------
-
-def read_json(path: Path) -> Any:
-    """The parsed JSON file, or None when it is missing or unreadable (a stage that never got that far)."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def package_versions(names: Iterable[str] = _VERSIONED) -> dict[str, str | None]:
-    """Installed versions (None when absent), plus Python's; without importing the packages."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_revision(folder: Path | None = None) -> dict[str, Any] | None:
-    """``{"revision", "dirty"}`` of the vesselnb checkout, or None outside a git checkout (an installed wheel)."""
-    folder = folder or Path(__file__).resolve().parent.parent
-    try:
-        revision = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"revision": revision, "dirty": bool(status.strip())}
-
-
-def gather_stage_files(run_dir: Path) -> dict[str, Any]:
-    """The manifest fields the stages' own files provide (conversion.json, store.json, summary.json)."""
-    gathered: dict[str, Any] = {}
-    conversion = read_json(run_dir / "conversion.json")
-    store = read_json(run_dir / "predictions" / "store.json")
-    summary = read_json(run_dir / "analysis" / "summary.json")
-    if isinstance(conversion, dict):
-        gathered["weights_fingerprint"] = conversion.get("fingerprint")
-        gathered["source_checkpoint"] = conversion.get("source")
-        gathered["conversion"] = {k: conversion.get(k) for k in ("dtype", "output_dir", "output_bytes", "coverage")}
-        gathered["conversion"]["n_warnings"] = len(conversion.get("warnings") or [])
-    if isinstance(store, dict):
-        records = run_dir / "predictions" / "records"
-        gathered["predictions"] = {**store, "n_records": len(list(records.glob("*.json"))) if records.is_dir() else 0}
-        gathered.setdefault("weights_fingerprint", store.get("fingerprint"))
-    if isinstance(summary, dict):
-        gathered["summary"] = summary
-        gathered["headline"] = summary.get("headline")
-    return gathered
-
-
-def update_run_manifest(run_dir: Path, params: RunParams, outcomes: list[Any]) -> dict[str, Any]:
-    """Merge stage outcomes into ``run_dir/manifest.json`` and refresh everything gathered from stage files.
-
-    Stages not in ``outcomes`` keep their earlier entry, so ``--stages analyze`` does not forget the conversion.
-    """
-
-    path = run_dir / MANIFEST
-    old = read_json(path) or {}
-    stages = {s.key: {"key": s.key, "notebook": s.notebook, "status": "not_run"} for s in RUN_STAGES}
-    stages.update(old.get("stages") or {})
-    for outcome in outcomes:
-        stages[outcome.key] = outcome.to_dict()
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "kind": "run",
-        "run_name": params.run_name,
-        "description": params.description,
-        "iteration": params.iteration,
-        "params_file": str(params.source_file) if params.source_file else None,
-        "params": params.to_dict(),
-        "run_dir": str(run_dir),
-        "created": old.get("created") or now_iso(),
-        "updated": now_iso(),
-        "status": _overall_status(stages.values()),
-        "stages": stages,
-        "versions": package_versions(),
-        "git": git_revision(),
-        "host": {"platform": platform.platform(), "python": sys.executable},
-        **gather_stage_files(run_dir),
-    }
-    _write_text_atomic(path, json.dumps(manifest, indent=2, default=str) + "\n")
-    return manifest
-
-
-def update_compare_manifest(out_dir: Path, run_dirs: list[Path], outcome: Any) -> dict[str, Any]:
-    """``manifest.json`` of a comparison folder: which runs, the stage outcome, versions."""
-
-    path = out_dir / MANIFEST
-    old = read_json(path) or {}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "kind": "comparison",
-        "name": out_dir.name,
-        "runs": [d.name for d in run_dirs],
-        "run_dirs": [str(d) for d in run_dirs],
-        "created": old.get("created") or now_iso(),
-        "updated": now_iso(),
-        "status": _overall_status([outcome.to_dict()]),
-        "stages": {outcome.key: outcome.to_dict()},
-        "versions": package_versions(),
-        "git": git_revision(),
-    }
-    _write_text_atomic(path, json.dumps(manifest, indent=2, default=str) + "\n")
-    return manifest
-
-
-def _overall_status(stages: Iterable[dict[str, Any]]) -> str:
-    statuses = [s.get("status") for s in stages]
-    if "failed" in statuses:
-        return "failed"
-    if "running" in statuses:
-        return "running"
-    return "ok" if statuses and all(s == "ok" for s in statuses) else "incomplete"
-
-
 # --- outputs/index.html -------------------------------------------------------------------------------------------
 
 def write_index(outputs_dir: Path) -> Path:
-    """Rebuild ``outputs_dir/index.html`` from every run and comparison manifest found there."""
-    import jinja2
+    """Rebuild ``outputs_dir/index.html`` from every run and comparison manifest found there.
 
-
+    The manifests are trusted (each stage end copies its files' headline fields in); a folder whose manifest cannot
+    be read is left out with a warning, so one broken folder never hides the others.
+    """
     outputs = Path(outputs_dir).resolve()
+    run_folders, comparison_folders = output_folders(outputs)
     runs, comparisons = [], []
-    for manifest_path in sorted(outputs.glob(f"*/{MANIFEST}")):
-        folder = manifest_path.parent
-        if folder.name.startswith(("_", ".")):  # demo assets and other private folders are not runs
-            continue
-        manifest = read_json(manifest_path)
-        if not isinstance(manifest, dict):
-            continue
-        if manifest.get("kind") == "comparison" or folder.name.startswith("compare_"):
-            comparisons.append(_comparison_row(folder, manifest))
-        else:
-            runs.append(_run_row(folder, manifest))
+    for folder in run_folders + comparison_folders:
+        try:
+            manifest = folder.manifest() or {}
+            if manifest.get("kind") == "comparison" or folder.is_comparison:
+                comparisons.append(_comparison_row(folder, manifest))
+            else:
+                runs.append(_run_row(folder, manifest))
+        except VesselnbError as exc:
+            print(f"vesselnb: warning: {exc}; not listed in the index", file=sys.stderr)
     runs.sort(key=lambda r: (r["iteration"] is None, r["iteration"] or 0, r["name"]))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     page = env.get_template("index_page.html").render(
         runs=runs, comparisons=comparisons, run_names={r["name"] for r in runs}, generated=now_iso(),
-        outputs_dir=str(outputs),
+        outputs_dir=str(outputs), layout=_LAYOUT,
     )
-    index = outputs / "index.html"
-    _write_text_atomic(index, page)
-    return index
+    return atomic_write_text(outputs / INDEX_FILE, page)
 
 
-def _run_row(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    # The stage files are the truth; the manifest copy may predate a stage rerun done from JupyterLab.
-    fresh = {**manifest, **gather_stage_files(folder)}
-    summary = fresh.get("summary") or {}
+def _run_row(folder: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:
+    summary = manifest.get("summary") or {}
     headline = summary.get("headline") or {}
     counts = summary.get("status_counts") or {}
-    params = fresh.get("params") or {}
-    checkpoint = (fresh.get("source_checkpoint") or {}).get("path") or (params.get("checkpoint") or {}).get("path") \
-        or params.get("hf_model") or ""
+    params = manifest.get("params") or {}
+    checkpoint = (manifest.get("source_checkpoint") or {}).get("path") \
+        or (params.get("checkpoint") or {}).get("path") or params.get("hf_model") or ""
     stages = []
-    for entry in (fresh.get("stages") or {}).values():
+    for entry in (manifest.get("stages") or {}).values():
         html = entry.get("html")
         stages.append({
             "status": entry.get("status", "not_run"),
             "stem": Path(entry.get("notebook") or "?").stem,
-            "html": html if html and (folder / html).is_file() else None,
+            "html": html if html and (folder.path / html).is_file() else None,
             "seconds": entry.get("seconds"),
         })
     return {
         "name": folder.name,
-        "description": fresh.get("description") or "",
+        "description": manifest.get("description") or "",
         "checkpoint": Path(checkpoint).name if checkpoint else "",
-        "iteration": fresh.get("iteration"),
-        "fingerprint": fresh.get("weights_fingerprint"),
+        "iteration": manifest.get("iteration"),
+        "fingerprint": manifest.get("weights_fingerprint"),
         "stages": stages,
         "metrics": {k: _fmt(headline.get(k)) for k in ("dice", "cldice", "hd95", "ciou")},
         "n_samples": summary.get("n_samples", ""),
         "n_error": counts.get("error", ""),
         "n_no_seg": counts.get("no_seg", ""),
         "flags": [f for f in summary.get("flags") or [] if isinstance(f, dict)],
-        "updated": fresh.get("updated") or "",
+        "updated": manifest.get("updated") or "",
     }
 
 
-def _comparison_row(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    comparison = read_json(folder / "comparison.json")
-    comparison = comparison if isinstance(comparison, dict) else {}
+def _comparison_row(folder: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:
+    comparison = folder.comparison() or {}
     runs = comparison.get("runs") or manifest.get("runs") or []
     runs = [r if isinstance(r, str) else str((r or {}).get("run_name") or (r or {}).get("name") or r) for r in runs]
     stage = next(iter((manifest.get("stages") or {}).values()), {})
@@ -287,8 +165,8 @@ def _comparison_row(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "status": manifest.get("status", "incomplete"),
         "runs": runs,
         "headline": _headline_lines(comparison.get("headline")),
-        "html": html if html and (folder / html).is_file() else None,
-        "has_json": (folder / "comparison.json").is_file(),
+        "html": html if html and (folder.path / html).is_file() else None,
+        "has_json": folder.comparison_path.is_file(),
         "updated": manifest.get("updated") or "",
     }
 
@@ -327,12 +205,3 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Readers (a browser, a second run's index) never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

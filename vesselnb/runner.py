@@ -12,6 +12,7 @@ record the failure in ``manifest.json`` and mark later stages ``skipped``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -22,30 +23,13 @@ from typing import Any
 
 from vesselnb.errors import StageError, VesselnbError
 from vesselnb.params import RunParams, load_params
-from vesselnb.stages import COMPARE_STAGE, RUN_STAGES, Stage, now_iso
+from vesselnb.report import render_html, write_index
+from vesselnb.run_folder import INDEX_FILE, RunFolder, comparison_folder_name, now_iso
+from vesselnb.stages import COMPARE_STAGE, RUN_STAGES, Stage, StageOutcome
 
 KERNEL_NAME = "vesselnb"
-
-
-
-@dataclass
-class StageOutcome:
-    """What happened to one stage: the manifest's ``stages.<key>`` entry."""
-
-    key: str
-    notebook: str
-    status: str = "pending"  # pending | running | ok | failed | skipped
-    started: str | None = None
-    finished: str | None = None
-    seconds: float | None = None
-    error: dict[str, str] | None = None  # {"ename", "evalue", "hint"}
-    executed: str | None = None  # file name of the executed notebook, relative to the run folder
-    html: str | None = None  # file name of the HTML report, relative to the run folder
-    report_error: str | None = None  # why the HTML could not be rendered (the .ipynb is still there)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form for the manifest."""
-        return dict(self.__dict__)
+__all__ = ["RUN_STAGES", "COMPARE_STAGE", "KERNEL_NAME", "RunResult", "Stage", "StageOutcome", "compare_runs",
+           "ensure_kernel", "execute_stage", "run_demo", "run_params"]
 
 
 @dataclass
@@ -139,16 +123,14 @@ def execute_stage(
     Never raises for a failing notebook: the outcome says ``failed`` with the error, and the executed notebook and
     its HTML still exist (with the error visible) whenever papermill got as far as writing them.
     """
-    import papermill
+    import papermill  # nbclient, zmq, tornado: paid when a notebook runs, not by `vesselnb --help`
     from papermill.exceptions import PapermillExecutionError
-
-    from vesselnb.report import gather_stage_files, render_html
 
     _check_notebooks(notebooks_dir, [stage])
     source = notebooks_dir / stage.notebook
-    out_dir.mkdir(parents=True, exist_ok=True)
-    executed = out_dir / f"{stage.stem}.ipynb"
-    html = out_dir / f"{stage.stem}.html"
+    folder = RunFolder(out_dir).create()
+    executed = folder.notebook_path(stage)
+    html = folder.html_path(stage)
     for stale in (executed, html):  # a report from an earlier run must not pass for this one
         stale.unlink(missing_ok=True)
     outcome = StageOutcome(stage.key, stage.notebook, status="running", started=now_iso())
@@ -179,7 +161,7 @@ def execute_stage(
     if executed.is_file():
         outcome.executed = executed.name
         # Stage 01 computes the fingerprint while it runs, so look again now that it has.
-        fingerprint = header.get("fingerprint") or gather_stage_files(out_dir).get("weights_fingerprint")
+        fingerprint = header.get("fingerprint") or folder.weights_fingerprint(compute=False)
         try:
             render_html(executed, html, header={**header, "stage": stage.stem, "status": outcome.status,
                                                 "error": outcome.error, "fingerprint": fingerprint},
@@ -239,43 +221,40 @@ def run_params(
     Stages run in pipeline order whatever order they are given in; the first failure stops the rest (``skipped``).
     The manifest is rewritten after every stage, so an interrupted run still says how far it got.
     """
-    from vesselnb.report import update_run_manifest, write_index
-
-    params = load_params(params_path)
+    params = _load_building_demo(params_path)
     wanted = _select_stages(stages)
     outputs = Path(outputs_dir).resolve()
-    run_dir = outputs / params.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(outputs / params.run_name)
+    run_dir = folder.path
     notebooks = Path(notebooks_dir).resolve() if notebooks_dir else default_notebooks_dir()
     _check_notebooks(notebooks, wanted)
     kernel = ensure_kernel()
     parameters = {"params_path": str(params.source_file), "run_dir": str(run_dir)}
     result = RunResult(params.run_name, run_dir)
-    outcomes = {s.key: StageOutcome(s.key, s.notebook, status="pending") for s in wanted}
-    update_run_manifest(run_dir, params, list(outcomes.values()))
+    outcomes = folder.begin_run(params, wanted)
     for stage in wanted:
         if result.failed is not None:
-            outcomes[stage.key].status = "skipped"
-            outcomes[stage.key].error = {"ename": "Skipped", "evalue": f"stage '{result.failed.key}' failed"}
+            skipped = outcomes[stage.key]
+            skipped.status = "skipped"
+            skipped.error = {"ename": "Skipped", "evalue": f"stage '{result.failed.key}' failed"}
+            folder.end_stage(params, skipped)
             continue
         if progress:
             print(f"[{params.run_name}] {stage.stem} ...", file=sys.stderr, flush=True)
-        outcomes[stage.key].status, outcomes[stage.key].started = "running", now_iso()
-        update_run_manifest(run_dir, params, [outcomes[stage.key]])  # a killed run still says where it stopped
+        folder.begin_stage(params, outcomes[stage.key])
         try:
-            outcome = execute_stage(stage, parameters, run_dir, notebooks, header=_header(params, run_dir),
+            outcome = execute_stage(stage, parameters, run_dir, notebooks, header=_header(params, folder),
                                     progress=progress, log_output=log_output, show_code=show_code,
                                     kernel_name=kernel)
         except KeyboardInterrupt:  # Ctrl-C: the manifest must not claim the stage is still running
             outcomes[stage.key].status = "failed"
             outcomes[stage.key].error = {"ename": "KeyboardInterrupt", "evalue": "interrupted by the user"}
-            update_run_manifest(run_dir, params, list(outcomes.values()))
+            folder.end_stage(params, outcomes[stage.key])
             raise
         outcomes[stage.key] = outcome
         result.stages = list(outcomes.values())
-        update_run_manifest(run_dir, params, [outcome])
+        folder.end_stage(params, outcome)
     result.stages = list(outcomes.values())
-    update_run_manifest(run_dir, params, result.stages)
     if refresh_index:
         write_index(outputs)
     return result
@@ -292,11 +271,26 @@ def _select_stages(keys: list[str] | None) -> list[Stage]:
     return [s for s in RUN_STAGES if s.key in keys]
 
 
-def _header(params: RunParams, run_dir: Path) -> dict[str, Any]:
-    from vesselnb.report import gather_stage_files
+def _load_building_demo(params_path: str | Path) -> RunParams:
+    """``load_params``, after building the demo assets a params file's ``demo_root`` asks for (if missing)."""
+    unchecked = load_params(params_path, check_paths=False)
+    if unchecked.demo_root is None:
+        return load_params(params_path)
+    _build_demo(unchecked.demo_root)
+    return load_params(params_path)
 
-    fingerprint = gather_stage_files(run_dir).get("weights_fingerprint")
-    return {"run": params.run_name, "fingerprint": fingerprint, "date": now_iso(), "iteration": params.iteration}
+
+def _build_demo(root: Path) -> None:
+    """Build (or check) the demo assets under ``root``."""
+    from vesselnb.demo import ensure_demo_assets  # torch: paid by demo runs only, not by `vesselnb --help`
+
+    ensure_demo_assets(root)
+
+
+def _header(params: RunParams, folder: RunFolder) -> dict[str, Any]:
+    fingerprint = folder.weights_fingerprint(params, compute=False)
+    return {"run": params.run_name, "fingerprint": fingerprint, "date": now_iso(),
+            "iteration": folder.iteration(params)}
 
 
 def compare_runs(
@@ -313,8 +307,6 @@ def compare_runs(
 
     Each argument is a params file (its run folder is ``outputs_dir/<run_name>``) or a run folder itself.
     """
-    from vesselnb.report import update_compare_manifest, write_index
-
     if len(runs) < 2:
         raise VesselnbError("compare needs at least two params files or run folders")
     outputs = Path(outputs_dir).resolve()
@@ -322,7 +314,7 @@ def compare_runs(
     names = [d.name for d in run_dirs]
     if len(set(names)) != len(names):
         raise VesselnbError(f"compare got the same run twice: {names}")
-    out_dir = outputs / ("compare_" + "_vs_".join(names))
+    out_dir = outputs / comparison_folder_name(names)
     notebooks = Path(notebooks_dir).resolve() if notebooks_dir else default_notebooks_dir()
     parameters = {"run_dirs": [str(d) for d in run_dirs], "out_dir": str(out_dir)}
     result = RunResult(out_dir.name, out_dir)
@@ -332,7 +324,7 @@ def compare_runs(
     outcome = execute_stage(COMPARE_STAGE, parameters, out_dir, notebooks, header=header, progress=progress,
                             log_output=log_output, show_code=show_code)
     result.stages = [outcome]
-    update_compare_manifest(out_dir, run_dirs, outcome)
+    RunFolder(out_dir).write_compare_manifest(run_dirs, outcome)
     if refresh_index:
         write_index(outputs)
     return result
@@ -344,9 +336,10 @@ def _resolve_run_dir(arg: Path, outputs: Path) -> Path:
     else:
         params = load_params(arg, check_paths=False)
         run_dir = outputs / params.run_name
-    if not (run_dir / "manifest.json").is_file():
+    folder = RunFolder(run_dir)
+    if not folder.manifest_path.is_file():
         raise VesselnbError(
-            f"{run_dir}: no finished run here (manifest.json missing); run `vesselnb run {arg}` first"
+            f"{run_dir}: no finished run here ({folder.manifest_path.name} missing); run `vesselnb run {arg}` first"
         )
     return run_dir
 
@@ -359,8 +352,6 @@ def run_demo(
     progress: bool = True,
 ) -> list[RunResult]:
     """``vesselnb demo``: build the demo assets, run both demo checkpoints fully, then compare them."""
-    from vesselnb.demo import ensure_demo_assets
-    from vesselnb.report import write_index
 
     folder = Path(params_dir) if params_dir else repo_root() / "params"
     files = [folder / "demo.yaml", folder / "demo_long.yaml"]
@@ -369,7 +360,7 @@ def run_demo(
         raise VesselnbError(f"{files[0]}: 'demo_root' is not set; the demo needs it to build its assets")
     if progress:
         print(f"demo assets: {first.demo_root}", file=sys.stderr, flush=True)
-    ensure_demo_assets(first.demo_root)
+    _build_demo(first.demo_root)
     results = []
     for path in files:
         result = run_params(path, outputs_dir=outputs_dir, notebooks_dir=notebooks_dir, progress=progress)
@@ -419,8 +410,6 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def _log_cells(enabled: bool) -> None:
     """``--log-output``: papermill logs each cell's output to its logger, which prints nothing unless configured."""
     if enabled:
-        import logging
-
         logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
@@ -447,15 +436,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
-    from vesselnb.report import write_index
-
     print(write_index(Path(args.outputs)))
     return 0
 
 
 def _report_result(result: Any, outputs: Path) -> int:
     if result.ok:
-        print(f"{result.name}: ok -> {result.run_dir}  (index: {outputs.resolve() / 'index.html'})")
+        print(f"{result.name}: ok -> {result.run_dir}  (index: {outputs.resolve() / INDEX_FILE})")
         return 0
     print(f"vesselnb: {result.failure_line()}", file=sys.stderr)
     return 1

@@ -1,11 +1,12 @@
-"""The pipeline's stages and the manifest's time format: shared by the runner and the report without either
-importing the other."""
+"""The pipeline's stages, what happened to each, and the one time format: shared by the runner, the run folder and
+the report without any of them importing another."""
 
 from __future__ import annotations
 
-import time
+import datetime
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,26 @@ RUN_STAGES: tuple[Stage, ...] = (
 COMPARE_STAGE = Stage("compare", "04_compare_checkpoints.ipynb")
 
 
+@dataclass
+class StageOutcome:
+    """What happened to one stage: the manifest's ``stages.<key>`` entry."""
+
+    key: str
+    notebook: str
+    status: str = "pending"  # pending | running | ok | failed | skipped
+    started: str | None = None
+    finished: str | None = None
+    seconds: float | None = None
+    error: dict[str, str] | None = None  # {"ename", "evalue", "hint"}
+    executed: str | None = None  # file name of the executed notebook, relative to the run folder
+    html: str | None = None  # file name of the HTML report, relative to the run folder
+    report_error: str | None = None  # why the HTML could not be rendered (the .ipynb is still there)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form for the manifest."""
+        return dict(self.__dict__)
+
+
 def now_iso() -> str:
-    """Local time with offset, seconds precision: readable in the manifest and the index."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    """UTC, ISO 8601, seconds precision (``2026-12-03T12:47:30+00:00``): the one time format of vesselnb's files."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

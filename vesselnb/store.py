@@ -20,7 +20,6 @@ power-loss safety at the cost of one disk flush per file.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import io
 import json
@@ -38,15 +37,21 @@ import numpy as np
 from PIL import Image
 
 from vesselnb.errors import StoreError
+from vesselnb.run_folder import (
+    MASKS_DIR,
+    MERGE_LOCK_FILE,
+    PART_COMPLETE_FILE,
+    PARTS_DIR,
+    PROBS_DIR,
+    RECORDS_DIR,
+    STORE_FILE,
+    atomic_write_bytes,
+    now_iso,
+    read_json,
+    temp_owner_pid,
+)
 
 STORE_FORMAT = 1
-STORE_FILE = "store.json"
-RECORDS_DIR = "records"
-MASKS_DIR = "masks"
-PROBS_DIR = "probs"
-PARTS_DIR = "parts"
-PART_COMPLETE_FILE = "part_complete.json"
-MERGE_LOCK_FILE = ".merge.lock"
 STATUSES = ("ok", "no_seg", "error")
 # store.json keys that must agree before two sets of predictions may share a store.
 IDENTITY_KEYS = ("fingerprint", "model_config", "prompt", "mode", "probability_maps")
@@ -62,22 +67,7 @@ RECORD_KEYS = (
 _PART_NAME = re.compile(r"^(\d+)-of-(\d+)$")
 
 
-def _now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _atomic_write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _write_bytes(path: Path, data: bytes, durable: bool = False) -> None:
+def _write_bytes(path: Path, data: bytes, *, durable: bool = False) -> None:
     """Plain write, for files no reader looks at yet (a sample's images before its record exists)."""
     with open(path, "wb") as handle:
         handle.write(data)
@@ -110,10 +100,7 @@ def _gray_png_bytes(values: np.ndarray) -> bytes:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise StoreError(f"{path}: unreadable store file ({exc}); delete it and rerun inference to redo it") from None
+    return read_json(path, error=StoreError, fix="delete it and rerun inference to redo it")
 
 
 def write_sample_files(
@@ -126,14 +113,14 @@ def write_sample_files(
     """
     sample_id = str(record["sample_id"])
     record_path = root / RECORDS_DIR / f"{sample_id}.json"
-    write_image = _atomic_write_bytes if record_path.exists() else _write_bytes
+    write_image = atomic_write_bytes if record_path.exists() else _write_bytes
     if mask.size:  # an image that could not be read at all has no size: 0x0 record, no mask file
-        write_image(root / MASKS_DIR / f"{sample_id}.png", _png_bytes(Image.fromarray(mask)), durable)
+        write_image(root / MASKS_DIR / f"{sample_id}.png", _png_bytes(Image.fromarray(mask)), durable=durable)
     if probability is not None:
-        write_image(root / PROBS_DIR / f"{sample_id}.png", _gray_png_bytes(probability), durable)
+        write_image(root / PROBS_DIR / f"{sample_id}.png", _gray_png_bytes(probability), durable=durable)
     record = dict(record, has_probability=probability is not None)
     payload = json.dumps(record, indent=1, sort_keys=True) + "\n"
-    _atomic_write_bytes(record_path, payload.encode(), durable)
+    atomic_write_bytes(record_path, payload.encode(), durable=durable)
 
 
 def part_name(shard: tuple[int, int]) -> str:
@@ -206,7 +193,7 @@ class PredictionStore:
             "model_dir": str(model_dir),
             "prompt": prompt,
             "mode": mode,
-            "created": _now_iso(),
+            "created": now_iso(),
             "probability_maps": bool(probability_maps),
         }
         if extra:
@@ -216,7 +203,7 @@ class PredictionStore:
             check_compatible(_read_json(meta_path), wanted, where=str(folder))
         else:
             folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(meta_path, (json.dumps(wanted, indent=2) + "\n").encode(), durable)
+            atomic_write_bytes(meta_path, (json.dumps(wanted, indent=2) + "\n").encode(), durable=durable)
         for sub in (RECORDS_DIR, MASKS_DIR, PROBS_DIR):
             (folder / sub).mkdir(exist_ok=True)
         store = cls.__new__(cls)
@@ -231,8 +218,8 @@ class PredictionStore:
         blindly, others only when their pid is dead."""
         for sub in (RECORDS_DIR, MASKS_DIR, PROBS_DIR):
             for tmp in (self.path / sub).glob(".*.tmp"):
-                pid_text = tmp.name.rsplit(".", 2)[-2]
-                if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+                pid = temp_owner_pid(tmp)
+                if pid is not None and not _pid_alive(pid):
                     tmp.unlink(missing_ok=True)
 
     # --- identity -----------------------------------------------------------------------------------------------
@@ -280,8 +267,8 @@ class PredictionStore:
 
     def mark_part_complete(self, n_samples: int) -> None:
         """Say that this part (a shard's store) has every sample of its shard, so the parts may be merged."""
-        info = {"n_samples": n_samples, "finished": _now_iso()}
-        _atomic_write_bytes(self.path / PART_COMPLETE_FILE, json.dumps(info).encode(), self.durable)
+        info = {"n_samples": n_samples, "finished": now_iso()}
+        atomic_write_bytes(self.path / PART_COMPLETE_FILE, json.dumps(info).encode(), durable=self.durable)
 
     # --- reading ------------------------------------------------------------------------------------------------
     def _record_path(self, sample_id: str) -> Path:
@@ -536,8 +523,9 @@ def _copy_sample(source: PredictionStore, target: PredictionStore, sample_id: st
     """Copy one sample's files atomically, record last, so an interrupted merge never shows half a sample."""
     prob_src = source._prob_path(sample_id)
     if rec.get("has_probability") and prob_src.is_file():
-        _atomic_write_bytes(target._prob_path(sample_id), prob_src.read_bytes(), target.durable)
+        atomic_write_bytes(target._prob_path(sample_id), prob_src.read_bytes(), durable=target.durable)
     mask_src = source._mask_path(sample_id)
     if mask_src.is_file():
-        _atomic_write_bytes(target._mask_path(sample_id), mask_src.read_bytes(), target.durable)
-    _atomic_write_bytes(target._record_path(sample_id), source._record_path(sample_id).read_bytes(), target.durable)
+        atomic_write_bytes(target._mask_path(sample_id), mask_src.read_bytes(), durable=target.durable)
+    record = source._record_path(sample_id).read_bytes()
+    atomic_write_bytes(target._record_path(sample_id), record, durable=target.durable)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from vesselnb.errors import DataError
 from vesselnb.frames import open_frame_rgb
+from vesselnb.masks import resize_mask
 
 # Colours of the error overlay: true positives white, false positives magenta, false negatives cyan.
 TP_RGB = (255, 255, 255)
@@ -46,14 +47,8 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _fit_mask(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
-    """A boolean mask at the frame's size (nearest-neighbour), or all-False when absent."""
-    if mask is None:
-        return np.zeros(shape, dtype=bool)
-    mask = np.asarray(mask).astype(bool)
-    if mask.shape != shape:
-        resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)
-        mask = np.asarray(resized) > 127
-    return mask
+    """A boolean mask at the frame's size (:func:`vesselnb.masks.resize_mask`), or all-False when absent."""
+    return np.zeros(shape, dtype=bool) if mask is None else resize_mask(mask, shape)
 
 
 def tint(image: np.ndarray, mask: np.ndarray, rgb: tuple[int, int, int], alpha: float = 0.55) -> np.ndarray:

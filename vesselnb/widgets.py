@@ -17,6 +17,8 @@ import pandas as pd
 from PIL import Image as PILImage
 
 from vesselnb import viz
+from vesselnb.run_folder import RunFolder
+from vesselnb.store import PredictionStore
 
 BROWSER_COLUMNS = ["sample_id", "status", "dice", "cldice", "hd95", "nsd", "recall_thin", "betti0_error"]
 
@@ -54,9 +56,7 @@ class SampleBrowser:
         """The picture the browser shows for one sample (RGB uint8)."""
         frame, gt, pred = self.report.sample_images(sample_id)
         if threshold is not None:
-            from vesselnb.store import PredictionStore
-
-            probability = PredictionStore(self.report.run_dir / "predictions").probability(sample_id)
+            probability = PredictionStore(RunFolder(self.report.run_dir).predictions_dir).probability(sample_id)
             if probability is not None and probability.shape == gt.shape:
                 pred = probability > threshold * 255.0
         if errors:

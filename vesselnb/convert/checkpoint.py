@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from vesselnb.convert.flags import TRUST_PICKLE_FLAG
 from vesselnb.errors import CheckpointError
 
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
-TRUST_PICKLE_FLAG = "--trust-pickle-runs-code"
 
 
 class _InertRecord:

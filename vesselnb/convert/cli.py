@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vesselnb.convert.checkpoint import TRUST_PICKLE_FLAG
+from vesselnb.convert.flags import TRUST_PICKLE_FLAG
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -30,6 +30,7 @@ from vesselnb.convert.hf_folder import (
     check_remote_code,
     copy_support_files,
     remote_code_files,
+    set_vocab_size,
     support_files,
     tokenizer_length,
 )
@@ -598,8 +599,6 @@ def convert_checkpoint(
             n_code = len(remote_code_files(base.path))
             notes.append(f"copied {len(copied)} support files ({n_code} remote-code .py)")
             if vocab is not None:
-                from vesselnb.convert.hf_folder import set_vocab_size
-
                 set_vocab_size(hf_config, vocab)
             (writer.temp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
 

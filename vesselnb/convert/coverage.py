@@ -6,7 +6,6 @@ were LoRA-merged, which were carried over from the base, and how much each model
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from vesselnb import htmlrepr as hr
 from vesselnb.convert.keymap import CATEGORIES, COMPONENTS
 
 SOURCES = ("checkpoint", "lora_merged", "pretrained", "base")
@@ -170,13 +170,9 @@ class ConversionReport:
             f"fingerprint: {self.fingerprint}  config: {self.config_fingerprint or '?'}  dtype: {self.dtype}  "
             f"bytes: {self.output_bytes:,}",
         ]
-        info = self.training_info or {}
-        if info:
-            said = ", ".join(f"{k}={info[k]}" for k in ("iter", "epoch", "time", "seed") if k in info)
-            losses = self.loss_history
-            if losses:
-                said += f", loss {losses[0]:.4g} -> {losses[-1]:.4g} ({len(losses)} logged)"
-            lines.append(f"training: {said}")
+        training = self.training_line()
+        if training:
+            lines.append(f"training: {training}")
         if self.source.get("path"):
             lines.append(f"source: {self.source['path']} ({self.source.get('bytes', 0):,} bytes)")
         if self.skipped:
@@ -191,35 +187,30 @@ class ConversionReport:
         lines += [f"WARNING: {w}" for w in self.warnings] + [f"note: {n}" for n in self.notes]
         return lines
 
+    def training_line(self) -> str:
+        """``iter=…, epoch=…, time=…, seed=…, loss a -> b (n logged)`` from the checkpoint's meta / message_hub."""
+        info = self.training_info or {}
+        said = ", ".join(f"{k}={info[k]}" for k in ("iter", "epoch", "time", "seed") if k in info)
+        losses = self.loss_history
+        if losses:
+            said += f", loss {losses[0]:.4g} -> {losses[-1]:.4g} ({len(losses)} logged)"
+        return said
+
     def __str__(self) -> str:
         return "\n".join(self.summary_lines())
 
     def _repr_html_(self) -> str:
-        colour = "#b00020" if self.warnings else "#1b5e20"
+        """The banner only: notebook 01 shows each table (coverage, components, provenance) under its own heading,
+        so displaying the report must not show them a second time."""
         title = "Conversion with warnings" if self.warnings else "Conversion OK"
         if self.skipped:
-            title += " (skipped: " + html.escape(self.skipped) + ")"
-        items = "".join(f"<li><b>{html.escape(w)}</b></li>" for w in self.warnings)
-        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
-        parts = [
-            f'<div style="border-left:6px solid {colour};padding:6px 10px;background:{colour}14">'
-            f'<div style="color:{colour};font-weight:bold;font-size:1.1em">{title}</div>'
-            f"<div>weights fingerprint <code>{html.escape(self.fingerprint)}</code> · config fingerprint "
-            f"<code>{html.escape(self.config_fingerprint or '?')}</code> · dtype {self.dtype} · "
-            f"{self.output_bytes / 1e9:.3f} GB · {html.escape(self.output_dir)}</div>"
-            f"<ul>{items}{notes}</ul></div>"
-        ]
-        if self.training_info:
-            parts.append(
-                "<h4>What the checkpoint says about its training (meta / message_hub)</h4>"
-                + self.training_table.to_html(index=False)
-            )
-        if self.coverage:
-            table = self.coverage_table
-            parts.append("<h4>Coverage (every key accounted for)</h4>" + table[table["keys"] > 0].to_html(index=False))
-        if self.components:
-            parts.append(
-                "<h4>Per component: sources and relative change vs base</h4>"
-                + self.component_table.to_html(index=False, float_format=lambda v: f"{v:.3e}")
-            )
-        return "\n".join(parts)
+            title += f" (skipped: {self.skipped})"
+        line = (f"weights fingerprint {self.fingerprint} · config fingerprint {self.config_fingerprint or '?'} · "
+                f"dtype {self.dtype} · {self.output_bytes / 1e9:.3f} GB · {self.output_dir}")
+        counts = ", ".join(f"{k} {v}" for k, v in self.coverage.items() if v)
+        lines = [line] + ([f"coverage: {counts}"] if counts else [])
+        training = self.training_line()
+        if training:
+            lines.append(f"training (meta / message_hub): {training}")
+        return hr.join(hr.banner(title, level="error" if self.warnings else "ok", lines=lines,
+                                 items=[*self.warnings, *self.notes]))

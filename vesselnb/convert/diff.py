@@ -6,7 +6,6 @@ names; LoRA factors keep their ``lora_A`` / ``lora_B`` names). Tensors are compa
 
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from vesselnb import htmlrepr as hr
 from vesselnb.convert.checkpoint import load_training_state_dict
 from vesselnb.convert.hf_folder import BaseFolder
 from vesselnb.convert.keymap import COMPONENTS, component_of, parse_training_key
@@ -127,13 +127,11 @@ class WeightDiff:
         return "\n".join(self.summary_lines())
 
     def _repr_html_(self) -> str:
-        colour = "#b00020" if self.identical else "#1b5e20"
-        head = "\n".join(html.escape(line) for line in self.summary_lines()[:2])
-        return (
-            f'<div style="border-left:6px solid {colour};padding:6px 10px"><pre>{head}</pre></div>'
-            + self.component_table.to_html(index=False, float_format=lambda v: f"{v:.3e}")
-            + "<h4>Largest changes</h4>"
-            + self.tensor_table.head(15).to_html(index=False)
+        first, *rest = self.summary_lines()[:2]
+        return hr.join(
+            hr.banner(first, level="error" if self.identical else "ok", lines=rest),
+            hr.table(self.component_table, float_format="{:.3e}"),
+            hr.table(self.tensor_table.head(15), caption="Largest changes", float_format="{:.3e}"),
         )
 
 

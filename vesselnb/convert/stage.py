@@ -8,10 +8,10 @@ from pathlib import Path
 from vesselnb.convert.converter import convert_checkpoint, read_record
 from vesselnb.convert.coverage import ConversionReport
 from vesselnb.convert.hf_folder import BaseFolder
+from vesselnb.errors import VesselnbError
 from vesselnb.fingerprint import config_fingerprint, weights_fingerprint
 from vesselnb.params import RunParams
-
-CONVERSION_JSON = "conversion.json"
+from vesselnb.run_folder import RunFolder
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -44,18 +44,15 @@ def _given_folder_report(hf_dir: Path) -> ConversionReport:
     return report
 
 
-def _same_weights_elsewhere(report: ConversionReport, run_dir: Path) -> None:
+def _same_weights_elsewhere(report: ConversionReport, folder: RunFolder) -> None:
     """Warn loudly when another run folder beside this one recorded the same fingerprint from another source."""
-    parent = run_dir.resolve().parent
-    for other in sorted(parent.iterdir()):
-        record = other / CONVERSION_JSON
-        if other.resolve() == run_dir.resolve() or not record.is_file():
-            continue
+    for other in folder.neighbours():
         try:
-            data = json.loads(record.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+            data = other.conversion()
+        except VesselnbError as exc:
+            report.notes.append(f"run {other.name} not checked for identical weights: {exc}")
             continue
-        if data.get("fingerprint") != report.fingerprint:
+        if data is None or data.get("fingerprint") != report.fingerprint:
             continue
         other_source = (data.get("source") or {}).get("path")
         if other_source and other_source == report.source.get("path"):
@@ -69,9 +66,8 @@ def _same_weights_elsewhere(report: ConversionReport, run_dir: Path) -> None:
 
 
 def convert_stage(params: RunParams, run_dir: str | Path) -> ConversionReport:
-    """Convert ``params.checkpoint`` into ``params.hf_model_dir(run_dir)`` (or fingerprint ``params.hf_model``)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Convert ``params.checkpoint`` into the run's HF folder (or fingerprint ``params.hf_model``)."""
+    folder = RunFolder(run_dir).create()
     if params.hf_model is not None:
         report = _given_folder_report(Path(params.hf_model))
     else:
@@ -79,7 +75,7 @@ def convert_stage(params: RunParams, run_dir: str | Path) -> ConversionReport:
         report = convert_checkpoint(
             ckpt.path,
             ckpt.base_model,
-            params.hf_model_dir(run_dir),
+            folder.hf_dir(params),
             training_config=ckpt.training_config,
             pretrained_pth=ckpt.pretrained_pth,
             lora_r=ckpt.lora.r,
@@ -98,6 +94,6 @@ def convert_stage(params: RunParams, run_dir: str | Path) -> ConversionReport:
             # hf_output elsewhere is the user's folder and needs checkpoint.overwrite.
             overwrite=ckpt.overwrite or ckpt.hf_output is None,
         )
-    _same_weights_elsewhere(report, run_dir)
-    (run_dir / CONVERSION_JSON).write_text(json.dumps(report.conversion_json(), indent=2), encoding="utf-8")
+    _same_weights_elsewhere(report, folder)
+    folder.write_conversion(report.conversion_json())
     return report

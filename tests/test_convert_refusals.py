@@ -109,6 +109,18 @@ def test_wrong_base_refused_by_frozen_copies_and_by_config(world: dict, tmp_path
     assert prefixes >= {"ALLOWED other base", "ALLOWED frozen copies differing from the base"}
 
 
+def test_right_base_under_another_name_vouched_by_frozen_copies(world: dict, tmp_path: Path) -> None:
+    """The config names its base by one path; the user gives the same weights under another name (as with the
+    Sa2VA HF release of the InternVL base): the frozen copies equal it, so conversion goes on with a warning."""
+    renamed = tmp_path / "Sa2VA-release-copy"
+    shutil.copytree(world["base"], renamed)
+    out = tmp_path / "hf"
+    report = convert_checkpoint(world["ckpt"].path, renamed, out, training_config=world["config"], shard_size=SHARD)
+    vouched = [w for w in report.warnings if "frozen copies in the checkpoint equal its tensors" in w]
+    assert len(vouched) == 1 and "names the base" in vouched[0]
+    assert (out / "config.json").is_file()
+
+
 def test_out_over_existing_folder_needs_overwrite_checked_first(world: dict, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     first = convert_checkpoint(

@@ -422,17 +422,29 @@ def _check_trained_and_frozen(
     file: Path,
     allow_missing_components: bool,
     allow_frozen_mismatch: bool,
+    other_base: str | None,
     warnings: list[str],
 ) -> None:
     """Refuse (or, allowed, warn loudly) when trained parts are absent or the checkpoint's frozen copies are not
-    the base's (see :mod:`vesselnb.convert.checks`)."""
+    the base's (see :mod:`vesselnb.convert.checks`).
+
+    ``other_base`` (the base given is not the one the training config names) is decided here, after the frozen
+    copies: when the checkpoint holds frozen copies and every one equals the given base, that base *is* the weights
+    training started from under another name (typically the Sa2VA HF release of the InternVL base the config names),
+    so it is a warning; without frozen copies to vouch for it (a full fine-tune) it is refused unless allowed."""
     missing = checks.missing_trained(plan, config, base.shapes)
     if missing:
         message = checks.missing_message(missing, file)
         if not allow_missing_components:
             raise ConversionError(message)
         warnings.append("ALLOWED missing trained components, taken from the base: " + message)
-    _, bad = checks.frozen_mismatches(ckpt_tensors, base.shapes, base.get_tensor)
+    compared, bad = checks.frozen_mismatches(ckpt_tensors, base.shapes, base.get_tensor)
+    if other_base and (bad or not compared):
+        raise ConversionError(other_base)
+    if other_base:
+        warnings.append(f"the base given is not the one the training config names, but all {compared} frozen copies "
+                        "in the checkpoint equal its tensors, so it holds the weights training started from: "
+                        + other_base)
     if bad:
         message = checks.frozen_message(bad, base.path, file)
         if not allow_frozen_mismatch:
@@ -499,12 +511,10 @@ def convert_checkpoint(
     base_path = _resolve_base(base_model, config)
     pretrained_path = _resolve_pretrained(pretrained_pth, config, warnings)
     ckpt_file = checkpoint_file(checkpoint)  # a wrong checkpoint path fails before the base folder is scanned
-    if base_model is not None and training_config:
-        other_base = checks.other_base_message(config, base_path)
-        if other_base and not allow_other_base:
-            raise ConversionError(other_base)
-        if other_base:
-            warnings.append("ALLOWED other base: " + other_base)
+    other_base = checks.other_base_message(config, base_path) if base_model is not None and training_config else None
+    if other_base and allow_other_base:
+        warnings.append("ALLOWED other base: " + other_base)
+        other_base = None
     base = BaseFolder(base_path)
     try:
         options = {
@@ -539,7 +549,8 @@ def convert_checkpoint(
         )
         _check_plan(plan, allow_shape_mismatch, allow_missing, warnings)
         _check_trained_and_frozen(
-            plan, config, base, ckpt_tensors, source.file, allow_missing_components, allow_frozen_mismatch, warnings
+            plan, config, base, ckpt_tensors, source.file, allow_missing_components, allow_frozen_mismatch,
+            other_base, warnings,
         )
         scale = _lora_scale(plan, config)
 

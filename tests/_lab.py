@@ -74,11 +74,15 @@ def jupyter_lab(root: Path, state: Path, startup_timeout: float = 120.0) -> Iter
     for variable, folder in (("JUPYTER_CONFIG_DIR", "config"), ("JUPYTER_RUNTIME_DIR", "runtime"),
                              ("JUPYTERLAB_SETTINGS_DIR", "settings"), ("JUPYTERLAB_WORKSPACES_DIR", "workspaces")):
         env[variable] = str(state / folder)
+    # no "get notified about Jupyter news?" toast over the page, no update check (the test runs offline)
+    notification = state / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True, exist_ok=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}), encoding="utf-8")
     env.pop("VESSELNB_WIDGETS", None)  # the widget browser must find the frontend the way a user's session does
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
                f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
                f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-               "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
                "--LabApp.extension_manager=readonly", "--ServerApp.allow_root=True"]
     log = state / "jupyterlab.log"
     with log.open("w", encoding="utf-8") as stream:
@@ -95,7 +99,7 @@ def jupyter_lab(root: Path, state: Path, startup_timeout: float = 120.0) -> Iter
                 break
             except (urllib.error.URLError, ConnectionError):
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"jupyter lab did not answer in {startup_timeout} s:\n{_log_tail(log)}")
+                    raise AssertionError(f"jupyter lab silent for {startup_timeout} s:\n{_log_tail(log)}") from None
                 time.sleep(0.5)
         yield server
     finally:

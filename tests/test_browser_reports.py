@@ -51,6 +51,34 @@ def browsed(demo_outputs: Path) -> dict[str, PageCheck]:
     return checks
 
 
+def test_checker_finds_overflow_broken_images_and_links(tmp_path: Path) -> None:
+    """The checks themselves, on small pages with one known defect each (a check that cannot fail proves nothing)."""
+    require_browser()
+    site = tmp_path / "site"
+    site.mkdir()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(site / "ok.png")
+    (site / "good.html").write_text('<title>good</title><p id="a">fits</p><img src="ok.png" alt="ok">'
+                                    '<a href="#a">anchor</a> <a href="bad.html">next</a>', encoding="utf-8")
+    (site / "bad.html").write_text(
+        '<title>bad</title><div style="overflow-x:auto"><table id="wide"><tr><td style="min-width:1600px">x</td>'
+        '</tr></table></div><img src="missing.png" alt="gone"><a href="nowhere.html">dead</a>'
+        '<a href="#nope">no anchor</a><a href="https://example.org/">outside</a>', encoding="utf-8")
+    (site / "scroll.html").write_text('<title>scroll</title><pre>' + "x" * 400 + "</pre>", encoding="utf-8")
+    with serve_folder(site) as base, chromium() as browser:
+        good, bad, scroll = (check_page(browser, base, name, tmp_path) for name in
+                             ("good.html", "bad.html", "scroll.html"))
+    assert not good.overflows and good.broken_images == [] and good.broken_links == [] and good.n_images == 1
+    assert bad.scroll_width <= bad.inner_width and bad.overflows  # hidden inside a scrolling box: still caught
+    assert [w["element"] for w in bad.wide] == ["table#wide"], bad.overflow_text()
+    assert bad.broken_images == [f"{base}missing.png"]
+    assert any("nowhere.html: HTTP 404" in p for p in bad.broken_links)
+    assert any("'nope'" in p for p in bad.broken_links)
+    assert any("outside the outputs folder" in p for p in bad.broken_links)
+    assert any("missing.png: HTTP 404" in f for f in bad.failed_requests)
+    assert scroll.scroll_width > scroll.inner_width and scroll.overflows
+    assert good.screenshot is not None and good.screenshot.is_file()
+
+
 def _where(check: PageCheck) -> str:
     return f"(screenshot: {check.screenshot})"
 

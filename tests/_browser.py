@@ -126,7 +126,7 @@ _INSPECT_JS = """
   }));
   const links = [...document.querySelectorAll('a[href]')].map((a) => a.href);
   return {scrollWidth: document.documentElement.scrollWidth, innerWidth: vw, wide: wide, images: images,
-          links: links, title: document.title};
+          links: links, title: document.title, text: document.body.innerText};
 }
 """
 
@@ -147,6 +147,7 @@ class PageCheck:
     failed_requests: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
     screenshot: Path | None = None
+    text: str = ""  # what a reader sees as text (innerText: no markup, no embedded image data)
 
     @property
     def overflows(self) -> bool:
@@ -205,7 +206,7 @@ def check_page(browser: Browser, base_url: str, relative: str, screenshots: Path
                           broken_images=[i["src"] or f"(no src, alt {i['alt']!r})" for i in found["images"]
                                          if not i["ok"]],
                           failed_requests=failed, console_errors=console, screenshot=png,
-                          links=list(dict.fromkeys(found["links"])))
+                          links=list(dict.fromkeys(found["links"])), text=found["text"])
         for href in check.links:
             problem = _link_problem(page, base_url, href)
             if problem:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -105,6 +106,25 @@ def copy_demo_params(dest_params: Path, limit: int | None = None) -> list[Path]:
         target.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
         copies.append(target)
     return copies
+
+
+# The end-to-end demo: the real params files limited to this many frames (12 of the demo's 24, both patients).
+DEMO_FRAMES = 12
+
+
+def vesselnb_cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """The installed command as a user runs it, in its own process."""
+    return subprocess.run([sys.executable, "-m", "vesselnb.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def build_demo_outputs(root: Path, n_frames: int = DEMO_FRAMES) -> Path:
+    """`vesselnb demo` with the real params files (limited to ``n_frames``) into ``root/outputs``; returns it."""
+    copy_demo_params(root / "params", limit=n_frames)
+    outputs = root / "outputs"
+    done = vesselnb_cli("demo", "--outputs", str(outputs), "--params", str(root / "params"), "--no-progress")
+    assert done.returncode == 0, f"vesselnb demo failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return outputs
 
 
 def chromium_binary() -> str | None:

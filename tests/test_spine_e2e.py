@@ -1,43 +1,33 @@
 """End to end with the real four notebooks: `vesselnb demo` on a 12-frame demo in a temp folder.
 
 This is the user's path: papermill executes 01-03 for both demo checkpoints and 04 over them, each in its own kernel;
-the reports, manifests and index must exist, be self-contained, and open in headless Chromium.
+the reports, manifests and index must exist and be self-contained (test_browser_reports opens them in Chromium).
 """
 
 from __future__ import annotations
 
 import ast
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 import yaml
 from _spine_fixtures import (
+    DEMO_FRAMES,
     REPO,
-    assert_renders_in_chromium,
-    chromium_binary,
-    copy_demo_params,
     load_json,
     page_refs,
     table_texts,
     unresolved_refs,
+    vesselnb_cli,
 )
 
 from vesselnb.runner import COMPARE_STAGE, RUN_STAGES
 
-ARTIFACTS = REPO / "test-artifacts"
 NOTEBOOKS = REPO / "notebooks"
-N_FRAMES = 12
+N_FRAMES = DEMO_FRAMES
 RUNS = ("demo", "demo_long")
-
-
-def cli(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    """The installed command as a user runs it, in its own process."""
-    return subprocess.run([sys.executable, "-m", "vesselnb.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
 
 
 # --- the notebooks as committed -------------------------------------------------------------------------------
@@ -68,18 +58,7 @@ def test_committed_notebook_is_clean_and_parameterised(stage) -> None:
         assert defaults["params_path"] == "../params/demo.yaml" and defaults["run_dir"] == "../outputs/demo"
 
 
-# --- the demo, executed -----------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def demo_outputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`vesselnb demo` with the real params files (limited to 12 frames) into a temp outputs folder."""
-    root = tmp_path_factory.mktemp("demo")
-    copy_demo_params(root / "params", limit=N_FRAMES)
-    outputs = root / "outputs"
-    done = cli("demo", "--outputs", str(outputs), "--params", str(root / "params"), "--no-progress")
-    assert done.returncode == 0, f"vesselnb demo failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return outputs
-
+# --- the demo, executed (the session fixture `demo_outputs` in conftest.py; the browser checks: test_browser_reports)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", RUNS)
@@ -143,14 +122,6 @@ def test_demo_comparison_and_index(demo_outputs: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(chromium_binary() is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_demo_pages_open_in_chromium(demo_outputs: Path, tmp_path: Path) -> None:
-    assert_renders_in_chromium(demo_outputs / "index.html", ARTIFACTS / "demo_index.png", tmp_path / "profile")
-    assert_renders_in_chromium(demo_outputs / "demo" / "03_error_analysis.html", ARTIFACTS / "demo_report.png",
-                               tmp_path / "profile")
-
-
-@pytest.mark.slow
 def test_corrupt_checkpoint_fails_stage_one_with_report(demo_outputs: Path, tmp_path: Path) -> None:
     """A real stage failure: notebook 01 on a file that is not a checkpoint."""
     params_dir = demo_outputs.parent / "params"
@@ -161,7 +132,7 @@ def test_corrupt_checkpoint_fails_stage_one_with_report(demo_outputs: Path, tmp_
     data["checkpoint"]["path"] = str(broken)
     params = params_dir / "broken.yaml"
     params.write_text(yaml.safe_dump(data), encoding="utf-8")
-    done = cli("run", str(params), "--outputs", str(demo_outputs), "--no-progress")
+    done = vesselnb_cli("run", str(params), "--outputs", str(demo_outputs), "--no-progress")
     assert done.returncode == 1, done.stderr[-3000:]
     assert "stage 'convert' of 'broken' failed" in done.stderr.strip().splitlines()[-1]
     manifest = load_json(demo_outputs / "broken" / "manifest.json")

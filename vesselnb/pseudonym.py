@@ -241,8 +241,11 @@ def _run_patients(params: RunParams) -> list[str]:
     """Every patient of the run's frames (all of ``data.images``, not only ``data.limit``: a rerun may see more)."""
     if params.data.images is None or not Path(params.data.images).is_dir():
         return []
-    return patients_in((s.sample_id for s in list_samples(params.data.images, params.data.image_glob,
-                                                            params.data.name_regex)), params.data.name_regex)
+    try:
+        samples = list_samples(params.data.images, params.data.image_glob, params.data.name_regex)
+    except DataError:  # no frames yet (stage 02 says so in its own words): no patient to name either
+        return []
+    return patients_in((s.sample_id for s in samples), params.data.name_regex)
 
 
 def _seed(folder: Path, patients: Iterable[str], sources: Iterable[Path]) -> None:
@@ -291,14 +294,21 @@ def for_run(folder: str | Path, params: RunParams) -> Pseudonyms | None:
     return load_or_create(folder, patients)
 
 
-def for_comparison(folder: str | Path, run_dirs: Iterable[str | Path]) -> Pseudonyms:
-    """The pseudonyms of a comparison folder: every patient of its runs, numbered as the runs number them."""
+def for_comparison(folder: str | Path, run_dirs: Iterable[str | Path],
+                   run_params: Iterable[RunParams | None] = ()) -> Pseudonyms:
+    """The pseudonyms of a comparison folder: every patient of its runs, numbered as the runs number them.
+
+    ``run_params`` (the runs' params, in order) adds the frames of a run that showed names and so saved no mapping.
+    """
     folder = Path(folder)
     run_dirs = [Path(d) for d in run_dirs]
     patients: list[str] = []
     for run_dir in run_dirs:
         if (run_dir / MAPPING_FILE).is_file():
             patients += list(_read_mapping(run_dir / MAPPING_FILE))
+    for params in run_params:
+        if params is not None:
+            patients += _run_patients(params)
     folder.mkdir(parents=True, exist_ok=True)
     _seed(folder, patients, [*run_dirs, *_sibling_folders(folder)])
     return load_or_create(folder, patients)

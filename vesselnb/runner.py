@@ -350,7 +350,7 @@ def _comparison_pseudonyms(out_dir: Path, run_dirs: list[Path]) -> Pseudonyms | 
     params = [RunFolder(d).params() for d in run_dirs]
     if all(p is not None and not p.report.pseudonymize for p in params):
         return None
-    return pseudonym.for_comparison(out_dir, run_dirs)
+    return pseudonym.for_comparison(out_dir, run_dirs, params)
 
 
 def _link_runs_to(run_dirs: list[Path]) -> None:

@@ -250,7 +250,8 @@ def write_index(outputs_dir: Path) -> Path:
             print(f"vesselnb: warning: {exc}; not listed in the index", file=sys.stderr)
     runs.sort(key=lambda r: (r["iteration"] is None, r["iteration"] or 0, r["name"]))
     for row in runs:
-        row["comparisons"] = [{"name": c["name"], "html": c["html"]} for c in comparisons if row["name"] in c["runs"]]
+        row["comparisons"] = [{"name": c["name"], "html": c["html"], "label": " vs ".join(c["runs"]) or c["name"]}
+                              for c in comparisons if row["name"] in c["runs"]]
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     page = env.get_template("index_page.html").render(

@@ -19,7 +19,8 @@ from vesselnb.run_folder import RunFolder
 
 
 def build_run(
-    outputs: Path, name: str, hf_model: Path, assets: Any, iteration: int | None = None, limit: int | None = None
+    outputs: Path, name: str, hf_model: Path, assets: Any, iteration: int | None = None, limit: int | None = None,
+    probability_maps: bool = False,
 ) -> Path:
     """Write ``outputs/params/<name>.yaml`` and run stages 02 and 03 into ``outputs/<name>``; return the run folder."""
     params_dir = outputs / "params"
@@ -33,7 +34,7 @@ def build_run(
             "annotation_format": "sa2va",
             "limit": limit,
         },
-        "inference": {"device": "cpu", "probability_maps": False},
+        "inference": {"device": "cpu", "probability_maps": probability_maps},
         "analysis": {"bootstrap_samples": 200},
     }
     if iteration is not None:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from _analysis_fixtures import make_dataset, run_params, thin_branch_mask, write_store
 
-from vesselnb.analysis import analyze_stage, patient_bootstrap_ci
+from vesselnb.analysis import analyze_stage
 from vesselnb.errors import StageError
 
 CONTRACT_COLUMNS = [
@@ -77,7 +77,12 @@ def test_missed_thin_branches_show_in_width_recall_and_the_files(dataset) -> Non
     assert {"error_rate", "no_seg_rate"} <= _codes(report)
     assert "predictions_equal_gt" not in _codes(report)
     frame = report.summary_table()
-    assert frame.loc["dice", "ci95_low"] <= frame.loc["dice", "mean (macro)"] <= frame.loc["dice", "ci95_high"]
+    # three patients: below the minimum, so no interval, the reason, the counts and the per-patient values instead
+    assert math.isnan(frame.loc["dice", "ci95_low"]) and "only 3 patients" in frame.loc["dice", "no CI because"]
+    assert (frame.loc["dice", "patients"], frame.loc["dice", "sequences"]) == (3, 6)
+    assert summary["ci95"]["dice"] is None and summary["intervals"]["dice"]["n_patients"] == 3
+    assert "No confidence intervals" in report._repr_html_() and len(report.patient_values()) == 3
+    assert summary["fragments"]["frames"] == summary["n_scored"]
     assert {"worst_k", "best_k", "histograms"} <= {p.stem for p in (run_dir / "analysis" / "figures").glob("*.png")}
     assert list(report.per_patient().index) and report.per_sequence().index.nlevels == 2
     worst = report.ranked("dice").iloc[0]["sample_id"]
@@ -131,26 +136,22 @@ def test_threshold_sweep_finds_the_threshold_that_recovers_thin_vessels(dataset)
     assert sweep is not None
     best = sweep.loc[sweep["dice"].idxmax(), "threshold"]
     assert 20 / 255 < best < 90 / 255
-    assert report.summary["best_threshold"] == best
+    assert report.summary["in_sample_best_threshold (optimistic)"] == best
+    cv = report.summary["threshold_cv"]
+    assert 20 / 255 < cv["recommended"] < 90 / 255 and len(cv["folds"]) == 3  # one fold per held-out patient
+    assert report.summary["best_threshold"] == cv["recommended"]
+    assert report.summary["calibration"]["average_precision"] > 0.9
+    assert {"threshold_sweep", "calibration", "temporal"} <= {
+        p.stem for p in (run_dir / "analysis" / "figures").glob("*.png")}
+    sweep_counts = pd.read_parquet(run_dir / "analysis" / "threshold_sweep.parquet")
+    assert len(sweep_counts) == len(gts) * len(sweep)
+    temporal = report.temporal  # 3 patients x 2 sequences, each with consecutive frames
+    assert len(temporal) == 6 and temporal[["gt_iou", "pred_iou"]].stack().between(0, 1).all()
+    assert report.summary["temporal_consistency"]["sequences"] == 6
     assert sweep["cldice"].notna().sum() >= 5
     assert (root / "runs_prob" / "with_probabilities" / "analysis" / "figures" / "threshold_sweep.png").is_file()
     lower = analyze_stage(run_params(root, threshold=0.2), run_dir)
     assert lower.summary["headline"]["dice"] == 1.0  # re-binarised at 0.2 the faint vessels are back
-
-
-def test_patient_bootstrap_does_not_shrink_with_frames_per_patient() -> None:
-    """Frames of one patient are not independent: copying each patient's frames must not narrow the CI."""
-    rng = np.random.default_rng(0)
-    per_patient = rng.random(8)
-    one = pd.Series(per_patient)
-    patients = pd.Series([f"p{i}" for i in range(8)])
-    many = pd.Series(np.repeat(per_patient, 50))
-    many_patients = pd.Series(np.repeat(patients.to_numpy(), 50))
-    low1, high1 = patient_bootstrap_ci(one, patients, n_boot=2000)
-    low2, high2 = patient_bootstrap_ci(many, many_patients, n_boot=2000)
-    assert high2 - low2 == pytest.approx(high1 - low1, rel=0.05)
-    assert low1 < per_patient.mean() < high1
-    assert all(math.isnan(v) for v in patient_bootstrap_ci(one[:3], pd.Series(["p"] * 3)))
 
 
 def test_missing_store_is_a_stage_error(dataset, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,33 +12,31 @@ import pandas as pd
 import pytest
 from _compare_fixtures import build_run, configured_copy, copy_hf_folder, nudged_copy
 
-from vesselnb.analysis import strict_json
-from vesselnb.compare import (
-    NEAR_ZERO_REL_CHANGE,
-    PAIRED_METRICS,
-    _find_iteration,
-    _unique_labels,
-    compare_stage,
-    paired_comparison,
-    wilcoxon_p,
-)
+from vesselnb.compare import NEAR_ZERO_REL_CHANGE, CompareSettings, compare_stage, paired_comparison
+from vesselnb.compare.runs import unique_labels
+from vesselnb.demo import DemoSettings, ensure_demo_assets
 from vesselnb.errors import StageError, VesselnbError
+from vesselnb.jsonable import strict_json
 
 SUBSET = 6  # frames in the subset run (the small test demo has 12)
+FAST = CompareSettings(n_boot=300)
 
 
-def _metrics_table(seed: int, n_patients: int = 4, frames: int = 6, shift: float = 0.0) -> pd.DataFrame:
+def _metrics_table(seed: int, n_patients: int = 12, frames: int = 6, shift: float = 0.0) -> pd.DataFrame:
     """A metrics table in the analysis/metrics.parquet layout; ``shift`` moves Dice/clDice up and HD95 down."""
     rng = np.random.default_rng(seed)
     rows = []
     for p in range(n_patients):
+        patient_shift = rng.normal(0, 0.02)  # each patient gains a little more or less
         for f in range(frames):
-            dice = float(np.clip(0.55 + 0.05 * p + rng.normal(0, 0.04) + shift, 0, 1))
+            dice = float(np.clip(0.55 + 0.01 * p + rng.normal(0, 0.04) + shift + (patient_shift if shift else 0), 0, 1))
             rows.append(
                 {
-                    "sample_id": f"P{p}_{p:04d}__s_frame_{f:06d}",
+                    "sample_id": f"P{p}_{p:04d}__s{f % 2}_frame_{f:06d}",
                     "patient": f"P{p}",
+                    "sequence": f"s{f % 2}",
                     "status": "ok",
+                    "has_gt": True,
                     "dice": dice,
                     "cldice": float(np.clip(dice - 0.05 + rng.normal(0, 0.02), 0, 1)),
                     "hd95": float(max(0.0, 20 - 40 * shift + rng.normal(0, 2))),
@@ -49,27 +48,55 @@ def _metrics_table(seed: int, n_patients: int = 4, frames: int = 6, shift: float
 def test_better_run_wins_with_the_expected_sign() -> None:
     worse = _metrics_table(seed=1)
     better = _metrics_table(seed=2, shift=0.15)
-    forward = paired_comparison(worse, better, "short", "long", n_boot=500)
-    backward = paired_comparison(better, worse, "long", "short", n_boot=500)
+    forward = paired_comparison(worse, better, "short", "long", FAST)
+    backward = paired_comparison(better, worse, "long", "short", FAST)
     assert forward.better == "long" and backward.better == "long"
     row = forward.stats.loc["dice"]
-    assert row["delta_mean"] > 0.1 and row["ci95_lo"] > 0 and row["wilcoxon_p"] < 0.01
-    assert row["wins"] > row["losses"]
-    # HD95: lower is better, so B's wins come with a negative Δ.
+    assert row["delta"] > 0.1 and row["ci_low"] > 0 and row["p_holm"] < 0.01 and row["direction"] == "better"
+    assert row["frames_better"] > row["frames_worse"] and row["patients_better"] == 12
+    # HD95: lower is better, so B's gains come with a negative Δ.
     hd = forward.stats.loc["hd95"]
-    assert hd["delta_mean"] < 0 and hd["wins"] > hd["losses"]
-    assert backward.stats.loc["dice", "delta_mean"] == pytest.approx(-row["delta_mean"])
-    assert backward.stats.loc["dice", "losses"] == row["wins"]
-    assert "long is better than short" in forward.verdict
+    assert hd["delta"] < 0 and hd["frames_better"] > hd["frames_worse"] and hd["direction"] == "better"
+    assert backward.stats.loc["dice", "delta"] == pytest.approx(-row["delta"])
+    assert backward.stats.loc["dice", "frames_worse"] == row["frames_better"]
+    assert forward.verdict.startswith("long is better than short on dice; no metric significantly worse")
+    assert "12 patients · 24 sequences · 72 frames" in forward.details[0]
+    assert list(forward.stats.index) == ["dice", "cldice", "hd95"]  # every metric both tables hold, report order
+
+
+def test_the_verdict_names_every_metric_that_got_worse() -> None:
+    worse = _metrics_table(seed=1)
+    better = _metrics_table(seed=2, shift=0.15)
+    rng = np.random.default_rng(3)
+    worse["betti0_error"] = rng.poisson(5, len(worse)).astype(float)
+    better["betti0_error"] = worse["betti0_error"] + 6 + rng.poisson(1, len(worse))
+    pair = paired_comparison(worse, better, "A", "B", FAST)
+    assert pair.better == "B" and list(pair.worse.index) == ["betti0_error"]
+    assert pair.verdict.startswith("B is better than A on dice, worse on betti0_error (+")
+    assert f"{len(worse)}/{len(worse)} frames" in pair.verdict
+    assert any(line.startswith("betti0_error: Δ +") and "B worse" in line for line in pair.details)
+    primary_cldice = paired_comparison(worse, better, "A", "B", CompareSettings(n_boot=300, primary_metric="hd95"))
+    assert "on hd95" in primary_cldice.verdict and "betti0_error" in primary_cldice.verdict
+
+
+def test_too_few_patients_give_no_interval_and_no_winner() -> None:
+    worse = _metrics_table(seed=1, n_patients=3)
+    better = _metrics_table(seed=2, n_patients=3, shift=0.15)
+    pair = paired_comparison(worse, better, "A", "B", FAST)
+    row = pair.stats.loc["dice"]
+    assert math.isnan(row["ci_low"]) and row["ci_withheld"] == "only 3 patients (a CI needs at least 10)"
+    assert row["p"] == pytest.approx(0.25)  # Wilcoxon on 3 patient means: 3 of 3 positive, the smallest p possible
+    assert pair.better is None and pair.verdict.startswith("No significant difference on dice")
+    assert any("only 3 patients" in line for line in pair.details) and len(pair.per_patient()) == 3
 
 
 def test_a_run_against_itself_has_zero_delta_and_no_winner() -> None:
     table = _metrics_table(seed=3)
-    same = paired_comparison(table, table.copy(), "a", "a#2", n_boot=200)
-    for metric in PAIRED_METRICS:
+    same = paired_comparison(table, table.copy(), "a", "a#2", FAST)
+    for metric in same.stats.index:
         row = same.stats.loc[metric]
-        assert row["delta_mean"] == 0 and row["wilcoxon_p"] == 1.0
-        assert row["ties"] == len(table) and row["wins"] == 0 and row["losses"] == 0
+        assert row["delta"] == 0 and row["p"] == 1.0
+        assert row["frames_tied"] == len(table) and row["frames_better"] == 0 and row["frames_worse"] == 0
     assert same.better is None and same.n_left_out == 0 and same.status_changes.empty
 
 
@@ -78,8 +105,8 @@ def test_only_the_intersection_is_compared_and_the_rest_is_counted() -> None:
     b = _metrics_table(seed=5, shift=0.1)
     a = a.iloc[3:]  # three samples only in b
     b = b.drop(index=[10, 11])  # two samples only in a
-    pair = paired_comparison(a, b, "a", "b", n_boot=200)
-    assert pair.n_common == len(set(a["sample_id"]) & set(b["sample_id"])) == 24 - 5
+    pair = paired_comparison(a, b, "a", "b", FAST)
+    assert pair.n_common == len(set(a["sample_id"]) & set(b["sample_id"])) == 72 - 5
     assert pair.n_left_out == 5 and len(pair.only_b) == 3 and len(pair.only_a) == 2
     assert set(pair.per_sample["sample_id"]) == set(a["sample_id"]) & set(b["sample_id"])
 
@@ -89,55 +116,34 @@ def test_nonfinite_pairs_are_left_out_of_a_metric_and_status_changes_listed() ->
     b = a.copy()
     b.loc[0, ["status", "dice", "hd95"]] = ["no_seg", 0.0, math.inf]
     b.loc[1, ["status", "cldice"]] = ["error", math.nan]
-    pair = paired_comparison(a, b, "a", "b", n_boot=200)
-    assert pair.stats.loc["hd95", "n_nonfinite"] == 1 and pair.stats.loc["hd95", "n_pairs"] == len(a) - 1
-    assert pair.stats.loc["cldice", "n_nonfinite"] == 1
-    assert pair.stats.loc["dice", "losses"] == 1  # the no_seg sample lost its Dice
+    pair = paired_comparison(a, b, "a", "b", FAST)
+    assert pair.stats.loc["hd95", "n_frames"] == len(a) - 1 and pair.stats.loc["cldice", "n_frames"] == len(a) - 1
+    assert pair.stats.loc["dice", "frames_worse"] == 1  # the no_seg sample lost its Dice
     changes = pair.status_changes.set_index("sample_id")
     assert changes.loc[a.loc[0, "sample_id"], "status_b"] == "no_seg"
     assert changes.loc[a.loc[1, "sample_id"], "status_b"] == "error"
     assert len(changes) == 2
-    per_patient = pair.per_patient.set_index("patient")
-    assert per_patient.loc["P0", "n"] == 6 and per_patient.loc["P0", "dice_delta"] < 0
+    per_patient = pair.per_patient()
+    assert per_patient.loc["P0", "frames"] == 6 and per_patient.loc["P0", "dice_delta"] < 0
+    assert pair.per_sequence().index.nlevels == 2
 
 
 def test_ci_of_the_mean_delta_resamples_patients_not_frames() -> None:
-    # Two patients: one gained 0.2 Dice on every frame, the other nothing. Only whole-patient resampling sees that
-    # the mean gain could be anywhere from 0 to 0.2; a frame bootstrap of 100 frames would give a CI near 0.1.
-    a = pd.DataFrame(
-        {
-            "sample_id": [f"s{i:03d}" for i in range(100)],
-            "patient": ["p0"] * 50 + ["p1"] * 50,
-            "status": "ok",
-            "dice": 0.5,
-            "cldice": 0.5,
-            "hd95": 10.0,
-        }
-    )
+    # Twelve patients: six gained 0.2 Dice on every frame, six nothing. Whole-patient resampling sees that the mean
+    # gain is uncertain; a bootstrap of 600 frames as if independent would give a CI of width ~0.016.
+    a = pd.DataFrame({"sample_id": [f"s{i:03d}" for i in range(600)], "patient": [f"p{i // 50}" for i in range(600)],
+                      "status": "ok", "dice": 0.5, "cldice": 0.5, "hd95": 10.0})
     b = a.copy()
-    b.loc[50:, "dice"] = 0.7
-    row = paired_comparison(a, b, "a", "b", n_boot=2000).stats.loc["dice"]
-    assert row["ci95_lo"] == pytest.approx(0.0) and row["ci95_hi"] == pytest.approx(0.2)
-    assert row["delta_mean"] == pytest.approx(0.1)
-    one_patient = paired_comparison(a.assign(patient="p"), b.assign(patient="p"), n_boot=200).stats.loc["dice"]
-    assert math.isnan(one_patient["ci95_lo"]) and math.isnan(one_patient["ci95_hi"])
+    b.loc[300:, "dice"] = 0.7
+    row = paired_comparison(a, b, "a", "b", CompareSettings(n_boot=2000)).stats.loc["dice"]
+    assert row["ci_low"] < 0.06 and row["ci_high"] > 0.14
+    assert row["delta"] == pytest.approx(0.1)
+    one_patient = paired_comparison(a.assign(patient="p"), b.assign(patient="p"), "a", "b", FAST).stats.loc["dice"]
+    assert math.isnan(one_patient["ci_low"]) and "only 1 patients" in one_patient["ci_withheld"]
 
 
-def test_wilcoxon_handles_zeros_explicitly() -> None:
-    assert wilcoxon_p(np.zeros(7))[0] == 1.0
-    assert wilcoxon_p(np.array([0.0, 0.0, 0.3]))[0] == 1.0
-    p_value, note = wilcoxon_p(np.array([0.0, 0.1, 0.2, 0.3, 0.25, 0.15, 0.12, 0.4]))
-    assert p_value < 0.05 and "Pratt" in note
-    assert math.isnan(wilcoxon_p(np.array([math.nan]))[0])
-
-
-def test_labels_iterations_and_json_helpers() -> None:
-    assert _unique_labels(["demo", "demo", "x", "demo"]) == ["demo", "demo#2", "x", "demo#3"]
-    manifest = {"params": {"checkpoint": {"path": "/w/work_dirs/iter_12192.pth"}}}
-    assert _find_iteration(manifest, {}, "run")[0] == 12192
-    assert _find_iteration({"params": {"iteration": 7, "checkpoint": {}}}, {}, "iter_3")[0] == 7
-    assert _find_iteration({}, {}, "ckpt_iter_3672")[0] == 3672
-    assert _find_iteration({}, {}, "final")[0] is None
+def test_labels_and_json_helpers() -> None:
+    assert unique_labels(["demo", "demo", "x", "demo"]) == ["demo", "demo#2", "x", "demo#3"]
     text = json.dumps(
         strict_json({"x": math.nan, "y": np.float32(0.5), "z": [np.int64(3), math.inf]}, inf_as="null"),
         allow_nan=False,
@@ -165,28 +171,38 @@ def demo_runs(demo_assets, tmp_path_factory) -> dict[str, Path]:
 
 def _banner_first(html_text: str) -> bool:
     """The red identity banner is shown before any metric table."""
-    return "Same model?" in html_text and html_text.index("Same model?") < html_text.index("Paired metrics")
+    return "Same model?" in html_text and html_text.index("Same model?") < html_text.index("Every metric")
 
 
 @pytest.mark.slow
-def test_demo_checkpoints_the_longer_training_wins(demo_runs, tmp_path) -> None:
+def test_demo_checkpoints_two_patients_are_too_few_for_a_verdict(demo_runs, tmp_path) -> None:
     report = compare_stage([demo_runs["short"], demo_runs["long"]], tmp_path / "cmp")
     pair = report.pairs[0]
     summaries = [json.loads((demo_runs[n] / "analysis" / "summary.json").read_text()) for n in ("short", "long")]
     assert summaries[1]["headline"]["dice"] > summaries[0]["headline"]["dice"]  # the demo's design, seen by stage 03
-    assert pair.better == "long" and pair.stats.loc["dice", "delta_mean"] > 0
-    assert pair.stats.loc["dice", "wins"] > pair.stats.loc["dice", "losses"]
+    row = pair.stats.loc["dice"]
+    assert row["delta"] > 0 and row["frames_better"] > row["frames_worse"] and row["patients_better"] == 2
+    # the small test demo has 2 patients: no interval, no significance, and the report says why
+    assert pair.better is None and row["ci_withheld"].startswith("only 2 patients")
+    assert pair.verdict.startswith("No significant difference on dice") and pair.too_few_patients
+    assert {"betti0_error", "spurious_components", "recall_thin", "nsd"} <= set(pair.stats.index)
+    assert "average_precision" not in pair.stats.index  # these runs keep no probability maps
     assert pair.n_common == len(pair.per_sample) and pair.n_left_out == 0
-    assert not report.identity_alert
+    assert not report.identity_alert and report.comparable
     weights = pair.weights
     assert weights is not None and (weights["rel_norm"] > 0).any() and "llm" in weights.index
     written = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert written["runs"] == ["short", "long"] and written["headline"]["better"] == "long"
-    assert written["pairs"][0]["delta_mean"]["dice"] == pytest.approx(pair.stats.loc["dice", "delta_mean"])
+    assert written["runs"] == ["short", "long"] and written["headline"]["better"] is None
+    assert written["pairs"][0]["delta_mean"]["dice"] == pytest.approx(row["delta"])
+    assert written["pairs"][0]["ci95"]["dice"] is None and written["comparable"] is True
+    thresholds = pair.thresholds  # the common threshold only: no probability maps, no cross-validated threshold
+    assert thresholds is not None and len(thresholds) == 1 and "no probability maps" in pair.thresholds_note
     for relative in written["figures"].values():
         assert (tmp_path / "cmp" / relative).stat().st_size > 1000
     page = report._repr_html_()
-    assert "Same model?" not in page and "data:image/png;base64," in page
+    assert "Same model?" not in page and "data:image/png;base64," in page and "only 2 patients" in page
+    # the runs' own intervals are stage 03's, read, not recomputed
+    assert "no CI: only 2 patients" in report.runs_table().loc["short", "dice 95% CI (stage 03)"]
 
 
 @pytest.mark.slow
@@ -194,7 +210,7 @@ def test_a_run_compared_with_itself_shows_zero_delta_and_the_banner(demo_runs, t
     report = compare_stage([demo_runs["long"], demo_runs["long"]], tmp_path / "self")
     pair = report.pairs[0]
     assert (pair.a, pair.b) == ("long", "long#2")
-    assert (pair.stats["delta_mean"].fillna(0) == 0).all() and pair.better is None
+    assert (pair.stats["delta"].fillna(0) == 0).all() and pair.better is None
     assert report.identity["identical_weights"] == [["long", "long#2"]]
     assert report.identity["identical_predictions"] == [["long", "long#2"]]
     assert _banner_first(report._repr_html_())
@@ -216,7 +232,7 @@ def test_identical_weights_under_another_name_trigger_the_banner(demo_runs, tmp_
 
 
 @pytest.mark.slow
-def test_runs_over_different_sample_sets_compare_the_intersection(demo_runs, tmp_path) -> None:
+def test_runs_over_different_sample_sets_compare_the_intersection_and_flag_it(demo_runs, tmp_path) -> None:
     report = compare_stage([demo_runs["short"], demo_runs["long_twin"]], tmp_path / "subset")
     pair = report.pairs[0]
     n_all = len(pd.read_parquet(demo_runs["short"] / "analysis" / "metrics.parquet"))
@@ -224,9 +240,62 @@ def test_runs_over_different_sample_sets_compare_the_intersection(demo_runs, tmp
     assert set(pair.per_sample["sample_id"]) == set(
         pd.read_parquet(demo_runs["long_twin"] / "analysis" / "metrics.parquet")["sample_id"]
     )
-    assert int(pair.stats.loc["dice", "n_pairs"]) <= SUBSET
-    assert f"{n_all - SUBSET} left out" in report._repr_html_()
+    assert int(pair.stats.loc["dice", "n_frames"]) <= SUBSET
+    assert f"{n_all - SUBSET} samples not in both runs were left out" in report._repr_html_()
     assert report.to_json()["pairs"][0]["n_left_out"] == n_all - SUBSET
+    # half the frames shared: below the default minimum fraction (0.9), so red banner and a failing stage
+    assert [p.code for p in report.problems] == ["few_shared_frames"] and not report.comparable
+    assert "Not comparable" in report._repr_html_() and report.headline["text"].startswith("NOT COMPARABLE")
+    with pytest.raises(StageError, match="share 6 scored frames, 50%"):
+        report.raise_if_incomparable()
+    relaxed = compare_stage([demo_runs["short"], demo_runs["long_twin"]], tmp_path / "relaxed",
+                            min_shared_fraction=0.4)
+    assert relaxed.comparable
+
+
+def _copy_run(run_dir: Path, target: Path, edit_summary=None, rename_frames: bool = False) -> Path:
+    """A copy of a finished run folder with its summary or frame names edited (how another scoring would look)."""
+    shutil.copytree(run_dir, target)
+    summary_path = target / "analysis" / "summary.json"
+    if edit_summary is not None:
+        summary = json.loads(summary_path.read_text())
+        edit_summary(summary)
+        summary_path.write_text(json.dumps(summary))
+    if rename_frames:
+        metrics = pd.read_parquet(target / "analysis" / "metrics.parquet")
+        metrics["sample_id"] = "other_" + metrics["sample_id"]
+        metrics.to_parquet(target / "analysis" / "metrics.parquet", index=False)
+    return target
+
+
+@pytest.mark.slow
+def test_runs_without_shared_frames_are_refused(demo_runs, tmp_path) -> None:
+    other = _copy_run(demo_runs["long"], tmp_path / "disjoint", rename_frames=True)
+    report = compare_stage([demo_runs["short"], other], tmp_path / "cmp")
+    assert [p.code for p in report.problems] == ["no_shared_frames"] and report.pairs[0].n_common == 0
+    assert "share no scored frame" in report.banner().html
+    with pytest.raises(StageError, match="share no scored frame"):
+        report.raise_if_incomparable()
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["comparable"] is False
+
+
+@pytest.mark.slow
+def test_runs_scored_differently_are_flagged(demo_runs, tmp_path) -> None:
+    def rescored(summary: dict) -> None:
+        summary["scoring"]["threshold"] = 0.4
+        summary["scoring"]["annotations_hash"] = "0" * 32
+        summary["scoring"]["prompt"] = "<image>Segment the vessels."
+
+    other = _copy_run(demo_runs["long"], tmp_path / "rescored", edit_summary=rescored)
+    report = compare_stage([demo_runs["short"], other], tmp_path / "cmp")
+    (problem,) = report.problems
+    assert problem.code == "scored_differently"
+    for what in ("annotations (content hash)", "threshold: 0.5 vs 0.4", "prompt"):
+        assert what in problem.message
+    with pytest.raises(StageError, match="scored differently"):
+        report.raise_if_incomparable()
+    same = compare_stage([demo_runs["short"], demo_runs["long"]], tmp_path / "same")
+    assert same.comparable  # the two real runs record the same annotations, threshold, prompt, preprocessing
 
 
 @pytest.mark.slow
@@ -261,7 +330,7 @@ def test_samples_ok_in_one_run_and_no_seg_in_the_other_are_listed(demo_assets, d
     report = compare_stage([demo_runs["long"], silent], tmp_path / "silent")
     changes = report.pairs[0].status_changes
     assert len(changes) == SUBSET and set(changes["status_a"]) == {"ok"} and set(changes["status_b"]) == {"no_seg"}
-    assert report.pairs[0].stats.loc["dice", "losses"] == SUBSET  # an empty mask loses every frame
+    assert report.pairs[0].stats.loc["dice", "frames_worse"] == SUBSET  # an empty mask loses every frame
     assert report.to_json()["pairs"][0]["status_changes"][0]["status_b"] == "no_seg"
     assert "Status differences" in report._repr_html_() and "no_seg" in report._repr_html_()
 
@@ -285,5 +354,43 @@ def test_notebook_04_runs_under_papermill_and_renders_the_report(demo_runs, tmp_
     outcome = execute_stage(COMPARE_STAGE, parameters, out_dir, default_notebooks_dir(), header={}, progress=False)
     assert outcome.status == "ok", outcome.error
     page = (out_dir / "04_compare_checkpoints.html").read_text(encoding="utf-8")
-    assert "Checkpoint comparison" in page and "Paired metrics" in page
+    assert "Compare checkpoints" in page and "Every metric" in page and "Verdict" in page
     assert json.loads((out_dir / "comparison.json").read_text())["runs"] == ["short", "long"]
+
+
+# --- the demo's design at a size where patient-level statistics can speak -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def twelve_patient_demo(tmp_path_factory) -> tuple[Path, Path]:
+    """The demo's own training (50 vs 400 iterations) on 12 patients x 1 sequence x 2 frames: the smallest demo with
+    enough patients for intervals and a verdict Holm-corrected over 17 metrics (no probability maps, which would add
+    Brier and AP to the family)."""
+    root = tmp_path_factory.mktemp("demo12")
+    assets = ensure_demo_assets(root / "assets", DemoSettings(n_patients=12, sequences_per_patient=1,
+                                                              frames_per_sequence=2))
+    outputs = root / "outputs"
+    short = build_run(outputs, "short", assets.reference_hf["short"], assets, iteration=50)
+    long = build_run(outputs, "long", assets.reference_hf["long"], assets, iteration=400)
+    return short, long
+
+
+@pytest.mark.slow
+def test_the_demo_comparison_reports_the_topology_regression(twelve_patient_demo, tmp_path) -> None:
+    """The longer-trained demo model wins on Dice and predicts specks: the verdict must say both."""
+    report = compare_stage(list(twelve_patient_demo), tmp_path / "cmp")
+    pair = report.pairs[0]
+    assert report.comparable and pair.counts.n_patients == 12 and not pair.too_few_patients
+    assert pair.better == "long" and pair.stats.loc["dice", "ci_low"] > 0
+    assert {"betti0_error", "spurious_components"} <= set(pair.worse.index)
+    assert pair.verdict.startswith("long is better than short on dice, worse on ")
+    assert "betti0_error (+" in pair.verdict and "spurious_components (+" in pair.verdict
+    assert any(line.startswith("betti0_error: Δ +") for line in pair.details)
+    written = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert "betti0_error" in written["headline"]["significantly_worse"]
+    # stage 03 of each run: intervals shown (12 patients), fragments counted; 04 shows 03's interval, not its own
+    summary = json.loads((twelve_patient_demo[1] / "analysis" / "summary.json").read_text())
+    assert summary["intervals"]["dice"]["low"] is not None and summary["units"]["n_patients"] == 12
+    assert summary["fragments"]["spurious_components"] > 0
+    low, high = summary["intervals"]["dice"]["low"], summary["intervals"]["dice"]["high"]
+    assert report.runs_table().loc["long", "dice 95% CI (stage 03)"] == f"[{low:.4f}, {high:.4f}]"

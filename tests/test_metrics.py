@@ -262,3 +262,62 @@ def test_empty_cases_against_monai() -> None:
             assert math.isnan(theirs["hd95"]) and math.isinf(ours["hd95"])
         else:
             assert math.isnan(theirs["hd95"]) and math.isnan(ours["hd95"])
+
+
+# --- fragments, calibration, temporal consistency -----------------------------------------------------------------
+
+
+def test_spurious_components_are_the_predicted_blobs_that_touch_no_vessel() -> None:
+    gt = vessel_mask(96, seed=3)
+    pred = gt.copy()
+    specks = [square(96, 2, 2, 2), square(96, 90, 2, 5), square(96, 2, 88, 1)]  # 4, 25 and 1 px, far from the tree
+    for speck in specks:
+        assert not (speck & ndimage.binary_dilation(gt, iterations=2)).any()
+        pred |= speck
+    found = vm.fragments(gt, pred)
+    assert found.spurious_sizes == (25, 4, 1) and found.largest_spurious == 25 and found.spurious_area == 30
+    assert found.n_pred_components == found.n_gt_components + 3
+    assert vm.fragments(gt, gt).n_spurious == 0 and vm.fragments(gt, np.zeros_like(gt)).n_pred_components == 0
+    row = vm.sample_metrics(gt, pred)
+    assert (row["spurious_components"], row["largest_spurious_px"], row["spurious_area_px"]) == (3, 25, 30)
+    assert vm.fragment_size_histogram(found.spurious_sizes) == {
+        "1-4 px": 2, "5-16 px": 0, "17-64 px": 1, "65-256 px": 0, ">256 px": 0}
+
+
+def _brute_force_average_precision(probability: np.ndarray, gt: np.ndarray) -> float:
+    """scikit-learn's definition written out: precision at each distinct score, weighted by the recall step."""
+    scores, labels = probability.ravel().astype(float), gt.ravel()
+    total = 0.0
+    previous_recall = 0.0
+    for value in np.unique(scores)[::-1]:
+        claimed = scores >= value
+        recall = (claimed & labels).sum() / labels.sum()
+        total += (recall - previous_recall) * (claimed & labels).sum() / claimed.sum()
+        previous_recall = recall
+    return total
+
+
+def test_calibration_brier_ece_and_average_precision_from_the_histogram() -> None:
+    rng = np.random.default_rng(0)
+    gt = vessel_mask(64, seed=1)
+    probability = np.clip(np.where(gt, 170, 60) + rng.normal(0, 40, gt.shape), 0, 255).astype(np.uint8)
+    result = vm.calibration(vm.probability_histogram(gt, probability))
+    p = probability / 255.0
+    assert result.brier == pytest.approx(np.mean((p - gt) ** 2))
+    assert result.average_precision == pytest.approx(_brute_force_average_precision(probability, gt))
+    bins = np.clip((p * 10).astype(int), 0, 9)
+    ece = sum((bins == b).sum() / p.size * abs(gt[bins == b].mean() - p[bins == b].mean())
+              for b in range(10) if (bins == b).any())
+    assert result.ece == pytest.approx(ece)
+    assert result.n_pixels == gt.size and result.bins["n_pixels"].sum() == gt.size
+    perfect = vm.calibration(vm.probability_histogram(gt, np.where(gt, 255, 0).astype(np.uint8)))
+    assert perfect.brier == 0 and perfect.ece == 0 and perfect.average_precision == 1
+    with pytest.raises(ValueError, match="uint8"):
+        vm.probability_histogram(gt, p)
+
+
+def test_frame_to_frame_iou() -> None:
+    a, b = square(10, 0, 0, 4), square(10, 0, 2, 4)
+    assert list(vm.frame_to_frame_iou([a, a, b])) == pytest.approx([1.0, 8 / 24])
+    empty = np.zeros((10, 10), dtype=bool)
+    assert list(vm.frame_to_frame_iou([empty, empty])) == [1.0]

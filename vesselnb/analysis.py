@@ -3,14 +3,17 @@
 The per-sample metrics table (``analysis/metrics.parquet``) keeps every sample the store holds: ``no_seg`` and
 ``error`` samples are scored as the empty masks they are (a missed frame is a miss), frames without annotation are
 listed but not scored. Summaries show per-frame means (macro) with 95 % bootstrap CIs resampled **by patient**
-(frames of one patient are not independent), pooled-pixel values (micro), and NaN / inf counts next to each mean.
-Sanity flags catch results that are too good or too bad to be true before anyone reads the numbers.
+(frames of one patient are not independent; :mod:`vesselnb.stats`), the numbers of patients, sequences and frames
+beside each, no CI at all below ``analysis.min_patients`` patients, pooled-pixel values (micro), and NaN / inf counts.
+Thresholds are recommended by leave-one-patient-out cross-validation with their out-of-fold score (the in-sample
+optimum is shown, labelled optimistic). Fragments (spurious components), calibration of the probability maps and the
+frame-to-frame consistency of each sequence complete the picture. Sanity flags catch results that are too good or too
+bad to be true before anyone reads the numbers.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -24,34 +27,23 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from vesselnb import htmlrepr as hr
 from vesselnb import metrics as vm
-from vesselnb import viz
+from vesselnb import stats, viz
 from vesselnb.data import GroundTruth, list_samples, load_ground_truth, parse_sample_name
-from vesselnb.errors import DataError, StageError, StoreError
+from vesselnb.errors import DataError, ParamsError, StageError, StoreError, VesselnbError
+from vesselnb.fingerprint import file_digest, new_file_digest
+from vesselnb.jsonable import strict_json
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX, AnalysisParams, RunParams
+from vesselnb.run_folder import RunFolder
 
-# Metric -> higher is better; the order of the summary table.
-SUMMARY_METRICS: dict[str, bool] = {
-    "dice": True,
-    "iou": True,
-    "cldice": True,
-    "precision": True,
-    "recall": True,
-    "specificity": True,
-    "nsd": True,
-    "recall_thin": True,
-    "recall_medium": True,
-    "recall_thick": True,
-    "hd95": False,
-    "assd": False,
-    "betti0_error": False,
-    "betti1_error": False,
-}
+SUMMARY_METRICS = vm.HIGHER_IS_BETTER  # metric -> higher is better; the order of the summary table
 TABLE_COLUMNS = [
     "sample_id", "patient", "sequence", "frame", "status", "gt_area", "pred_area",
     "dice", "iou", "precision", "recall", "specificity", "cldice", "betti0_error", "betti1_error",
     "hd95", "assd", "nsd", "recall_thin", "recall_medium", "recall_thick",
+    "n_components", "spurious_components", "largest_spurious_px", "spurious_area_px", "brier", "average_precision",
 ]
 EXTRA_COLUMNS = ["has_gt", "tp", "fp", "fn", "tn", "cl_tprec", "cl_tsens", "has_probability", "image"]
 SWEEP_THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -120,7 +112,8 @@ def _sweep_counts(gt: np.ndarray, probability: np.ndarray) -> np.ndarray:
     return np.stack([tp, fp, fn], axis=1)
 
 
-def _score_sample(sample_id: str) -> dict[str, Any]:
+def _score_sample(sample_id: str) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray | None]:
+    """(row, GT mask, prediction as scored); the masks are None for a frame without annotation."""
     settings: ScoringSettings = _WORKER["settings"]
     store = _WORKER["store"]
     gt_source: GroundTruth = _WORKER["gt"]
@@ -132,11 +125,16 @@ def _score_sample(sample_id: str) -> dict[str, Any]:
         "has_probability": bool(record.get("has_probability")), "image": str(record.get("image", "")),
     }
     if not row["has_gt"]:
-        return row
+        return row, None, None
     gt = gt_source.mask(sample_id)
     pred, probability = _prediction_mask(store, sample_id, record, gt.shape, settings.threshold)
     row.update(vm.sample_metrics(gt, pred, nsd_tolerance_px=settings.nsd_tolerance_px,
                                  width_bins_px=settings.width_bins_px, pixel_spacing_mm=settings.pixel_spacing_mm))
+    row["_spurious_sizes"] = vm.fragments(gt, pred).spurious_sizes
+    if probability is not None:
+        histogram = vm.probability_histogram(gt, probability)
+        calibration = vm.calibration(histogram)
+        row.update(_hist=histogram, brier=calibration.brier, average_precision=calibration.average_precision)
     if settings.sweep and probability is not None:
         row["_sweep"] = _sweep_counts(gt, probability)
         if sample_id in settings.cldice_sweep_ids:
@@ -146,11 +144,34 @@ def _score_sample(sample_id: str) -> dict[str, Any]:
                 binary = probability > t * 255.0
                 values.append(vm.cldice_from_skeletons(gt, binary, gt_skeleton, vm.skeleton(binary))[0])
             row["_cldice_sweep"] = np.array(values)
-    return row
+    return row, gt, pred
 
 
 def _score_chunk(sample_ids: list[str]) -> list[dict[str, Any]]:
-    return [_score_sample(sample_id) for sample_id in sample_ids]
+    """Score a run of consecutive frames of one sequence; each row also gets the frame-to-frame IoU with the next
+    frame (prediction and GT), so temporal consistency needs no second pass over the masks."""
+    rows, previous = [], None
+    for sample_id in sample_ids:
+        row, gt, pred = _score_sample(sample_id)
+        if previous is not None and gt is not None and previous[1] is not None and previous[1].shape == gt.shape:
+            previous[0]["_iou_next_pred"] = float(vm.frame_to_frame_iou([previous[2], pred])[0])
+            previous[0]["_iou_next_gt"] = float(vm.frame_to_frame_iou([previous[1], gt])[0])
+        previous = (row, gt, pred)
+        rows.append(row)
+    return rows
+
+
+def _sequence_chunks(ids: list[str], name_regex: str, size: int = 16) -> list[list[str]]:
+    """Sample ids grouped by (patient, sequence) in frame order, long sequences cut into runs of ``size``."""
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for sample_id in ids:
+        patient, sequence, frame = parse_sample_name(sample_id, name_regex)
+        groups.setdefault((patient, sequence), []).append((frame, sample_id))
+    chunks = []
+    for key in sorted(groups):
+        ordered = [sample_id for _, sample_id in sorted(groups[key])]
+        chunks += [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    return chunks
 
 
 def score_store(store: Any, gt: GroundTruth, settings: ScoringSettings, workers: int = 0) -> list[dict[str, Any]]:
@@ -158,7 +179,7 @@ def score_store(store: Any, gt: GroundTruth, settings: ScoringSettings, workers:
     ids = store.sample_ids()
     if workers <= 0:
         workers = min(2, os.cpu_count() or 1) if len(ids) >= 64 else 1
-    chunks = [ids[i : i + 16] for i in range(0, len(ids), 16)]
+    chunks = _sequence_chunks(ids, settings.name_regex)
     rows: list[dict[str, Any]] = []
     progress = tqdm(total=len(ids), desc="scoring samples", unit="frame", mininterval=2.0)
     if workers == 1:
@@ -198,53 +219,129 @@ def metrics_table(rows: list[dict[str, Any]], pixel_spacing_mm: float | None = N
 # --- summaries ----------------------------------------------------------------------------------------------------
 
 
-def patient_bootstrap_ci(
-    values: pd.Series, patients: pd.Series, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile CI of the per-frame mean, resampling whole patients with replacement (cluster bootstrap).
-
-    Non-finite values are left out (they are counted separately); NaN when fewer than two patients remain.
-    """
-    finite = np.isfinite(values.to_numpy(dtype=float))
-    if finite.sum() == 0:
-        return (math.nan, math.nan)
-    frame = pd.DataFrame({"v": values.to_numpy(dtype=float)[finite], "p": patients.to_numpy()[finite]})
-    grouped = frame.groupby("p")["v"].agg(["sum", "count"])
-    if len(grouped) < 2 or n_boot <= 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    n = len(grouped)
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)
-    means = (weights @ grouped["sum"].to_numpy()) / (weights @ grouped["count"].to_numpy())
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return (float(low), float(high))
-
-
-def summary_table(table: pd.DataFrame, n_boot: int = 1000, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """One row per metric: macro mean with patient-bootstrap CI, median, micro (pooled pixels), n, NaN and inf."""
+def intervals(table: pd.DataFrame, metrics: Sequence[str], n_boot: int = 1000, seed: int = 0,
+              min_patients: int = stats.MIN_PATIENTS) -> dict[str, stats.Interval]:
+    """Per metric: the per-frame mean of the scored samples with its patient-cluster bootstrap interval."""
     scored = table[table["has_gt"]]
-    metrics = list(metrics or [m for m in SUMMARY_METRICS if m in table.columns])
-    metrics += [m for m in ("hd95_mm", "assd_mm") if m in table.columns and m not in metrics]
+    return {metric: stats.patient_bootstrap_ci(scored[metric].astype(float), scored["patient"], scored["sequence"],
+                                               n_resamples=n_boot, seed=seed, min_patients=min_patients)
+            for metric in metrics}
+
+
+def summary_metrics(table: pd.DataFrame) -> list[str]:
+    """The summary's metrics present in ``table`` (mm distances after the pixel ones; all-NaN columns dropped)."""
+    metrics = [m for m in SUMMARY_METRICS if m in table.columns]
+    return [m for m in metrics if table[m].notna().any() or m not in ("brier", "average_precision")]
+
+
+def summary_table(table: pd.DataFrame, n_boot: int = 1000, metrics: Sequence[str] | None = None,
+                  min_patients: int = stats.MIN_PATIENTS,
+                  found: dict[str, stats.Interval] | None = None) -> pd.DataFrame:
+    """One row per metric: macro mean with patient-bootstrap CI (or why none), the numbers of patients, sequences
+    and frames it rests on, median, micro (pooled pixels), NaN and inf counts."""
+    scored = table[table["has_gt"]]
+    metrics = list(metrics or summary_metrics(table))
     sums = scored[["tp", "fp", "fn", "tn"]].sum()
     pooled = vm.pooled_metrics(sums["tp"], sums["fp"], sums["fn"], sums["tn"])
+    found = found or intervals(table, metrics, n_boot=n_boot, min_patients=min_patients)
     rows = []
     for metric in metrics:
         values = scored[metric].astype(float)
-        finite = values[np.isfinite(values)]
-        low, high = patient_bootstrap_ci(values, scored["patient"], n_boot=n_boot)
+        interval = found[metric]
         rows.append({
             "metric": metric,
-            "mean (macro)": float(finite.mean()) if len(finite) else math.nan,
-            "ci95_low": low,
-            "ci95_high": high,
+            "better": "higher" if SUMMARY_METRICS.get(metric, True) else "lower",
+            "mean (macro)": interval.estimate,
+            "ci95_low": interval.low if interval.shown else math.nan,
+            "ci95_high": interval.high if interval.shown else math.nan,
+            "patients": interval.counts.n_patients,
+            "sequences": interval.counts.n_sequences,
+            "frames": interval.counts.n_frames,
             "median": float(values.dropna().median()) if values.notna().any() else math.nan,
             "micro (pooled)": pooled.get(metric, math.nan),
-            "n_finite": int(len(finite)),
             "n_nan": int(values.isna().sum()),
             "n_inf": int(np.isinf(values).sum()),
+            "no CI because": interval.withheld,
         })
     return pd.DataFrame(rows).set_index("metric")
+
+
+def patient_values(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Per-patient means of finite values (what a report shows instead of a CI when there are too few patients)."""
+    scored = table[table["has_gt"]]
+    out = {}
+    for metric in metrics:
+        values = scored[metric].astype(float).where(np.isfinite(scored[metric].astype(float)))
+        out[metric] = values.groupby(scored["patient"]).mean()
+    frame = pd.DataFrame(out)
+    frame.insert(0, "frames", scored.groupby("patient").size())
+    frame.index.name = "patient"
+    return frame
+
+
+def threshold_choice(rows: list[dict[str, Any]]) -> stats.ThresholdChoice | None:
+    """Leave-one-patient-out threshold for per-frame Dice from the sweep counts; None without probability maps."""
+    swept = [row for row in rows if "_sweep" in row and row.get("gt_area", 0) > 0]
+    if not swept:
+        return None
+    scores = stats.dice_from_sweep(np.stack([row["_sweep"] for row in swept]))
+    return stats.cv_threshold(scores, [row["patient"] for row in swept], SWEEP_THRESHOLDS,
+                              [row["sequence"] for row in swept])
+
+
+def sweep_frames(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Long table of per-frame TP / FP / FN at every sweep threshold (``analysis/threshold_sweep.parquet``).
+
+    Stage 04 reads it to compare runs at each one's cross-validated threshold without re-scoring.
+    """
+    records = []
+    for row in rows:
+        if "_sweep" not in row:
+            continue
+        for threshold, (tp, fp, fn) in zip(SWEEP_THRESHOLDS, row["_sweep"], strict=True):
+            records.append((row["sample_id"], row["patient"], row["sequence"], float(threshold),
+                            int(tp), int(fp), int(fn)))
+    return pd.DataFrame(records, columns=["sample_id", "patient", "sequence", "threshold", "tp", "fp", "fn"])
+
+
+def temporal_consistency(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
+    """Per sequence with ≥ 2 scored frames: mean frame-to-frame IoU of predictions (as scored) and of the GT.
+
+    Consecutive *stored* frames of a sequence are paired (a gap in the frame numbers is not bridged by anything).
+    """
+    pairs = [row for row in rows if "_iou_next_pred" in row]
+    if not pairs:
+        return None
+    frame = pd.DataFrame({"patient": [r["patient"] for r in pairs], "sequence": [r["sequence"] for r in pairs],
+                          "pred_iou": [r["_iou_next_pred"] for r in pairs],
+                          "gt_iou": [r["_iou_next_gt"] for r in pairs]})
+    table = frame.groupby(["patient", "sequence"]).agg(frames=("pred_iou", "size"), pred_iou=("pred_iou", "mean"),
+                                                       gt_iou=("gt_iou", "mean"))
+    table["frames"] += 1  # n pairs come from n + 1 frames
+    table["pred - gt"] = table["pred_iou"] - table["gt_iou"]
+    return table
+
+
+def pooled_calibration(rows: list[dict[str, Any]]) -> vm.Calibration | None:
+    """Calibration of all scored frames' probability maps together; None without probability maps."""
+    histograms = [row["_hist"] for row in rows if "_hist" in row]
+    return vm.calibration(np.sum(histograms, axis=0)) if histograms else None
+
+
+def fragment_summary(table: pd.DataFrame, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Spurious components over the run: total, frames with any, size distribution, the largest and where."""
+    scored = table[table["has_gt"]]
+    sizes = [size for row in rows if row.get("has_gt") for size in row.get("_spurious_sizes", ())]
+    largest = scored.loc[scored["largest_spurious_px"].idxmax()] if len(scored) and scored[
+        "largest_spurious_px"].notna().any() else None
+    return {
+        "spurious_components": int(scored["spurious_components"].fillna(0).sum()),
+        "frames_with_spurious": int((scored["spurious_components"].fillna(0) > 0).sum()),
+        "frames": len(scored),
+        "size_histogram": vm.fragment_size_histogram(sizes),
+        "largest_spurious_px": None if largest is None else int(largest["largest_spurious_px"]),
+        "largest_spurious_sample": None if largest is None else str(largest["sample_id"]),
+    }
 
 
 def group_table(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
@@ -369,20 +466,13 @@ def sanity_flags(
 
 
 def other_run_hashes(run_dir: Path, compare_to: Sequence[Path]) -> dict[str, str]:
-    """``predictions_hash`` of sibling run folders and of ``analysis.compare_to``, read from their summary.json."""
-    run_dir = Path(run_dir).resolve()
-    candidates = set(compare_to)
-    if run_dir.parent.is_dir():
-        candidates |= {p for p in run_dir.parent.iterdir() if p.is_dir()}
+    """``predictions_hash`` of the neighbouring run folders and of ``analysis.compare_to`` (their summary.json)."""
     hashes = {}
-    for folder in sorted(Path(c).resolve() for c in candidates):
-        if folder == run_dir:
-            continue
-        path = folder / "analysis" / "summary.json"
+    for folder in RunFolder(run_dir).neighbours(compare_to):
         try:
-            value = json.loads(path.read_text(encoding="utf-8")).get("predictions_hash")
-        except (OSError, ValueError):
-            continue
+            value = (folder.summary() or {}).get("predictions_hash")
+        except VesselnbError:
+            continue  # a neighbour's damaged summary is its own problem, not this run's
         if value:
             hashes[folder.name] = str(value)
     return hashes
@@ -408,25 +498,61 @@ def histograms(table: pd.DataFrame, metrics: Sequence[str] = ("dice", "cldice", 
     return fig
 
 
-def sweep_figure(sweep: pd.DataFrame, current: float) -> Figure:
-    """Dice / clDice vs threshold with the best threshold marked (and the one used)."""
-    fig = Figure(figsize=(6, 3.2), layout="constrained")
+def sweep_figure(sweep: pd.DataFrame, current: float, choice: stats.ThresholdChoice | None = None) -> Figure:
+    """Dice / clDice vs threshold: the cross-validated threshold, the in-sample optimum (optimistic), the one used."""
+    fig = Figure(figsize=(6.4, 3.4), layout="constrained")
     ax = fig.subplots()
-    ax.plot(sweep["threshold"], sweep["dice"], "o-", label="Dice (mean per frame)")
+    ax.plot(sweep["threshold"], sweep["dice"], "o-", label="Dice (mean per frame, in-sample)")
     ax.plot(sweep["threshold"], sweep["dice (pooled)"], "--", label="Dice (pooled)")
     if sweep["cldice"].notna().any():
         valid = sweep[sweep["cldice"].notna()]
         ax.plot(valid["threshold"], valid["cldice"], "s-",
                 label=f"clDice (mean, {int(sweep['cldice_samples'].iloc[0])} frames)")
     best = sweep.loc[sweep["dice"].idxmax()]
-    ax.axvline(best["threshold"], color="green", lw=1)
-    ax.annotate(f"best {best['threshold']:.2f}: Dice {best['dice']:.4f}", (best["threshold"], best["dice"]),
-                textcoords="offset points", xytext=(5, -15), fontsize=8, color="green")
+    ax.axvline(best["threshold"], color="#c80", lw=1, ls="--",
+               label=f"in-sample best {best['threshold']:.2f} (optimistic): {best['dice']:.4f}")
+    if choice is not None:
+        ax.axvline(choice.recommended, color="green", lw=1.5,
+                   label=f"cross-validated {choice.recommended:.2f}: out-of-fold Dice {choice.out_of_fold:.4f}")
     ax.axvline(current, color="grey", lw=1, ls=":", label=f"used {current:.2f}")
     ax.set_xlabel("threshold on probability")
     ax.set_ylabel("score")
     ax.legend(fontsize=7)
     ax.set_title(f"threshold sweep over {int(sweep['n_samples'].iloc[0])} frames", fontsize=9)
+    return fig
+
+
+def calibration_figure(calibration: vm.Calibration) -> Figure:
+    """Reliability diagram (pixel fraction of vessel against mean probability per bin) and the PR curve."""
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    bins = calibration.bins[calibration.bins["n_pixels"] > 0]
+    left.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    left.plot(bins["mean_probability"], bins["vessel_fraction"], "o-")
+    left.set_xlabel("mean predicted probability")
+    left.set_ylabel("fraction of vessel pixels")
+    left.set_title(f"reliability: ECE {calibration.ece:.4f}, Brier {calibration.brier:.4f}", fontsize=9)
+    right.plot(calibration.recall, calibration.precision)
+    right.set_xlabel("recall")
+    right.set_ylabel("precision")
+    right.set_xlim(0, 1)
+    right.set_ylim(0, 1.02)
+    right.set_title(f"precision-recall: AP {calibration.average_precision:.4f}", fontsize=9)
+    return fig
+
+
+def temporal_figure(temporal: pd.DataFrame) -> Figure:
+    """Per sequence: mean frame-to-frame IoU of the predictions beside the same for the ground truth."""
+    fig = Figure(figsize=(max(5.0, 0.3 * len(temporal) + 2), 3.2), layout="constrained")
+    ax = fig.subplots()
+    positions = np.arange(len(temporal))
+    ax.bar(positions - 0.2, temporal["gt_iou"], 0.4, label="ground truth", color="#999")
+    ax.bar(positions + 0.2, temporal["pred_iou"], 0.4, label="prediction", color="#4477aa")
+    ax.set_xticks(positions, [f"{p}/{q}" for p, q in temporal.index], rotation=90, fontsize=6)
+    ax.set_ylabel("frame-to-frame IoU")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title("temporal consistency within each sequence (consecutive stored frames)", fontsize=9)
     return fig
 
 
@@ -448,25 +574,23 @@ class AnalysisReport:
     threshold: float
     gallery_k: int
     figures: dict[str, Path] = field(default_factory=dict)
+    threshold_cv: stats.ThresholdChoice | None = None
+    calibration: vm.Calibration | None = None
+    temporal: pd.DataFrame | None = None
+    min_patients: int = stats.MIN_PATIENTS
 
     @property
     def analysis_dir(self) -> Path:
         """``<run_dir>/analysis``."""
-        return self.run_dir / "analysis"
+        return RunFolder(self.run_dir).analysis_dir
 
     # -- display pieces --
     def flags_html(self) -> str:
         """The sanity banner: red for errors, amber for warnings, green when nothing was found."""
         if not self.flags:
-            return ('<div style="padding:8px;border-left:6px solid #2a2;background:#efe">'
-                    "<b>Sanity checks passed</b>: no flags.</div>")
-        items = []
-        for flag in sorted(self.flags, key=lambda f: f.level != "error"):
-            colour, background = ("#c00", "#fee") if flag.level == "error" else ("#c80", "#ffe")
-            items.append(f'<div style="padding:6px;margin:2px 0;border-left:6px solid {colour};'
-                         f'background:{background}"><b>{flag.level.upper()}</b> <code>{html.escape(flag.code)}'
-                         f"</code>: {html.escape(flag.message)}</div>")
-        return "".join(items)
+            return hr.banner("Sanity checks passed: no flags", level="ok")
+        return "".join(hr.banner(f"{flag.level.upper()} {flag.code}", level=flag.level, lines=[flag.message])
+                       for flag in sorted(self.flags, key=lambda f: f.level != "error"))
 
     def headline_html(self) -> str:
         """Counts and headline numbers, as the index page shows them."""
@@ -477,9 +601,52 @@ class AnalysisReport:
         return (f"<p><b>{html.escape(self.run_name)}</b>: {s['n_samples']} samples ({counts}), "
                 f"{s['n_scored']} scored.<br>{html.escape(head)}</p>")
 
+    def counts_html(self) -> str:
+        """How many patients, sequences and frames the intervals rest on, and why there are none below the minimum."""
+        s = self.summary["units"]
+        line = (f"Intervals resample patients: {s['n_patients']} patients · {s['n_sequences']} sequences · "
+                f"{s['n_frames']} scored frames.")
+        if s["n_patients"] < self.min_patients:
+            return hr.banner(f"No confidence intervals: {s['n_patients']} patients are fewer than the minimum of "
+                             f"{self.min_patients} (analysis.min_patients)", level="warning",
+                             lines=[line, "The per-patient values below show the spread instead."])
+        return hr.muted(line)
+
     def _repr_html_(self) -> str:
-        return (self.flags_html() + self.headline_html()
-                + self.summary_frame.to_html(float_format=lambda v: f"{v:.4f}", na_rep="NaN"))
+        parts = [self.flags_html(), self.headline_html(), self.counts_html(),
+                 hr.table(self.summary_frame, index=True, float_format="{:.4f}")]
+        if self.summary["units"]["n_patients"] < self.min_patients:
+            parts.append(hr.table(self.patient_values(), index=True, float_format="{:.4f}",
+                                  caption="Per-patient values (instead of intervals)"))
+        return hr.join(*parts)
+
+    def patient_values(self) -> pd.DataFrame:
+        """Per-patient means of every summary metric."""
+        return patient_values(self.table, list(self.summary_frame.index))
+
+    def threshold_table(self) -> pd.DataFrame | None:
+        """The cross-validated threshold per held-out patient, with the recommendation and the in-sample optimum."""
+        choice = self.threshold_cv
+        if choice is None:
+            return None
+        rows = [
+            {"what": "recommended (leave-one-patient-out, median of folds)", "threshold": choice.recommended,
+             "dice": choice.out_of_fold, "scored on": "held-out patients (out-of-fold)"},
+            {"what": "in-sample best (optimistic: chosen on the frames it is scored on)",
+             "threshold": choice.in_sample_best, "dice": choice.in_sample_score, "scored on": "all frames"},
+            {"what": "used for the metrics above", "threshold": self.threshold,
+             "dice": self.summary_frame.loc["dice", "mean (macro)"], "scored on": "all frames"},
+        ]
+        return pd.DataFrame(rows).set_index("what")
+
+    def calibration_table(self) -> pd.DataFrame | None:
+        """Reliability bins of the pooled probability maps; ECE, Brier and AP are in ``summary["calibration"]``."""
+        return None if self.calibration is None else self.calibration.bins
+
+    def fragment_sizes(self) -> pd.DataFrame:
+        """Spurious (no GT overlap) predicted components by size, over all scored frames."""
+        info = self.summary["fragments"]
+        return pd.DataFrame({"spurious components": info["size_histogram"]})
 
     def summary_table(self) -> pd.DataFrame:
         """Macro (with patient-bootstrap CI) and micro values, with NaN / inf counts."""
@@ -505,7 +672,7 @@ class AnalysisReport:
 
     def threshold_sweep_figure(self) -> Figure | None:
         """Dice / clDice vs threshold, or None when the store has no probability maps."""
-        return None if self.sweep is None else sweep_figure(self.sweep, self.threshold)
+        return None if self.sweep is None else sweep_figure(self.sweep, self.threshold, self.threshold_cv)
 
     def ranked(self, metric: str = "dice", worst: bool = True) -> pd.DataFrame:
         """Scored samples sorted by ``metric`` (worst first by default), NaN last."""
@@ -578,12 +745,6 @@ def headline(table: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
 def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> AnalysisReport:
     """Score a run's prediction store against the ground truth; write ``analysis/`` and return the report.
 
@@ -628,7 +789,16 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
         flags.append(Flag("warning", "frames_not_predicted",
                           f"{len(not_predicted)} annotated frame(s) have no prediction in the store (inference "
                           f"unfinished or limited?); first: {not_predicted[0]}"))
-    frame = summary_table(table, n_boot=settings.bootstrap_samples)
+    if settings.primary_metric not in SUMMARY_METRICS:
+        raise ParamsError(f"{params.source_file}: 'analysis.primary_metric' is {settings.primary_metric!r}; "
+                          f"choose one of {', '.join(SUMMARY_METRICS)}")
+    metrics = summary_metrics(table)
+    found = intervals(table, metrics, n_boot=settings.bootstrap_samples, min_patients=settings.min_patients)
+    frame = summary_table(table, metrics=metrics, found=found)
+    choice = threshold_choice(rows)
+    calibration = pooled_calibration(rows)
+    scored = table[table["has_gt"]]
+    units = stats.count_units(scored["patient"], scored["sequence"])
     status_counts = {status: int((table["status"] == status).sum()) for status in ("ok", "no_seg", "error")}
     summary = {
         "run_name": params.run_name,
@@ -636,21 +806,98 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
         "n_scored": int(table["has_gt"].sum()),
         "status_counts": status_counts,
         "headline": headline(table),
-        "ci95": {m: [frame.loc[m, "ci95_low"], frame.loc[m, "ci95_high"]] for m in frame.index},
+        "ci95": {m: [i.low, i.high] if i.shown else None for m, i in found.items()},
+        "intervals": {m: i.as_dict() for m, i in found.items()},
+        "units": units.as_dict(),
+        "min_patients": settings.min_patients,
+        "bootstrap": {"n_resamples": settings.bootstrap_samples, "method": "BCa, patients resampled (scipy)",
+                      "level": stats.LEVEL},
         "micro": {m: value for m, value in frame["micro (pooled)"].items() if math.isfinite(value)},
         "nan_counts": {m: int(frame.loc[m, "n_nan"]) for m in frame.index},
         "inf_counts": {m: int(frame.loc[m, "n_inf"]) for m in frame.index},
         "flags": [flag.as_dict() for flag in flags],
         "predictions_hash": predictions_hash,
         "threshold": settings.threshold,
-        "best_threshold": None if sweep is None else float(sweep.loc[sweep["dice"].idxmax(), "threshold"]),
+        "best_threshold": None if choice is None else choice.recommended,
+        "threshold_cv": None if choice is None else choice.as_dict(),
+        "in_sample_best_threshold (optimistic)": None if sweep is None else float(
+            sweep.loc[sweep["dice"].idxmax(), "threshold"]),
+        "fragments": fragment_summary(table, rows),
+        "calibration": None if calibration is None else {
+            "ece": calibration.ece, "brier": calibration.brier, "average_precision": calibration.average_precision,
+            "n_pixels": calibration.n_pixels, "bins": calibration.bins.to_dict(orient="records")},
         "ground_truth": gt.report.as_dict(),
         "frames_without_prediction": len(not_predicted),
+        "scoring": scoring_record(params, store, scored),
     }
     report = AnalysisReport(params.run_name, run_dir, table, summary, flags, frame, sweep, gt,
-                            settings.threshold, settings.gallery_k)
-    _write_outputs(report)
+                            settings.threshold, settings.gallery_k, threshold_cv=choice, calibration=calibration,
+                            min_patients=settings.min_patients)
+    report.temporal = temporal_consistency(rows)
+    if report.temporal is not None:
+        summary["temporal_consistency"] = {"pred_iou": float(report.temporal["pred_iou"].mean()),
+                                           "gt_iou": float(report.temporal["gt_iou"].mean()),
+                                           "sequences": len(report.temporal)}
+    _write_outputs(report, sweep_frames(rows))
     return report
+
+
+def _content_hash(path: Path | None) -> str | None:
+    """Digest of a file, or of every file under a folder (names and bytes); None when it cannot be read."""
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        if path.is_file():
+            return file_digest(path)
+        digest = new_file_digest()
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            name = str(item.relative_to(path)).encode("utf-8")
+            digest.update(name + b"\0" + file_digest(item, 1 << 20).encode("ascii"))
+        return digest.hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def _ids_hash(ids: Sequence[str]) -> str:
+    digest = new_file_digest()
+    for sample_id in sorted(ids):
+        digest.update(sample_id.encode("utf-8") + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def scoring_record(params: RunParams, store: Any, scored: pd.DataFrame) -> dict[str, Any]:
+    """How this run was scored, so stage 04 can refuse to compare runs scored differently.
+
+    Annotations by content hash (a moved file is the same annotations; an edited one is not), the threshold, the
+    prompt the model saw, the polygon fill, the set of scored frames, and the image preprocessing (inference mode,
+    the frames' names and sizes on disk, the HF folder's image-processor settings).
+    """
+    data, meta = params.data, store.meta
+    images = sorted(str(i) for i in scored["image"] if i)
+    sizes = []
+    for image in images:
+        try:
+            sizes.append(f"{Path(image).name}:{Path(image).stat().st_size}")
+        except OSError:
+            sizes.append(f"{Path(image).name}:?")
+    hf_dir = Path(meta["model_dir"]) if meta.get("model_dir") else None
+    processor = [hf_dir / n for n in ("preprocessor_config.json", "processor_config.json")] if hf_dir else []
+    return {
+        "annotations": str(data.annotations),
+        "annotations_hash": _content_hash(data.annotations),
+        "annotation_format": data.annotation_format,
+        "polygon_fill": data.polygon_fill,
+        "threshold": params.analysis.threshold,
+        "prompt": meta.get("prompt", params.inference.prompt),
+        "frames_hash": _ids_hash(list(scored["sample_id"])),
+        "n_frames": len(scored),
+        "preprocessing": {
+            "mode": meta.get("mode", params.inference.mode),
+            "images_hash": _ids_hash(sizes),
+            "image_processor_hash": next((_content_hash(p) for p in processor if p.is_file()), None),
+        },
+    }
 
 
 def _spread(ids: list[str], limit: int) -> list[str]:
@@ -660,18 +907,23 @@ def _spread(ids: list[str], limit: int) -> list[str]:
     return [ids[int(i)] for i in np.linspace(0, len(ids) - 1, limit)]
 
 
-def _write_outputs(report: AnalysisReport) -> None:
-    out = report.analysis_dir
-    figures_dir = out / "figures"
+def _write_outputs(report: AnalysisReport, sweep_counts: pd.DataFrame) -> None:
+    folder = RunFolder(report.run_dir)
+    figures_dir = folder.figures_dir
     figures_dir.mkdir(parents=True, exist_ok=True)
-    report.table.to_parquet(out / "metrics.parquet", index=False)
-    payload = strict_json(report.summary)
-    temporary = out / ".summary.json.tmp"
-    temporary.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(temporary, out / "summary.json")
+    report.table.to_parquet(folder.metrics_path, index=False)
+    if len(sweep_counts):
+        sweep_counts.to_parquet(folder.sweep_path, index=False)
+    else:
+        folder.sweep_path.unlink(missing_ok=True)  # a rerun without probability maps must not keep an old sweep
+    folder.write_summary(strict_json(report.summary))
     pieces: dict[str, Any] = {"histograms": report.histograms}
     if report.sweep is not None:
         pieces["threshold_sweep"] = report.threshold_sweep_figure
+    if report.calibration is not None:
+        pieces["calibration"] = lambda: calibration_figure(report.calibration)
+    if report.temporal is not None:
+        pieces["temporal"] = lambda: temporal_figure(report.temporal)
     if report.table["has_gt"].any():
         pieces["worst_k"] = lambda: report.gallery(worst=True)
         pieces["best_k"] = lambda: report.gallery(worst=False)
@@ -679,24 +931,3 @@ def _write_outputs(report: AnalysisReport) -> None:
         fig = build()
         report.figures[name] = viz.save_figure(fig, figures_dir / f"{name}.png")
         viz.close(fig)
-
-
-def strict_json(value: Any, inf_as: str = "string") -> Any:
-    """Plain, strict-JSON values: NaN -> null, numpy scalars -> Python, paths -> str, and ±inf -> "inf"/"-inf"
-    (``inf_as="string"``, summary.json: an infinite HD95 is information) or null (``inf_as="null"``)."""
-    if isinstance(value, dict):
-        return {str(k): strict_json(v, inf_as) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(v, inf_as) for v in value]
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (np.floating, float)):
-        number = float(value)
-        if inf_as == "null" and math.isinf(number):
-            return None
-        return _json_number(number)
-    if isinstance(value, Path):
-        return str(value)
-    return value

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
@@ -41,6 +42,14 @@ NAN = float("nan")
 INF = float("inf")
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 WIDTH_BIN_NAMES = ("thin", "medium", "thick")
+# Every per-frame quality metric a summary or comparison reports -> higher is better (the order of the reports).
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "dice": True, "iou": True, "cldice": True, "precision": True, "recall": True, "specificity": True, "nsd": True,
+    "recall_thin": True, "recall_medium": True, "recall_thick": True,
+    "hd95": False, "assd": False, "betti0_error": False, "betti1_error": False,
+    "spurious_components": False, "largest_spurious_px": False, "spurious_area_px": False,
+    "brier": False, "average_precision": True, "hd95_mm": False, "assd_mm": False,
+}
 
 
 def _check(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -404,6 +413,153 @@ def width_recall(
     return result
 
 
+# --- fragments ----------------------------------------------------------------------------------------------------
+
+FRAGMENT_SIZE_BINS_PX = (1, 5, 17, 65, 257)  # spurious component sizes: 1-4, 5-16, 17-64, 65-256, >256 px
+
+
+@dataclass(frozen=True)
+class Fragments:
+    """Connected components (8-connected) of the prediction, and those that touch no ground-truth pixel.
+
+    A *spurious* component is a predicted blob with no GT pixel in it: specks and false vessels, which Dice barely
+    notices but Betti-0 and a reader do.
+    """
+
+    n_pred_components: int
+    n_gt_components: int
+    spurious_sizes: tuple[int, ...]  # pixel area of each spurious component, largest first
+
+    @property
+    def n_spurious(self) -> int:
+        return len(self.spurious_sizes)
+
+    @property
+    def largest_spurious(self) -> int:
+        return self.spurious_sizes[0] if self.spurious_sizes else 0
+
+    @property
+    def spurious_area(self) -> int:
+        return int(sum(self.spurious_sizes))
+
+
+def fragments(gt: np.ndarray, pred: np.ndarray) -> Fragments:
+    """Components of ``pred`` and which of them are spurious (no overlap with ``gt``).
+
+    >>> gt = np.zeros((8, 8), bool); gt[1:3, 1:6] = True
+    >>> pred = gt.copy(); pred[6, 6] = True
+    >>> fragments(gt, pred).spurious_sizes
+    (1,)
+    """
+    gt, pred = _check(gt, pred)
+    labels, n_pred = ndimage.label(pred, structure=EIGHT_CONNECTED)
+    _, n_gt = ndimage.label(gt, structure=EIGHT_CONNECTED)
+    if n_pred == 0:
+        return Fragments(0, int(n_gt), ())
+    sizes = np.bincount(labels.ravel(), minlength=n_pred + 1)[1:]
+    touching = np.bincount(labels[gt].ravel(), minlength=n_pred + 1)[1:] > 0
+    spurious = np.sort(sizes[~touching])[::-1]
+    return Fragments(int(n_pred), int(n_gt), tuple(int(v) for v in spurious))
+
+
+def fragment_size_histogram(sizes: Sequence[int]) -> dict[str, int]:
+    """Counts of spurious component sizes in :data:`FRAGMENT_SIZE_BINS_PX` bins, labelled like ``"5-16 px"``."""
+    edges = list(FRAGMENT_SIZE_BINS_PX)
+    labels = [f"{lo}-{hi - 1} px" if hi - 1 > lo else f"{lo} px" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+    labels.append(f">{edges[-1] - 1} px")
+    index = np.searchsorted(np.asarray(edges), np.asarray(sizes, dtype=int), side="right") - 1
+    counts = np.bincount(index[index >= 0], minlength=len(labels)) if len(index) else np.zeros(len(labels), int)
+    return {label: int(c) for label, c in zip(labels, counts, strict=True)}
+
+
+# --- temporal consistency -----------------------------------------------------------------------------------------
+
+
+def frame_to_frame_iou(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """IoU of each mask with the next one in a sequence (length n − 1); 1 when both are empty (nothing changed).
+
+    For predictions, the same numbers computed on the ground truth say how much the anatomy itself moves: a
+    prediction far less consistent than its GT flickers.
+    """
+    values = []
+    for first, second in zip(masks[:-1], masks[1:], strict=True):
+        first, second = _check(first, second)
+        union = np.count_nonzero(first | second)
+        values.append(np.count_nonzero(first & second) / union if union else 1.0)
+    return np.asarray(values, dtype=float)
+
+# --- calibration (from uint8 probability maps) --------------------------------------------------------------------
+
+
+def probability_histogram(gt: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """(256, 2) pixel counts per uint8 probability value: column 0 background, column 1 vessel.
+
+    Calibration, Brier score and the precision-recall curve of a whole dataset follow exactly from the sum of these
+    histograms over frames (the maps are stored as uint8, p = value / 255), so no pixel has to be kept.
+    """
+    gt = np.asarray(gt, dtype=bool)
+    probability = np.asarray(probability)
+    if probability.shape != gt.shape or probability.dtype != np.uint8:
+        raise ValueError(f"probability must be a uint8 map of the GT's shape {gt.shape}, "
+                         f"got {probability.dtype} {probability.shape}")
+    codes = probability.astype(np.int64) * 2 + gt
+    return np.bincount(codes.ravel(), minlength=512).reshape(256, 2)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Pixel-level calibration of probability maps: reliability bins, ECE, Brier score, PR curve and AP."""
+
+    bins: pd.DataFrame  # bin_low, bin_high, n_pixels, mean_probability, vessel_fraction
+    ece: float  # Σ_bins n_b / N · |vessel fraction − mean probability| (Guo et al. 2017, equal-width bins)
+    brier: float  # mean (p − y)²
+    average_precision: float  # Σ_k (R_k − R_{k−1}) P_k over decreasing thresholds (scikit-learn's definition)
+    precision: np.ndarray  # PR curve, thresholds from high to low
+    recall: np.ndarray
+    n_pixels: int
+
+
+def calibration(histogram: np.ndarray, n_bins: int = 10) -> Calibration:
+    """Calibration of a (256, 2) :func:`probability_histogram` (summed over frames for a dataset).
+
+    Pixels with value v have probability v / 255; the PR curve predicts "vessel" for values ≥ each v. AP is NaN
+    without vessel pixels, ECE / Brier NaN without pixels.
+    """
+    hist = np.asarray(histogram, dtype=float).reshape(256, 2)
+    p = np.arange(256) / 255.0
+    negatives, positives = hist[:, 0], hist[:, 1]
+    total = hist.sum()
+    n_pos = positives.sum()
+    if total == 0:
+        empty = pd.DataFrame(columns=["bin_low", "bin_high", "n_pixels", "mean_probability", "vessel_fraction"])
+        return Calibration(empty, NAN, NAN, NAN, np.zeros(0), np.zeros(0), 0)
+    brier = float(np.sum(negatives * p**2 + positives * (1 - p) ** 2) / total)
+    edges = np.linspace(0, 1, n_bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1], right=False), 0, n_bins - 1)
+    rows, ece = [], 0.0
+    for b in range(n_bins):
+        inside = which == b
+        n = hist[inside].sum()
+        mean_p = float(np.sum(p[inside] * hist[inside].sum(axis=1)) / n) if n else NAN
+        fraction = float(positives[inside].sum() / n) if n else NAN
+        if n:
+            ece += n / total * abs(fraction - mean_p)
+        rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "n_pixels": int(n),
+                     "mean_probability": mean_p, "vessel_fraction": fraction})
+    tp = np.cumsum(positives[::-1])  # predicted positive: value >= v, v from 255 down
+    fp = np.cumsum(negatives[::-1])
+    claimed = tp + fp
+    keep = claimed > 0
+    precision = tp[keep] / claimed[keep]
+    recall = tp[keep] / n_pos if n_pos else np.full(int(keep.sum()), NAN)
+    if n_pos:
+        previous = np.concatenate([[0.0], recall[:-1]])
+        average_precision = float(np.sum((recall - previous) * precision))
+    else:
+        average_precision = NAN
+    return Calibration(pd.DataFrame(rows), float(ece), brier, average_precision, precision, recall, int(total))
+
+
 # --- everything for one sample ------------------------------------------------------------------------------------
 
 
@@ -418,7 +574,8 @@ def sample_metrics(
     """Every per-frame metric, sharing the crop, skeletons and boundaries between them.
 
     Keys: ``gt_area pred_area tp fp fn tn dice iou precision recall specificity cldice cl_tprec cl_tsens
-    betti0_error betti1_error hd95 assd nsd recall_thin recall_medium recall_thick`` (+ ``hd95_mm assd_mm``).
+    betti0_error betti1_error n_components spurious_components largest_spurious_px spurious_area_px hd95 assd nsd
+    recall_thin recall_medium recall_thick`` (+ ``hd95_mm assd_mm``).
     """
     gt, pred = _check(gt, pred)
     counts = confusion(gt, pred)
@@ -455,6 +612,11 @@ def sample_metrics(
     g0, g1 = betti_numbers(gt_c)
     p0, p1 = betti_numbers(pred_c)
     out["betti0_error"], out["betti1_error"] = abs(p0 - g0), abs(p1 - g1)
+    found = fragments(gt_c, pred_c)
+    out["n_components"] = found.n_pred_components
+    out["spurious_components"] = found.n_spurious
+    out["largest_spurious_px"] = found.largest_spurious
+    out["spurious_area_px"] = found.spurious_area
     out["hd95"] = hd95_from_distances(distances)
     out["assd"] = assd_from_distances(distances)
     out["nsd"] = nsd_from_distances(distances, nsd_tolerance_px)

@@ -81,6 +81,13 @@ class InferenceParams:
     mode: Literal["image", "video"] = "image"
     probability_maps: bool = True
     max_memory_per_gpu: str | None = None
+    # How >8-bit frames become 8 bit (vesselnb.frames): "auto" = a DICOM file's window centre/width, else min-max;
+    # "minmax" = always min-max. Recorded per sample in the store.
+    windowing: Literal["auto", "minmax"] = "auto"
+    # Video mode: frames per model call (None = vesselnb.infer.DEFAULT_VIDEO_WINDOW, from its memory model) and
+    # frames shared by consecutive windows.
+    video_window: int | None = None
+    video_overlap: int = 0
 
 
 @dataclass
@@ -95,6 +102,10 @@ class AnalysisParams:
     max_error_rate: float = 0.05
     max_no_seg_rate: float = 0.05
     compare_to: list[Path] = field(default_factory=list)  # other run dirs whose predictions must not be identical
+    primary_metric: str = "dice"  # the metric stage 04's verdict names first (every other one is still tested)
+    min_patients: int = 10  # fewer patients: no confidence interval, per-patient values instead
+    paired_test: Literal["wilcoxon", "permutation"] = "wilcoxon"  # on per-patient mean differences (stage 04)
+    min_shared_fraction: float = 0.9  # stage 04 flags runs sharing fewer scored frames than this share of either
 
 
 @dataclass

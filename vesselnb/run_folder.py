@@ -50,6 +50,7 @@ PREDICTIONS_DIR = "predictions"
 ANALYSIS_DIR = "analysis"
 METRICS_FILE = "metrics.parquet"
 SUMMARY_FILE = "summary.json"
+SWEEP_FILE = "threshold_sweep.parquet"  # per-frame TP/FP/FN at each threshold (stage 03, read by 04)
 FIGURES_DIR = "figures"
 INDEX_FILE = "index.html"  # in outputs/, beside the run folders
 COMPARE_PREFIX = "compare_"  # comparison folders; never a run name
@@ -252,6 +253,10 @@ class RunFolder:
     @property
     def summary_path(self) -> Path:
         return self.analysis_dir / SUMMARY_FILE
+
+    @property
+    def sweep_path(self) -> Path:
+        return self.analysis_dir / SWEEP_FILE
 
     @property
     def figures_dir(self) -> Path:

@@ -61,7 +61,7 @@ class DemoAssets:
 class DemoSettings:
     """Everything that changes the build's bytes; stored in the ``.complete`` marker."""
 
-    n_patients: int = 3
+    n_patients: int = 12
     sequences_per_patient: int = 2
     frames_per_sequence: int = 4
     size: int = 256

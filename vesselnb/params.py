@@ -113,6 +113,13 @@ class AnalysisParams:
 
 
 @dataclass
+class ReportParams:
+    """How the HTML reports and the index show patients (they get attached to reviews)."""
+
+    pseudonymize: bool = True  # P01, P02, ... instead of names; the mapping stays in outputs/<run>/pseudonyms.csv
+
+
+@dataclass
 class RunParams:
     """One run: a checkpoint (or HF folder), its data, and stage settings."""
 
@@ -125,6 +132,7 @@ class RunParams:
     data: DataParams = field(default_factory=DataParams)
     inference: InferenceParams = field(default_factory=InferenceParams)
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
+    report: ReportParams = field(default_factory=ReportParams)
     source_file: Path | None = None  # set by load_params, not read from YAML
 
     def to_dict(self) -> dict[str, Any]:

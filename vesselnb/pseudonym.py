@@ -20,10 +20,13 @@ import secrets
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
-from vesselnb.data import parse_sample_name
+import pandas as pd
+
+from vesselnb.data import list_samples, parse_sample_name
 from vesselnb.errors import DataError
-from vesselnb.params import DEFAULT_NAME_REGEX
+from vesselnb.params import DEFAULT_NAME_REGEX, RunParams
 
 SALT_FILE = "pseudonym_salt.txt"
 MAPPING_FILE = "pseudonyms.csv"
@@ -230,3 +233,115 @@ def load_or_create(folder: Path, patients: Iterable[str]) -> Pseudonyms:
     if pseudonyms.mapping != existing:
         _atomic_write(mapping_path, pseudonyms.to_csv())
     return pseudonyms
+
+
+# --- Run folders: one mapping per outputs/<run>/, consistent across the runs of one outputs folder ---------------
+
+def _run_patients(params: RunParams) -> list[str]:
+    """Every patient of the run's frames (all of ``data.images``, not only ``data.limit``: a rerun may see more)."""
+    if params.data.images is None or not Path(params.data.images).is_dir():
+        return []
+    try:
+        samples = list_samples(params.data.images, params.data.image_glob, params.data.name_regex)
+    except DataError:  # no frames yet (stage 02 says so in its own words): no patient to name either
+        return []
+    return patients_in((s.sample_id for s in samples), params.data.name_regex)
+
+
+def _seed(folder: Path, patients: Iterable[str], sources: Iterable[Path]) -> None:
+    """Give ``patients`` the pseudonyms ``sources`` (other folders' mappings) already gave them, before numbering.
+
+    Why: the same patient must read P03 in run A's report and in the comparison of A and B. A source that
+    contradicts what is already assigned is skipped for that patient, never renumbers one.
+    """
+    path = folder / MAPPING_FILE
+    existing = _read_mapping(path) if path.is_file() else {}
+    wanted = set(patients)
+    seeded, used = dict(existing), set(existing.values())
+    for source in sources:
+        other_path = Path(source) / MAPPING_FILE
+        if Path(source).resolve() == folder.resolve() or not other_path.is_file():
+            continue
+        try:
+            other = _read_mapping(other_path)
+        except DataError:
+            continue
+        for patient, pseudonym in other.items():
+            if patient in wanted and patient not in seeded and pseudonym not in used:
+                seeded[patient] = pseudonym
+                used.add(pseudonym)
+    if seeded != existing:
+        _atomic_write(path, Pseudonyms(seeded).to_csv())
+
+
+def _sibling_folders(folder: Path) -> list[Path]:
+    return sorted(p.parent for p in Path(folder).resolve().parent.glob(f"*/{MAPPING_FILE}"))
+
+
+def for_run(folder: str | Path, params: RunParams) -> Pseudonyms | None:
+    """The pseudonyms of run folder ``folder`` (None when ``report.pseudonymize`` is off), saved there.
+
+    This is the one call the notebooks, analysis and comparison code need before drawing a figure or table:
+    ``names = pseudonym.for_run(run_dir, params)``, then ``names.sample_id(...)`` / ``names.text(...)`` /
+    :func:`frame`. Patients already numbered in a sibling run of the same outputs folder keep that number.
+    """
+    if not params.report.pseudonymize:
+        return None
+    folder = Path(folder)
+    patients = _run_patients(params)
+    folder.mkdir(parents=True, exist_ok=True)
+    _seed(folder, patients, _sibling_folders(folder))
+    return load_or_create(folder, patients)
+
+
+def for_comparison(folder: str | Path, run_dirs: Iterable[str | Path],
+                   run_params: Iterable[RunParams | None] = ()) -> Pseudonyms:
+    """The pseudonyms of a comparison folder: every patient of its runs, numbered as the runs number them.
+
+    ``run_params`` (the runs' params, in order) adds the frames of a run that showed names and so saved no mapping.
+    """
+    folder = Path(folder)
+    run_dirs = [Path(d) for d in run_dirs]
+    patients: list[str] = []
+    for run_dir in run_dirs:
+        if (run_dir / MAPPING_FILE).is_file():
+            patients += list(_read_mapping(run_dir / MAPPING_FILE))
+    for params in run_params:
+        if params is not None:
+            patients += _run_patients(params)
+    folder.mkdir(parents=True, exist_ok=True)
+    _seed(folder, patients, [*run_dirs, *_sibling_folders(folder)])
+    return load_or_create(folder, patients)
+
+
+def saved(folder: str | Path) -> Pseudonyms | None:
+    """The mapping saved in ``folder``, or None when there is none (a run with names shown, or from before)."""
+    return load(Path(folder)) if (Path(folder) / MAPPING_FILE).is_file() else None
+
+
+def frame(table: pd.DataFrame, pseudonyms: Pseudonyms | None, columns: Iterable[str] = ("patient", "sample_id"),
+          name_regex: str = DEFAULT_NAME_REGEX) -> pd.DataFrame:
+    """A copy of ``table`` with its patient and sample-id columns (and index levels of those names) pseudonymised.
+
+    ``pseudonyms`` None (names shown) returns the table unchanged, so callers need no branch.
+    """
+    if pseudonyms is None:
+        return table
+    table = table.copy()
+
+    def convert(name: str, values: Iterable[Any]) -> list[Any]:
+        if name == "patient":
+            return [pseudonyms.patient(v) if isinstance(v, str) else v for v in values]
+        if name == "sample_id":
+            return [pseudonyms.sample_id(v, name_regex) if isinstance(v, str) else v for v in values]
+        return [pseudonyms.text(v) if isinstance(v, str) else v for v in values]
+
+    for column in columns:
+        if column in table.columns:
+            table[column] = convert(column, table[column])
+    if any(name in set(columns) for name in table.index.names):
+        arrays = [convert(name, table.index.get_level_values(i)) if name in set(columns)
+                  else list(table.index.get_level_values(i)) for i, name in enumerate(table.index.names)]
+        table.index = pd.MultiIndex.from_arrays(arrays, names=table.index.names) if len(arrays) > 1 \
+            else pd.Index(arrays[0], name=table.index.names[0])
+    return table

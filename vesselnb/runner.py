@@ -21,14 +21,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from vesselnb.errors import StageError, VesselnbError
 from vesselnb.interrupts import Interrupted, graceful_stop, papermill_kwargs, stop_requested
+from vesselnb.locks import LockError
 from vesselnb.params import RunParams, load_params
-from vesselnb.report import render_html, write_index
+from vesselnb.report import refresh_navigation, render_html, write_index
 from vesselnb.run_folder import INDEX_FILE, RunFolder, comparison_folder_name, now_iso
 from vesselnb.stages import COMPARE_STAGE, RUN_STAGES, Stage, StageOutcome
+
+if TYPE_CHECKING:  # pseudonym imports the data stack (skimage), which `vesselnb --help` must not pay for
+    from vesselnb.pseudonym import Pseudonyms
 
 KERNEL_NAME = "vesselnb"
 __all__ = ["RUN_STAGES", "COMPARE_STAGE", "KERNEL_NAME", "RunResult", "Stage", "StageOutcome", "compare_runs",
@@ -120,6 +124,7 @@ def execute_stage(
     log_output: bool = False,
     show_code: bool = False,
     kernel_name: str | None = None,
+    pseudonyms: Pseudonyms | None = None,
 ) -> StageOutcome:
     """Execute one notebook with papermill into ``out_dir/<stem>.ipynb`` and render ``<stem>.html``.
 
@@ -174,7 +179,7 @@ def execute_stage(
         try:
             render_html(executed, html, header={**header, "stage": stage.stem, "status": outcome.status,
                                                 "error": outcome.error, "fingerprint": fingerprint},
-                        show_code=show_code)
+                        show_code=show_code, pseudonyms=pseudonyms)
             outcome.html = html.name
         except Exception as exc:  # noqa: BLE001 - the executed notebook is the record; a report glitch must not hide it
             outcome.report_error = f"{type(exc).__name__}: {_first_line(str(exc))}"
@@ -241,6 +246,11 @@ def run_params(
     parameters = {"params_path": str(params.source_file), "run_dir": str(run_dir)}
     result = RunResult(params.run_name, run_dir)
     outcomes = folder.begin_run(params, wanted)  # locks the folder: a second run on it is refused at once
+    try:
+        names = _run_pseudonyms(folder, params)
+    except BaseException:
+        folder.end_run()
+        raise
     for stage in wanted:
         if stop_requested() is not None:  # a stop arrived while the previous stage finished its last cell
             _stop_run(folder, params, None, stage, outputs if refresh_index else None)
@@ -256,7 +266,7 @@ def run_params(
         try:
             outcome = execute_stage(stage, parameters, run_dir, notebooks, header=_header(params, folder),
                                     progress=progress, log_output=log_output, show_code=show_code,
-                                    kernel_name=kernel)
+                                    kernel_name=kernel, pseudonyms=names)
         except KeyboardInterrupt:  # Ctrl-C without graceful_stop: the manifest must not claim the stage still runs
             outcomes[stage.key].status = "interrupted"
             outcomes[stage.key].error = {"ename": "KeyboardInterrupt", "evalue": "interrupted by the user"}
@@ -268,6 +278,7 @@ def run_params(
         folder.end_stage(params, outcome)
         if outcome.status == "interrupted":
             _stop_run(folder, params, outcome, stage, outputs if refresh_index else None)
+    refresh_navigation(run_dir)  # earlier reports now link the later stages' (still under the run's lock)
     folder.end_run()
     result.stages = list(outcomes.values())
     if refresh_index:
@@ -278,6 +289,7 @@ def run_params(
 def _stop_run(folder: RunFolder, params: RunParams, outcome: StageOutcome | None, stage: Stage,
               outputs: Path | None) -> NoReturn:
     """A graceful stop: release the folder, refresh the index (it shows ``interrupted``), raise the one line."""
+    refresh_navigation(folder.path)
     folder.end_run()
     if outputs is not None:
         write_index(outputs)
@@ -321,7 +333,38 @@ def _build_demo(root: Path) -> None:
 def _header(params: RunParams, folder: RunFolder) -> dict[str, Any]:
     fingerprint = folder.weights_fingerprint(params, compute=False)
     return {"run": params.run_name, "fingerprint": fingerprint, "date": now_iso(),
-            "iteration": folder.iteration(params)}
+            "iteration": folder.iteration(params), "pseudonymize": params.report.pseudonymize}
+
+
+def _run_pseudonyms(folder: RunFolder, params: RunParams) -> Pseudonyms | None:
+    """The run's pseudonyms (saved in its folder), or None when its params show names."""
+    from vesselnb import pseudonym  # the data stack (skimage): paid by runs, not by `vesselnb --help`
+
+    return pseudonym.for_run(folder.path, params)
+
+
+def _comparison_pseudonyms(out_dir: Path, run_dirs: list[Path]) -> Pseudonyms | None:
+    """Pseudonyms for a comparison: on unless every compared run shows names (then the reader already sees them)."""
+    from vesselnb import pseudonym  # the data stack (skimage): paid by comparisons, not by `vesselnb --help`
+
+    params = [RunFolder(d).params() for d in run_dirs]
+    if all(p is not None and not p.report.pseudonymize for p in params):
+        return None
+    return pseudonym.for_comparison(out_dir, run_dirs, params)
+
+
+def _link_runs_to(run_dirs: list[Path]) -> None:
+    """Refresh the compared runs' report links (03 lists its comparisons), under each run's lock.
+
+    A run that another process is writing right now is left as it is (its own end of run refreshes the links).
+    """
+    for run_dir in run_dirs:
+        try:
+            with RunFolder(run_dir).lock():
+                refresh_navigation(run_dir)
+        except LockError:
+            print(f"vesselnb: note: {run_dir.name} is being written; its reports link this comparison after that run",
+                  file=sys.stderr)
 
 
 def compare_runs(
@@ -351,11 +394,15 @@ def compare_runs(
     result = RunResult(out_dir.name, out_dir)
     if progress:
         print(f"[{out_dir.name}] {COMPARE_STAGE.stem} ...", file=sys.stderr, flush=True)
-    header = {"run": out_dir.name, "fingerprint": None, "date": now_iso(), "iteration": None}
+    names = _comparison_pseudonyms(out_dir, run_dirs)
+    header = {"run": out_dir.name, "fingerprint": None, "date": now_iso(), "iteration": None,
+              "pseudonymize": names is not None}
     outcome = execute_stage(COMPARE_STAGE, parameters, out_dir, notebooks, header=header, progress=progress,
-                            log_output=log_output, show_code=show_code)
+                            log_output=log_output, show_code=show_code, pseudonyms=names)
     result.stages = [outcome]
     RunFolder(out_dir).write_compare_manifest(run_dirs, outcome)
+    refresh_navigation(out_dir)
+    _link_runs_to(run_dirs)
     if refresh_index:
         write_index(outputs)
     if outcome.status == "interrupted":

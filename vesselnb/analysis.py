@@ -621,8 +621,9 @@ class AnalysisReport:
         return hr.join(*parts)
 
     def patient_values(self) -> pd.DataFrame:
-        """Per-patient means of every summary metric."""
-        return patient_values(self.table, list(self.summary_frame.index))
+        """Per-patient means of every summary metric, one column per patient and one row per metric: shown only
+        below the minimum number of patients, so the columns are few, while ~20 metric columns overflowed a page."""
+        return patient_values(self.table, list(self.summary_frame.index)).T
 
     def threshold_table(self) -> pd.DataFrame | None:
         """The cross-validated threshold per held-out patient, with the recommendation and the in-sample optimum."""

@@ -131,7 +131,7 @@ class ComparisonReport:
             rows.append({
                 "run": run.label,
                 "iteration": run.iteration,
-                "checkpoint": run.checkpoint,
+                "checkpoint": Path(run.checkpoint).name if run.checkpoint else None,  # full path: comparison.json
                 "weights fingerprint": run.fingerprint,
                 "fingerprint from": run.fingerprint_source,
                 "predictions hash": (run.predictions_hash or "")[:16],
@@ -144,12 +144,13 @@ class ComparisonReport:
                 "cv threshold": (run.summary.get("threshold_cv") or {}).get("recommended"),
                 "cldice": headline.get("cldice"),
                 "hd95 (median)": headline.get("hd95"),
-                "run folder": str(run.run_dir),
+                "run folder": run.run_dir.name,
             })
         return pd.DataFrame(rows).set_index("run")
 
     def runs_section(self) -> Section:
-        return Section(_table(self.runs_table()))
+        """Shown one column per run: fifteen fields side by side overflowed a 1280 px page."""
+        return Section(_table(self.runs_table().T))
 
     def metrics(self) -> Section:
         """Every compared metric: direction, means, Δ, patient CI, raw and Holm p, patients and frames each way."""
@@ -161,7 +162,8 @@ class ComparisonReport:
                 parts.append(hr.banner(f"Only {pair.counts.n_patients} patients (minimum "
                                        f"{pair.settings.min_patients}): no intervals; see the per-patient Δ",
                                        level="warning"))
-            styled = view.style.format("{:.4g}", na_rep="—", subset=view.select_dtypes("number").columns).apply(
+            compact = _metrics_view(view, pair.a, pair.b)
+            styled = compact.style.format("{:.4g}", na_rep="—", subset=compact.select_dtypes("number").columns).apply(
                 _highlight_direction, axis=1)
             parts.append(hr.table(styled))
             if "scatter" in pair.figures:
@@ -303,6 +305,32 @@ def _interval_cell(interval: dict[str, Any]) -> str:
     if interval.get("low") is None:
         return f"no CI: {interval.get('withheld') or 'not computable'}"
     return f"[{interval['low']:.4f}, {interval['high']:.4f}]"
+
+
+def _metrics_view(view: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """The paired table as a reviewer reads it, in a page's width: the CI as one cell, counts as "better/worse"
+    pairs (the full table, one column per number, is in comparison.json)."""
+    def interval(row: pd.Series) -> str:
+        withheld = row.get("ci_withheld")
+        if isinstance(withheld, str) and withheld:
+            return "withheld"
+        return "—" if pd.isna(row["ci_low"]) else f"[{row['ci_low']:+.3g}, {row['ci_high']:+.3g}]"
+
+    return pd.DataFrame({
+        "better when": view["better_when"],
+        f"mean {a}": view[f"mean {a}"],
+        f"mean {b}": view[f"mean {b}"],
+        "Δ": view["delta"],
+        "95% CI of Δ (patients)": view.apply(interval, axis=1),
+        "p": view["p"],
+        "p (Holm)": view["p_holm"],
+        "direction": view["direction"],
+        f"patients {b} better / worse": [f"{int(x)} / {int(y)}" for x, y in
+                                         zip(view["patients_better"], view["patients_worse"], strict=True)],
+        "frames better / worse / tied": [f"{int(x)} / {int(y)} / {int(z)}" for x, y, z in
+                                         zip(view["frames_better"], view["frames_worse"], view["frames_tied"],
+                                             strict=True)],
+    }, index=view.index)
 
 
 def _highlight_direction(row: pd.Series) -> list[str]:

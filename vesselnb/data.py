@@ -20,6 +20,7 @@ from skimage import draw, measure
 from vesselnb.errors import DataError
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX
+from vesselnb.polyfill import polygon_pixels
 
 
 @dataclass(frozen=True)
@@ -211,11 +212,13 @@ def polygons_to_mask(polygons: list[np.ndarray], shape: tuple[int, int], polygon
         if len(points) < 3:
             continue
         if polygon_fill == "even_odd":
-            mask[draw.polygon(points[:, 1], points[:, 0], shape)] ^= True
+            row0, col0, inside = polygon_pixels(points, shape)  # = skimage.draw.polygon's pixels, scanline time
+            mask[row0 : row0 + inside.shape[0], col0 : col0 + inside.shape[1]] ^= inside
             continue
-        points = points.astype(np.int32)  # truncation, as the users' `.astype(np.int32)`
-        mask[draw.polygon(points[:, 1], points[:, 0], shape)] = True
-        mask[draw.polygon_perimeter(points[:, 1], points[:, 0], shape, clip=False)] = True
+        corners = points.astype(np.int32)  # truncation, as the users' `.astype(np.int32)`
+        row0, col0, inside = polygon_pixels(corners.astype(np.float64), shape)
+        mask[row0 : row0 + inside.shape[0], col0 : col0 + inside.shape[1]] |= inside
+        mask[draw.polygon_perimeter(corners[:, 1], corners[:, 0], shape, clip=False)] = True
     return mask
 
 

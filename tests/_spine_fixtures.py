@@ -84,9 +84,11 @@ def write_stub_notebooks(folder: Path, fail: str | None = None) -> Path:
 
 
 def write_params(path: Path, run_name: str, **extra: object) -> Path:
-    """A minimal valid params file (an existing HF folder and image folder beside it)."""
+    """A minimal valid params file (an HF folder with a config.json and an image folder with one frame beside it)."""
     (path.parent / "hf").mkdir(parents=True, exist_ok=True)
+    (path.parent / "hf" / "config.json").write_text("{}", encoding="utf-8")
     (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    (path.parent / "images" / "a_1__s_frame_000001.jpg").touch()
     content = {"run_name": run_name, "hf_model": "hf", "data": {"images": "images"}, **extra}
     path.write_text(yaml.safe_dump(content), encoding="utf-8")
     return path

@@ -166,6 +166,7 @@ def test_notebook_runs_under_papermill_with_static_fallback(dataset, tmp_path: P
     run_dir = tmp_path / "runs" / "nb"
     write_store(run_dir, root / "images", _thin_missed(gts))
     params = tmp_path / "params.yaml"
+    (tmp_path / "config.json").write_text("{}")  # load_params checks that hf_model is an HF folder
     params.write_text(
         f"run_name: nb\nhf_model: {tmp_path}\ndata:\n  images: {root / 'images'}\n  annotations: {root / 'masks'}\n"
         "  annotation_format: mask_png\nanalysis:\n  bootstrap_samples: 100\n  gallery_k: 2\n"

@@ -180,19 +180,23 @@ def test_hf_folder_loads_with_remote_code_and_has_sa2va_keys(demo_assets: DemoAs
 
 
 def test_predict_forward_image_contract(demo_model, first_frame: Image.Image) -> None:
+    """As upstream: thresholded masks only; the soft map exists only inside (and vesselnb captures it)."""
+    from vesselnb.mask_capture import LogitCapture, maps_from_logits
+
     model, tokenizer = demo_model
-    out = model.predict_forward(
-        image=first_frame, text=DEFAULT_PROMPT, tokenizer=tokenizer, return_probability_maps=True
-    )
-    assert out["prediction"] == "Sure, it is [SEG].<|im_end|>"
+    capture = LogitCapture(model)
+    with capture.active() as logits:
+        out = model.predict_forward(image=first_frame, text=DEFAULT_PROMPT, tokenizer=tokenizer)
+    assert out["prediction"] == "Sure, it is [SEG].<|im_end|>" and "probability_maps" not in out
     (mask,) = out["prediction_masks"]
     assert isinstance(mask, np.ndarray) and mask.dtype == bool and mask.shape == (1, 256, 256)
     assert 0.01 < mask.mean() < 0.5
-    (probability,) = out["probability_maps"]
+    (probability,) = maps_from_logits(logits, out["prediction_masks"])
     assert probability.dtype == np.float32 and probability.shape == (1, 256, 256)
     assert np.array_equal(probability > 0.5, mask)
+    assert "language_embd_inference" not in vars(model.grounding_encoder)  # the wrapper is gone again
     plain = model.predict_forward(image=first_frame, text=DEFAULT_PROMPT, tokenizer=tokenizer)
-    assert "probability_maps" not in plain and np.array_equal(plain["prediction_masks"][0], mask)
+    assert np.array_equal(plain["prediction_masks"][0], mask)
 
 
 def test_predict_forward_resizes_masks_to_the_input_size(demo_model, first_frame: Image.Image) -> None:

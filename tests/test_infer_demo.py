@@ -30,6 +30,7 @@ from PIL import Image
 from vesselnb.data import list_samples
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.fingerprint import weights_fingerprint
+from vesselnb.frames import window_to_uint8
 from vesselnb.infer import FlashAttnWarning, PromptWarning, infer_stage, load_model
 from vesselnb.params import DEFAULT_PROMPT, load_params
 from vesselnb.store import PredictionStore
@@ -83,8 +84,55 @@ def test_full_run_stores_every_frame_with_masks_and_probabilities(reference_run,
             assert mask.shape == (image.height, image.width) == (rec["height"], rec["width"])
         assert "[SEG]" in rec["text"] and rec["n_seg"] >= 1 and rec["seconds"] > 0
         assert mask.any() and prob is not None and prob.dtype == np.uint8
-        # The stored probability map thresholded at 0.5 gives back the model's own mask (up to uint8 rounding).
-        assert np.mean((prob >= 128) == mask) > 0.995
+        # The map was captured from the model's logits (the demo returns masks only, as upstream) and, stored,
+        # thresholded at 0.5 as the analysis does, gives back the model's own mask bit for bit.
+        assert rec["probability_source"].startswith("captured")
+        assert np.array_equal(prob > 0.5 * 255, mask)
+        assert 0 < np.count_nonzero((prob > 0) & (prob < 255))  # a soft map, not the mask in disguise
+
+
+def test_captured_maps_reproduce_the_returned_masks_bit_for_bit(model_dir, frames) -> None:
+    """Image and video calls: the captured map thresholded at 0.5 is predict_forward's own mask, frame by frame,
+    both as float and as stored (uint8); a non-square frame exercises upstream's resize to the input size."""
+    from vesselnb.mask_capture import quantise_consistent
+
+    loaded = load_model(model_dir, device="cpu")
+    assert loaded.probability.captured
+    paths = sorted(frames.glob("*.jpg"))[:3]
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    calls = [{"image": images[0]}, {"image": images[1].resize((301, 207))}, {"video": images}]
+    for call in calls:
+        output = loaded.predict(text=DEFAULT_PROMPT, probability=True, **call)
+        plain = loaded.predict(text=DEFAULT_PROMPT, **call)
+        assert "probability_maps" not in plain and "probability_error" not in output
+        masks, maps = output["prediction_masks"], output["probability_maps"]
+        assert len(masks) == len(maps) > 0
+        for mask, prob, plain_mask in zip(masks, maps, plain["prediction_masks"], strict=True):
+            assert prob.shape == mask.shape and np.array_equal(plain_mask, mask)
+            assert np.array_equal(prob > 0.5, mask)
+            for index in range(mask.shape[0]):
+                stored = quantise_consistent(prob[index], mask[index])
+                assert np.array_equal(stored > 127.5, mask[index])
+    assert "language_embd_inference" not in vars(loaded.model.grounding_encoder)
+
+
+def test_a_capture_that_does_not_reproduce_the_masks_stores_no_map(model_dir, frames, tmp_path) -> None:
+    """Code whose returned masks are not the captured logits' threshold: no map, the reason in the record."""
+    folder = copy_model(model_dir, tmp_path / "other_threshold")
+    modeling = folder / "modeling_sa2va_demo.py"
+    code = modeling.read_text()
+    assert "masks.sigmoid() > 0.5" in code
+    modeling.write_text(code.replace("masks.sigmoid() > 0.5", "masks.sigmoid() > 0.3"))
+    params = load_params(write_params(tmp_path / "p.yaml", folder, frames))
+    params.data.limit = 1
+    summary = infer_stage(params, tmp_path / "run", progress=False)
+    (rec,) = PredictionStore(tmp_path / "run" / "predictions").records()
+    assert rec["status"] == "ok" and not rec["has_probability"]
+    assert "differ from the returned mask" in rec["probability_source"]
+    assert any("no probability map" in note for note in summary.notes)
 
 
 @pytest.mark.slow
@@ -376,3 +424,123 @@ def test_16_bit_frame_predicts_as_its_8_bit_window(model_dir, frames, tmp_path) 
     assert out16["prediction"] == out8["prediction"]
     masks16, masks8 = np.any(out16["prediction_masks"], axis=0), np.any(out8["prediction_masks"], axis=0)
     assert masks8.any() and np.array_equal(masks16, masks8)
+
+
+def _dicom(path: Path, frames16: np.ndarray, window=None) -> Path:
+    """A real multi-frame XA DICOM file written with pydicom (uncompressed 16-bit)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, XRayAngiographicImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = XRayAngiographicImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.SeriesNumber, ds.Modality = "Doe^Jane", "42", 3, "XA"
+    ds.NumberOfFrames, (ds.Rows, ds.Columns) = frames16.shape[0], frames16.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = frames16.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def test_dicom_cine_is_one_record_per_frame_with_its_windowing(model_dir, frames, tmp_path) -> None:
+    """A 16-bit XA cine run: each frame predicted as its 8-bit window (same masks as the 8-bit picture), the
+    window recorded, a constant frame an error record."""
+    paths = sorted(frames.glob("*.jpg"))[:2]
+    greys = []
+    for path in paths:
+        with Image.open(path) as image:
+            greys.append(np.asarray(image.convert("L")))
+    cine = np.stack([g.astype(np.uint16) * 257 + 1000 for g in greys] + [np.full_like(greys[0], 7000, np.uint16)])
+    images = tmp_path / "dicom"
+    images.mkdir()
+    _dicom(images / "run1.dcm", cine)
+    params = load_params(write_params(tmp_path / "p.yaml", model_dir, images))
+    params.data.image_glob = "*.dcm"
+    summary = infer_stage(params, tmp_path / "run", progress=False)
+    store = PredictionStore(tmp_path / "run" / "predictions")
+    records = {rec["sample_id"]: rec for rec in store.records()}
+    assert sorted(records) == [f"run1_frame_{i:06d}" for i in range(3)] and summary.n_samples == 3
+    bad = records["run1_frame_000002"]
+    assert bad["status"] == "error" and "black" in bad["error"] and bad["image"].endswith("run1.dcm#frame=2")
+    loaded = load_model(model_dir, device="cpu")
+    for index, grey in enumerate(greys):
+        rec = records[f"run1_frame_{index:06d}"]
+        assert rec["status"] == "ok" and rec["patient"] == "Doe_Jane_42" and rec["sequence"] == "3"
+        assert rec["frame"] == index and rec["windowing"].startswith("min-max")
+        reference = loaded.predict(image=Image.fromarray(window_to_uint8(grey)).convert("RGB"), text=DEFAULT_PROMPT)
+        assert np.array_equal(store.mask(rec["sample_id"]), np.any(reference["prediction_masks"], axis=0)[0])
+    frame = summary.records
+    assert "windowing" in frame.columns and frame["windowing"].notna().sum() == 2
+
+
+def test_error_records_are_retried_when_their_file_changes(model_dir, frames, tmp_path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    good = sorted(frames.glob("*.jpg"))[:2]
+    (images / good[0].name).write_bytes(good[0].read_bytes())
+    broken = images / good[1].name
+    broken.write_bytes(b"not yet exported")
+    params = load_params(write_params(tmp_path / "p.yaml", model_dir, images))
+    first = infer_stage(params, tmp_path / "run", progress=False)
+    assert first.status_counts == {"ok": 1, "no_seg": 0, "error": 1}
+    unchanged = infer_stage(params, tmp_path / "run", progress=False)
+    assert unchanged.stats.n_run == 0 and unchanged.stats.n_retried == 0
+    assert unchanged.stats.n_done_before == 2
+
+    broken.write_bytes(good[1].read_bytes())  # the user re-exports the frame
+    fixed = infer_stage(params, tmp_path / "run", progress=False)
+    assert fixed.stats.n_retried == 1 and fixed.stats.n_run == 1 and fixed.stats.n_done_before == 1
+    assert "1 predicted (1 retried error records)" in fixed.to_text()
+    assert fixed.status_counts == {"ok": 2, "no_seg": 0, "error": 0}
+
+    (images / good[0].name).write_bytes(b"broken again")  # an ok record is never redone by itself...
+    again = infer_stage(params, tmp_path / "run", progress=False)
+    assert again.stats.n_run == 0
+    store = PredictionStore(tmp_path / "run" / "predictions")
+    record = store.record(good[1].stem)
+    record.pop("image_stat", None)  # ...and an error record without a file signature only with --retry-errors
+    record.update(status="error", error="old vesselnb error")
+    store.write(record, np.zeros((record["height"], record["width"]), bool))
+    assert infer_stage(params, tmp_path / "run", progress=False).stats.n_retried == 0
+    forced = run_cli(write_params(tmp_path / "p.yaml", model_dir, images), tmp_path / "run", "--retry-errors")
+    assert "1 retried error records" in forced.stdout + forced.stderr
+    assert PredictionStore(tmp_path / "run" / "predictions").record(good[1].stem)["status"] == "ok"
+
+
+def test_video_mode_runs_in_windows_stitched_deterministically(model_dir, frames, tmp_path) -> None:
+    """Sequences of three frames in windows of two sharing one: each frame stored from the window whose centre is
+    nearer (ties: the earlier), each window's peak memory reported, what the LLM saw recorded; a resumed run makes
+    the same calls and stores the same masks."""
+    params = load_params(write_params(tmp_path / "p.yaml", model_dir, frames, mode="video", video_window=2,
+                                      video_overlap=1))
+    summary = infer_stage(params, tmp_path / "run", progress=False)
+    windows = summary.stats.windows
+    assert [(w["first"], w["last"], w["frames"], w["llm_frames"]) for w in windows] == [(0, 1, 2, 2), (1, 2, 2, 2)] * 2
+    assert all(w["peak_mb"] and w["peak_mb"] > 0 for w in windows)
+    assert windows[0]["planned_mb"] is None and all(w["planned_mb"] >= windows[0]["peak_mb"] for w in windows[1:])
+    assert "none above the memory model's plan" in " ".join(summary.video_notes)  # the demo's memory is flat
+    store = PredictionStore(tmp_path / "run" / "predictions")
+    assert store.meta["video_window"] == 2 and store.meta["video_overlap"] == 1
+    loaded = load_model(model_dir, device="cpu")
+    for sequence in {rec["sequence"] for rec in store.records()}:
+        recs = sorted((r for r in store.records() if r["sequence"] == sequence), key=lambda r: r["frame"])
+        assert [r["video_window"] for r in recs] == [[0, 1], [0, 1], [1, 2]]
+        assert all(r["llm_saw_frame"] for r in recs)
+        images = []
+        for rec in recs:
+            with Image.open(rec["image"]) as image:
+                images.append(image.convert("RGB"))
+        last_window = loaded.predict(video=images[1:], text=DEFAULT_PROMPT)  # frame 2 comes from window (1, 2)
+        assert np.array_equal(store.mask(recs[2]["sample_id"]), np.any(last_window["prediction_masks"], axis=0)[1])
+    reference = {r["sample_id"]: store.mask(r["sample_id"]) for r in store.records()}
+    removed = sorted(store.sample_ids())[1]
+    (store.path / "records" / f"{removed}.json").unlink()
+    resumed = infer_stage(params, tmp_path / "run", progress=False)
+    assert resumed.stats.n_run == 1 and len(resumed.stats.windows) == 1
+    assert np.array_equal(PredictionStore(store.path).mask(removed), reference[removed])
+    assert "video" in summary._repr_html_() and "first 5" in summary._repr_html_()

@@ -222,15 +222,106 @@ class _VesselFork:
         return {}
 
 
-class _Demo:
-    def predict_forward(self, image=None, video=None, text=None, tokenizer=None, return_probability_maps=False):
-        return {}
+class _Encoder:
+    def language_embd_inference(self, state, language_embd):
+        return torch.zeros(1, 1, 4, 4)
 
 
-def test_probability_support_follows_the_signature() -> None:
+class _UpstreamShaped(_Upstream):
+    """Upstream's shape: predict_forward resizes grounding_encoder.language_embd_inference's logits bilinearly."""
+
+    grounding_encoder = _Encoder()
+
+    def predict_forward(self, image=None, video=None, text=None, past_text="", mask_prompts=None, tokenizer=None,
+                        processor=None):
+        logits = self.grounding_encoder.language_embd_inference(None, [None])
+        masks = torch.nn.functional.interpolate(logits, size=(4, 6), mode="bilinear", align_corners=False)[:, 0]
+        return {"prediction": "[SEG]", "prediction_masks": [(masks.sigmoid() > 0.5).numpy()]}
+
+
+class _OtherShape(_Upstream):
+    grounding_encoder = _Encoder()  # the method exists, but predict_forward never calls it
+
+
+def test_probability_support_follows_the_code() -> None:
     from vesselnb.infer import probability_support
 
-    upstream, fork, demo = (probability_support(m()) for m in (_Upstream, _VesselFork, _Demo))
-    assert not upstream.available and "only thresholded masks" in upstream.reason
-    assert fork.available and fork.call_kwargs == {}  # the fork always returns probability_maps as numpy
-    assert demo.available and demo.call_kwargs == {"return_probability_maps": True}
+    upstream, fork, shaped, other = (probability_support(m()) for m in (_Upstream, _VesselFork, _UpstreamShaped,
+                                                                         _OtherShape))
+    assert not upstream.available and "no grounding_encoder.language_embd_inference" in upstream.reason
+    assert fork.available and fork.call_kwargs == {} and not fork.captured  # the fork returns maps itself
+    assert shaped.available and shaped.captured and shaped.call_kwargs == {}
+    assert not other.available and "capture not recognised" in other.reason
+
+
+def test_capture_is_scoped_and_keeps_only_maps_that_reproduce_the_masks() -> None:
+    from vesselnb.mask_capture import CaptureMismatch, LogitCapture, maps_from_logits
+
+    model = _UpstreamShaped()
+    model.grounding_encoder = _Encoder()  # an instance of its own, as nn.Module children are
+    capture = LogitCapture(model)
+    with capture.active() as logits:
+        out = model.predict_forward(image=object())
+        assert "language_embd_inference" in vars(model.grounding_encoder)
+    assert "language_embd_inference" not in vars(model.grounding_encoder)
+    (stack,) = logits
+    assert stack.shape == (1, 1, 4, 4)
+    (prob,) = maps_from_logits(logits, out["prediction_masks"])
+    assert prob.shape == (1, 4, 6) and np.all(prob == 0.5)  # zero logits: p = 0.5 exactly, mask False
+    with pytest.raises(CaptureMismatch, match="differ from the returned mask"):
+        maps_from_logits(logits, [np.ones((1, 4, 6), bool)])
+    with pytest.raises(CaptureMismatch, match="2 captured logit stacks for 1"):
+        maps_from_logits(logits * 2, out["prediction_masks"])
+    with pytest.raises(CaptureMismatch, match="do not match returned mask"):
+        maps_from_logits([torch.zeros(1, 4, 4)], out["prediction_masks"])
+    with pytest.raises(ValueError), capture.active():
+        raise ValueError("boom")
+    assert "language_embd_inference" not in vars(model.grounding_encoder)
+
+
+def test_quantised_maps_threshold_to_the_mask_even_at_exactly_one_half() -> None:
+    from vesselnb.mask_capture import quantise_consistent
+
+    prob = np.array([[0.5, 0.5000001, 0.4999, 0.9]], np.float32)
+    mask = prob > 0.5
+    stored = quantise_consistent(prob, mask)
+    assert np.rint(0.5 * 255) == 128  # plain rounding would say "vessel" where upstream said no
+    assert np.array_equal(stored > 0.5 * 255, mask)
+    assert np.abs(stored.astype(int) - np.rint(prob * 255)).max() <= 1
+
+
+# --- video windows --------------------------------------------------------------------------------------------------
+def test_window_bounds_cover_every_frame_and_refuse_bad_settings() -> None:
+    import doctest
+
+    import vesselnb.infer as infer_module
+    from vesselnb.infer import window_bounds
+
+    assert doctest.testmod(infer_module).failed == 0
+    for n in range(1, 40):
+        for window in (1, 2, 5, 16):
+            for overlap in range(window):
+                bounds = window_bounds(n, window, overlap)
+                covered = sorted({i for a, b in bounds for i in range(a, b + 1)})
+                assert covered == list(range(n))
+                assert all(b - a + 1 == min(window, n) for a, b in bounds)
+                assert all(later[0] - earlier[1] <= 1 for earlier, later in zip(bounds, bounds[1:], strict=False))
+    with pytest.raises(InferenceError, match="video_overlap"):
+        window_bounds(10, 4, 4)
+
+
+def test_each_frame_is_owned_by_exactly_one_window_the_nearest_centre() -> None:
+    from vesselnb.infer import video_windows
+
+    sequence = [Sample(f"f{i}", Path(f"f{i}.jpg"), "p", "s", i) for i in range(10)]
+    windows = video_windows(sequence, 4, 2)  # (0,3) (2,5) (4,7) (6,9)
+    assert [(w.first, w.last) for w in windows] == [(0, 3), (2, 5), (4, 7), (6, 9)]
+    owners = {}
+    for k, window in enumerate(windows):
+        for sample_id in window.owned:
+            assert sample_id not in owners
+            owners[sample_id] = k
+    assert sorted(owners) == sorted(s.sample_id for s in sequence)
+    # frame 2: centres 1.5 (distance 0.5) and 3.5 (1.5) -> window 0; frame 3: 1.5 (1.5) vs 3.5 (0.5) -> window 1
+    assert [owners[f"f{i}"] for i in range(10)] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert video_windows(sequence, 4, 2) == windows  # deterministic

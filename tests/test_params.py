@@ -8,16 +8,18 @@ import pytest
 import yaml
 
 from vesselnb.errors import ParamsError
-from vesselnb.params import DEFAULT_PROMPT, RunParams, load_params
+from vesselnb.params import DEFAULT_PROMPT, RunParams, load_params, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture()
 def layout(tmp_path: Path) -> Path:
-    """A params folder with an existing HF folder and image folder beside it."""
+    """A params folder with an HF folder (config.json) and an image folder holding one frame beside it."""
     (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}", encoding="utf-8")
     (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "Chen_Fang_0000103366__1-4_frame_000001.jpg").write_bytes(b"")
     return tmp_path
 
 
@@ -154,3 +156,92 @@ def test_demo_params_schema(tmp_path: Path, name: str) -> None:
     assert params.iteration in (50, 400)
     assert params.checkpoint.path is not None and params.checkpoint.path.name == f"iter_{params.iteration}.pth"
     assert params.checkpoint.path.is_relative_to(tmp_path.parent / "outputs" / "_demo_assets")
+
+
+# --- duplicate keys, sizes, folders and globs (issue 14) -------------------------------------------------------------
+def test_duplicate_top_level_key_names_both_lines(layout: Path) -> None:
+    path = write(layout, "run_name: r1\nhf_model: hf\ndata:\n  images: images\nrun_name: r2\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert str(path) in message and "'run_name'" in message and "lines 1 and 5" in message
+
+
+def test_duplicate_nested_key_names_both_lines(layout: Path) -> None:
+    path = write(layout, "run_name: r1\nhf_model: hf\ndata:\n  images: images\n  limit: 2\n  limit: 3\n")
+    with pytest.raises(ParamsError, match=r"'limit' is given twice \(lines 5 and 6\)"):
+        load_params(path)
+
+
+def test_same_key_in_different_mappings_is_fine(layout: Path) -> None:
+    text = VALID + "checkpoint:\n  dtype: bf16\ninference:\n  dtype: fp32\n"
+    params = load_params(write(layout, text))
+    assert params.checkpoint.dtype == "bf16" and params.inference.dtype == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("given", "normalised", "nbytes"),
+    [("70GiB", "70GiB", 70 * 2**30), ("80GB", "80GB", 80 * 10**9), ("80gb", "80GB", 80 * 10**9),
+     ("1.5 GiB", "1.5GiB", int(1.5 * 2**30)), ("500MB", "500MB", 500 * 10**6)],
+)
+def test_memory_sizes_parsed_and_normalised(layout: Path, given: str, normalised: str, nbytes: int) -> None:
+    params = load_params(write(layout, VALID + f"inference:\n  max_memory_per_gpu: '{given}'\n"))
+    assert params.inference.max_memory_per_gpu == normalised
+    assert parse_size(normalised) == nbytes
+    # the normalised form is one accelerate's max_memory understands, with the same value
+    from accelerate.utils import convert_file_size_to_int
+
+    assert convert_file_size_to_int(normalised) == nbytes
+
+
+@pytest.mark.parametrize(
+    ("key", "snippet", "expected"),
+    [("inference.max_memory_per_gpu", "inference:\n  max_memory_per_gpu: lots\n", "size such as 70GiB"),
+     ("inference.max_memory_per_gpu", "inference:\n  max_memory_per_gpu: 70\n", "missing unit"),
+     ("checkpoint.shard_size", "checkpoint:\n  shard_size: 5 gigs\n", "size such as"),
+     ("checkpoint.shard_size", "checkpoint:\n  shard_size: true\n", "size such as")],
+)
+def test_bad_sizes_refused_naming_key_and_file(layout: Path, key: str, snippet: str, expected: str) -> None:
+    path = write(layout, VALID + snippet)
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert f"'{key}'" in message and str(path) in message and expected in message
+
+
+def test_image_glob_matching_nothing_refused_with_the_fix(layout: Path) -> None:
+    for index in range(3):
+        (layout / "images" / f"p_1__s_frame_{index:06d}.png").write_bytes(b"")
+    path = write(layout, VALID + "  image_glob: '*.tif'\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "'data.image_glob'" in message and str(path) in message and "'*.tif'" in message
+    assert "3 '*.png' files" in message  # the fix is in the message
+    assert load_params(write(layout, VALID + "  image_glob: '*.png'\n")).data.image_glob == "*.png"
+
+
+def test_empty_image_folder_refused(layout: Path) -> None:
+    (layout / "empty").mkdir()
+    path = write(layout, "run_name: r1\nhf_model: hf\ndata:\n  images: empty\n")
+    with pytest.raises(ParamsError, match=r"matches no file .*holds no files"):
+        load_params(path)
+
+
+def test_images_must_be_a_folder_and_hf_model_an_hf_folder(layout: Path) -> None:
+    (layout / "frames.zip").write_bytes(b"")
+    with pytest.raises(ParamsError, match=r"'data.images' .* not a folder of frames"):
+        load_params(write(layout, "hf_model: hf\ndata:\n  images: frames.zip\n"))
+    (layout / "not_hf").mkdir()
+    with pytest.raises(ParamsError, match=r"'hf_model' .* not a Hugging Face model folder \(no config.json\)"):
+        load_params(write(layout, "hf_model: not_hf\ndata:\n  images: images\n"))
+
+
+def test_bad_name_regex_refused_at_load(layout: Path) -> None:
+    with pytest.raises(ParamsError, match=r"'data.name_regex' is not a valid regular expression"):
+        load_params(write(layout, VALID + "  name_regex: '(?P<patient>'\n"))
+
+
+def test_folder_checks_skipped_without_check_paths(layout: Path) -> None:
+    params = load_params(write(layout, VALID + "  image_glob: '*.tif'\n"), check_paths=False)
+    assert params.data.image_glob == "*.tif"

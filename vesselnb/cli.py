@@ -8,6 +8,8 @@ import sys
 from vesselnb import infer_cli, runner
 from vesselnb.convert import cli as convert_cli
 from vesselnb.errors import VesselnbError
+from vesselnb.fs_errors import describe_os_error, log_traceback
+from vesselnb.interrupts import Interrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +34,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except VesselnbError as exc:
         print(f"vesselnb: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:  # a graceful stop: what was done is saved, a rerun resumes
+        again = "" if "again" in str(exc) else "; run the same command again to resume"
+        print(f"vesselnb: {exc}{again}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a stage (loading params, building the demo): nothing half-written
+        print("vesselnb: interrupted (SIGINT) outside a stage; run the same command again", file=sys.stderr)
+        return 130
+    except OSError as exc:  # read-only, full disk, permissions: one line with the path and the fix
+        log = log_traceback(exc)
+        print(f"vesselnb: error: {describe_os_error(exc)}" + (f" (details: {log})" if log else ""), file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from PIL import Image
 from skimage import draw, measure
 
 from vesselnb.errors import DataError
+from vesselnb.frames import dicom_frames, frame_reference, frame_size, is_dicom
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX
 from vesselnb.polyfill import polygon_pixels
@@ -25,13 +27,20 @@ from vesselnb.polyfill import polygon_pixels
 
 @dataclass(frozen=True)
 class Sample:
-    """One frame to segment. ``sample_id`` is the file stem, unique within a dataset."""
+    """One frame to segment. ``sample_id`` is the file stem (``<stem>_frame_<i>`` for frame ``i`` of a multi-frame
+    DICOM file, whose ``frame_index`` is then ``i``), unique within a dataset."""
 
     sample_id: str
     image_path: Path
     patient: str
     sequence: str
     frame: int
+    frame_index: int | None = None
+
+    @property
+    def reference(self) -> str:
+        """What :mod:`vesselnb.frames` decodes, and the store's ``image``: the file, or ``file#frame=i``."""
+        return frame_reference(self.image_path, self.frame_index)
 
     @property
     def video_key(self) -> str:
@@ -80,6 +89,9 @@ def list_samples(
     for path in folder.glob(image_glob):
         if not path.is_file():
             continue
+        if is_dicom(path):
+            samples.extend(dicom_samples(path, name_regex))
+            continue
         patient, sequence, frame = parse_sample_name(path.stem, name_regex)
         samples.append(Sample(path.stem, path, patient, sequence, frame))
     if not samples:
@@ -89,6 +101,28 @@ def list_samples(
         raise DataError(f"{folder}: two files share a stem; sample ids must be unique")
     samples.sort(key=lambda s: (s.patient, s.sequence, s.frame, s.sample_id))
     return samples[:limit] if limit else samples
+
+
+def dicom_samples(path: Path, name_regex: str = DEFAULT_NAME_REGEX) -> list[Sample]:
+    """One sample per frame of a DICOM file (an XA cine run has dozens).
+
+    Patient = PatientName_PatientID and sequence = Series Number (else Series Instance UID) from the tags; where a
+    tag is empty the file-name rule fills it in. Frame = the index in a multi-frame file, else Instance Number (else
+    the file-name rule). A file whose header cannot be read is one sample named by the file-name rule: decoding it
+    fails, so it becomes that sample's ``error`` record, and the run goes on.
+    """
+    name_patient, name_sequence, name_frame = parse_sample_name(path.stem, name_regex)
+    try:
+        info = dicom_frames(path)
+    except DataError:
+        return [Sample(path.stem, path, name_patient, name_sequence, name_frame)]
+    patient = info.patient or name_patient
+    sequence = info.sequence or name_sequence
+    if info.n_frames <= 1:
+        frame = info.instance if info.instance is not None else name_frame
+        return [Sample(path.stem, path, patient, sequence, frame)]
+    return [Sample(f"{path.stem}_frame_{index:06d}", path, patient, sequence, index, index)
+            for index in range(info.n_frames)]
 
 
 # --- Ground truth (analysis stage only) ------------------------------------------------------------------------
@@ -262,11 +296,9 @@ def _frame_sizes(samples: list[Sample]) -> dict[str, tuple[int, int]]:
     """(height, width) of every frame, from the image headers only."""
     sizes = {}
     for sample in samples:
-        try:
-            with Image.open(sample.image_path) as image:
-                sizes[sample.sample_id] = (image.height, image.width)
-        except OSError:
-            continue  # an unreadable frame is an inference "error"; it simply gets no ground truth
+        size = frame_size(sample.reference)
+        if size != (0, 0):  # an unreadable frame is an inference "error"; it simply gets no ground truth
+            sizes[sample.sample_id] = size
     return sizes
 
 
@@ -309,9 +341,13 @@ def load_ground_truth(
     # raw: stem -> (annotation, declared (width, height) or None)
     raw = readers[fmt](source, report)
     found: dict[str, _Annotation] = {}
-    for stem, (entry, declared) in raw.items():
+    # Names are matched in Unicode NFC: a file saved in NFD (macOS) must meet its NFC annotation, not be "missing".
+    nfc_ids = {unicodedata.normalize("NFC", sample_id): sample_id for sample_id in by_stem}
+    nfc_folder = {unicodedata.normalize("NFC", f) for f in frames_in_folder} if frames_in_folder is not None else None
+    for raw_stem, (entry, declared) in raw.items():
+        stem = nfc_ids.get(unicodedata.normalize("NFC", raw_stem), raw_stem)
         if stem not in by_stem:
-            if frames_in_folder is None or stem not in frames_in_folder:
+            if nfc_folder is None or unicodedata.normalize("NFC", stem) not in nfc_folder:
                 report.unmatched.append(stem)
             continue
         if stem not in sizes:

@@ -44,7 +44,17 @@ from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.fingerprint import config_fingerprint
-from vesselnb.frames import open_frame_rgb
+from vesselnb.frames import frame_size, load_frame
+from vesselnb.interrupts import check_stop, graceful_stop
+from vesselnb.locks import hold_all
+from vesselnb.mask_capture import (
+    CaptureMismatch,
+    LogitCapture,
+    ProbabilitySupport,
+    maps_from_logits,
+    probability_support,
+    quantise_consistent,
+)
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_PROMPT, RunParams, load_params
 from vesselnb.run_folder import PARTS_DIR, RunFolder
@@ -95,36 +105,6 @@ def prepare_prompt(prompt: str, strict: bool = False) -> tuple[str, str | None]:
 
 
 # --- loading --------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProbabilitySupport:
-    """Whether the model's ``predict_forward`` can return probability maps, and how to ask for them."""
-
-    available: bool
-    call_kwargs: dict[str, Any]
-    reason: str
-
-
-def probability_support(model: Any) -> ProbabilitySupport:
-    """Inspect ``predict_forward``'s signature.
-
-    * ``return_probability_maps`` (vesselnb's demo model): pass ``True``, read ``probability_maps``;
-    * ``return_tensors`` (the vessel fork qimingfan10/RLSa2va): it always returns ``probability_maps`` (sigmoid of
-      the fp32 logits before the 0.5 threshold) as numpy unless ``return_tensors=True``; nothing to pass;
-    * otherwise (upstream Sa2VA): only thresholded masks come back, so no probability maps.
-    """
-    try:
-        params = inspect.signature(model.predict_forward).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if "return_probability_maps" in params:
-        return ProbabilitySupport(True, {"return_probability_maps": True}, "predict_forward(return_probability_maps)")
-    if "return_tensors" in params:
-        return ProbabilitySupport(True, {}, "predict_forward returns probability_maps (vessel-fork signature)")
-    return ProbabilitySupport(
-        False, {}, "this model's predict_forward returns only thresholded masks (upstream Sa2VA); no probability maps"
-    )
-
-
 @dataclass
 class LoadedModel:
     """A model ready for ``predict_forward``, with its tokenizer and where/how it runs."""
@@ -139,8 +119,12 @@ class LoadedModel:
     # "inference_mode" until a model shows it needs "no_grad" (see _grad_guard); sticky for the rest of the run.
     grad_guard: str = "inference_mode"
 
-    def predict(self, **kwargs: Any) -> dict[str, Any]:
+    def predict(self, probability: bool = False, **kwargs: Any) -> dict[str, Any]:
         """``model.predict_forward(**kwargs, tokenizer=...)`` with autograd off (and the CPU shim on the CPU).
+
+        ``probability``: also return ``probability_maps`` (one float32 (T, H, W) stack per mask) — asked of the
+        model when its signature offers them, else captured from its mask logits (:mod:`vesselnb.mask_capture`);
+        when the capture cannot reproduce the masks the answer carries ``probability_error`` instead.
 
         Upstream Sa2VA decorates only ``generate`` with ``@torch.no_grad()``; its SAM2 path and ``text_hidden_fcs``
         run outside it, so an unguarded call keeps SAM2's whole graph (5x the memory of a no-grad call, measured on
@@ -148,18 +132,32 @@ class LoadedModel:
         tensors across the mode boundary (torch then refuses with "Inference tensors ...") is retried once under
         ``torch.no_grad()``, which costs the same memory, and stays there.
         """
+        capture = probability and self.probability.captured
+        if probability:
+            kwargs = {**self.probability.call_kwargs, **kwargs}
         try:
-            return self._guarded_call(kwargs)
+            return self._guarded_call(kwargs, capture)
         except RuntimeError as error:
             if self.grad_guard != "inference_mode" or "inference tensor" not in str(error).lower():
                 raise
             self.grad_guard = "no_grad"
             self.warnings.append(f"model code is incompatible with torch.inference_mode() ({error}); using no_grad")
-            return self._guarded_call(kwargs)
+            return self._guarded_call(kwargs, capture)
 
-    def _guarded_call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _guarded_call(self, kwargs: dict[str, Any], capture: bool = False) -> dict[str, Any]:
         with maybe_cuda_shim(self.plan), _grad_guard(self.grad_guard):
-            return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+            if not capture:
+                return self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+            capturing = LogitCapture(self.model)
+            with capturing.active() as logits:
+                output = self.model.predict_forward(tokenizer=self.tokenizer, **kwargs)
+            output = dict(output)
+            masks = list(output.get("prediction_masks") or [])
+            try:
+                output["probability_maps"] = maps_from_logits(logits, masks) if masks else []
+            except CaptureMismatch as exc:
+                output["probability_error"] = f"no probability map: {exc}"
+            return output
 
 
 def _grad_guard(name: str) -> contextlib.AbstractContextManager[Any]:
@@ -291,20 +289,11 @@ class FrameResult:
 
 def _base_record(sample: Sample, height: int, width: int) -> dict[str, Any]:
     return {
-        "sample_id": sample.sample_id, "image": str(sample.image_path), "patient": sample.patient,
+        "sample_id": sample.sample_id, "image": sample.reference, "patient": sample.patient,
         "sequence": sample.sequence, "frame": sample.frame, "status": "error", "text": "", "n_seg": 0,
         "seconds": 0.0, "error": None, "height": height, "width": width, "mask_resized_from": None,
         "has_probability": False,
     }  # fmt: skip
-
-
-def _frame_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the header when the pixels cannot be decoded; (0, 0) when not even that."""
-    try:
-        with Image.open(path) as image:
-            return image.height, image.width
-    except Exception:  # noqa: BLE001 - any decoder failure means "size unknown"
-        return 0, 0
 
 
 def describe_exception(exc: BaseException) -> str:
@@ -317,10 +306,38 @@ def describe_exception(exc: BaseException) -> str:
     return text
 
 
+def file_signature(path: Path) -> list[int] | None:
+    """``[size, mtime_ns]`` of a frame's file, kept in its ``error`` record so a rerun can tell it was fixed."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def errors_to_retry(store: PredictionStore, samples: Sequence[Sample], retry_all: bool = False) -> set[str]:
+    """Ids of ``error`` records to predict again: those whose file changed since (size or mtime differ, or the file
+    appeared), or all of them with ``retry_all`` (``--retry-errors``; also for records written before vesselnb kept
+    the file's signature)."""
+    by_id = {s.sample_id: s for s in samples}
+    retry = set()
+    for sample_id in store.sample_ids():
+        if sample_id not in by_id:
+            continue
+        record = store.record(sample_id)
+        if record.get("status") != "error":
+            continue
+        changed = "image_stat" in record and record["image_stat"] != file_signature(by_id[sample_id].image_path)
+        if retry_all or changed:
+            retry.add(sample_id)
+    return retry
+
+
 def error_result(sample: Sample, message: str, seconds: float = 0.0) -> FrameResult:
     """An ``error`` record with an all-zero mask at the frame's size (0x0 if the file is unreadable)."""
-    height, width = _frame_size(sample.image_path)
-    record = dict(_base_record(sample, height, width), status="error", error=message, seconds=seconds)
+    height, width = frame_size(sample.reference)
+    record = dict(_base_record(sample, height, width), status="error", error=message, seconds=seconds,
+                  image_stat=file_signature(sample.image_path))
     return FrameResult(record, np.zeros((height, width), dtype=bool), None)
 
 
@@ -347,13 +364,15 @@ def _resize_probability(prob: np.ndarray, height: int, width: int) -> np.ndarray
 
 def interpret_output(
     output: dict[str, Any], sample: Sample, frame_index: int, height: int, width: int, seconds: float,
-    want_probability: bool,
+    want_probability: bool, map_source: str | None = None,
 ) -> FrameResult:
     """Turn one ``predict_forward`` answer into a record: ``ok`` / ``no_seg``, OR-ed masks, resize if needed.
 
     Several ``[SEG]`` masks are OR-ed (as the official referring-segmentation eval does; their probability maps
     combine by maximum, which thresholds to the same union). No ``[SEG]`` in the text, or no mask returned, is
-    ``no_seg`` with an empty mask — never a substitute.
+    ``no_seg`` with an empty mask — never a substitute. The stored map is quantised so that it thresholds at 0.5
+    to the stored mask exactly (:func:`vesselnb.mask_capture.quantise_consistent`); ``probability_source`` in the
+    record says where the map came from, or why there is none.
     """
     text = str(output.get("prediction", ""))
     masks = list(output.get("prediction_masks") or [])
@@ -373,9 +392,10 @@ def interpret_output(
         prob = frame_maps[0] if len(frame_maps) == 1 else np.maximum.reduce(frame_maps)
         if prob.shape != (height, width):
             prob = _resize_probability(prob, height, width)
-        scaled = np.clip(prob, 0.0, 1.0)  # a new array: the model's output is never modified in place
-        scaled *= 255.0
-        probability = np.rint(scaled, out=scaled).astype(np.uint8)
+        probability = quantise_consistent(prob, combined)
+        record["probability_source"] = map_source or "returned by predict_forward"
+    elif want_probability:
+        record["probability_source"] = "none: " + str(output.get("probability_error") or "the model returned no map")
     record["status"] = "ok"
     return FrameResult(record, combined, probability)
 
@@ -387,17 +407,19 @@ class DecodedFrame:
     sample: Sample
     image: Image.Image | None
     error: str | None = None
+    windowing: str | None = None  # how its pixels were brought to 8 bit (vesselnb.frames.load_frame)
 
 
-def decode_frames(samples: Sequence[Sample]) -> list[DecodedFrame]:
+def decode_frames(samples: Sequence[Sample], windowing: str = "auto") -> list[DecodedFrame]:
     """Decode the frames of one model call; a file that cannot be read carries its error instead of raising."""
     decoded = []
     for sample in samples:
         try:
-            decoded.append(DecodedFrame(sample, open_frame_rgb(sample.image_path)))
+            frame = load_frame(sample.reference, windowing)
+            decoded.append(DecodedFrame(sample, frame.image, windowing=frame.windowing))
         except Exception as exc:  # noqa: BLE001 - a bad file is this sample's error, not the run's
             decoded.append(
-                DecodedFrame(sample, None, f"cannot read image {sample.image_path}: {describe_exception(exc)}")
+                DecodedFrame(sample, None, f"cannot read image {sample.reference}: {describe_exception(exc)}")
             )
     return decoded
 
@@ -411,14 +433,104 @@ def predict_image(
     if frame.image is None:
         return error_result(sample, str(frame.error))
     image = frame.image
-    kwargs = loaded.probability.call_kwargs if want_probability else {}
     started = time.perf_counter()
     try:
-        output = loaded.predict(image=image, text=prompt, **kwargs)
+        output = loaded.predict(image=image, text=prompt, probability=want_probability)
         seconds = time.perf_counter() - started
-        return interpret_output(output, sample, 0, image.height, image.width, seconds, want_probability)
+        result = interpret_output(output, sample, 0, image.height, image.width, seconds, want_probability,
+                                  loaded.probability.source)
+        result.record["windowing"] = frame.windowing
+        return result
     except Exception as exc:  # noqa: BLE001 - recorded as status "error" with its text; counted and shown
         return error_result(sample, describe_exception(exc), time.perf_counter() - started)
+
+
+UPSTREAM_LLM_FRAMES = 5  # upstream predict_forward: `if frame_idx < 5` -> only these frames reach the LLM
+# Memory model of a video call (no-grad, upstream code, SAM2 Hiera-L at 1024², fp32 on a CPU; sa2va_facts.md §7 and
+# issue 13): 2.3 GB for 1 frame, 2.8 GB for 4 frames -> about 170 MB per extra frame (images, features and memory
+# bank SAM2 keeps for propagation), half that in bf16. DEFAULT_VIDEO_WINDOW frames then cost ~2.7 GB (fp32) over a
+# single frame: room beside an 8B bf16 model (~16 GB) on a 24 GB card, the users' smallest. Fixed, not measured per
+# machine, so that a run's windows (and so its masks) do not depend on the machine it ran on.
+VIDEO_FRAME_BYTES_FP32 = 170 * 2**20
+DEFAULT_VIDEO_WINDOW = 16
+VIDEO_PLAN_TOLERANCE = 1.10  # a window's peak above 1.1x its plan is reported (allocator and RSS noise stay below)
+
+
+def video_frame_bytes(dtype: torch.dtype) -> int:
+    """The memory model's cost of one more frame in a video call, for the model's dtype."""
+    return VIDEO_FRAME_BYTES_FP32 if dtype == torch.float32 else VIDEO_FRAME_BYTES_FP32 // 2
+
+
+@dataclass(frozen=True)
+class VideoWindow:
+    """One ``video=[...]`` call: frames ``first..last`` (inclusive) of a sequence; ``owned`` = the ids whose stored
+    result comes from this window (in an overlap, the window whose centre is nearer; ties go to the earlier one)."""
+
+    samples: tuple[Sample, ...]
+    owned: frozenset[str]
+    first: int
+    last: int
+
+
+def window_bounds(n_frames: int, window: int, overlap: int = 0) -> list[tuple[int, int]]:
+    """``[(first, last), ...]`` covering ``0..n_frames-1``: ``window`` frames each, consecutive windows sharing
+    ``overlap``; the last window ends at the last frame (it is shifted back rather than cut short).
+
+    >>> window_bounds(10, 4, 1)
+    [(0, 3), (3, 6), (6, 9)]
+    >>> window_bounds(5, 8)
+    [(0, 4)]
+    """
+    if window < 1 or not 0 <= overlap < window:
+        raise InferenceError(f"video_window {window} / video_overlap {overlap}: need window >= 1 and "
+                             "0 <= overlap < window (set 'inference.video_window' / 'inference.video_overlap')")
+    if n_frames <= window:
+        return [(0, n_frames - 1)] if n_frames else []
+    step = window - overlap
+    bounds = []
+    start = 0
+    while True:
+        if start + window >= n_frames:
+            bounds.append((n_frames - window, n_frames - 1))
+            break
+        bounds.append((start, start + window - 1))
+        start += step
+    return bounds
+
+
+def video_windows(sequence: Sequence[Sample], window: int, overlap: int = 0) -> list[VideoWindow]:
+    """A sequence's windows and which window each frame's stored result comes from (deterministic stitching)."""
+    bounds = window_bounds(len(sequence), window, overlap)
+    owner = []
+    for index in range(len(sequence)):
+        covering = [k for k, (a, b) in enumerate(bounds) if a <= index <= b]
+        owner.append(min(covering, key=lambda k: (abs(index - (bounds[k][0] + bounds[k][1]) / 2), k)))
+    return [VideoWindow(tuple(sequence[a:b + 1]),
+                        frozenset(sequence[i].sample_id for i in range(a, b + 1) if owner[i] == k), a, b)
+            for k, (a, b) in enumerate(bounds)]
+
+
+def _reset_peak_memory(plan: DevicePlan) -> None:
+    """Start a new high-water mark: CUDA's allocator statistics, or the kernel's peak RSS (``clear_refs`` 5)."""
+    if not plan.is_cpu and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(torch.device(plan.device))
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_memory_mb(plan: DevicePlan) -> float | None:
+    """Peak since :func:`_reset_peak_memory`: CUDA allocated bytes, else this process's VmHWM (Linux); None if
+    neither can be read."""
+    if not plan.is_cpu and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(torch.device(plan.device)) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def predict_sequence(
@@ -427,26 +539,33 @@ def predict_sequence(
     prompt: str,
     want_probability: bool,
     decoded: list[DecodedFrame] | None = None,
+    window: VideoWindow | None = None,
 ) -> list[FrameResult]:
-    """Frames of one sequence as one ``video=[frames]`` call; unreadable frames are dropped from it as errors."""
+    """Frames of one window (default: all of ``samples``) as one ``video=[frames]`` call; unreadable frames are
+    dropped from it as errors. Each record says whether the language model saw its frame (upstream shows it only
+    the first five of a call) and the window it came from."""
     decoded = decoded if decoded is not None else decode_frames(samples)
     results = {d.sample.sample_id: error_result(d.sample, str(d.error)) for d in decoded if d.image is None}
-    frames = [(d.sample, d.image) for d in decoded if d.image is not None]
+    frames = [(d.sample, d.image, d.windowing) for d in decoded if d.image is not None]
     started = time.perf_counter()
     if frames:
-        kwargs = loaded.probability.call_kwargs if want_probability else {}
         try:
-            output = loaded.predict(video=[image for _, image in frames], text=prompt, **kwargs)
+            output = loaded.predict(video=[image for _, image, _ in frames], text=prompt,
+                                    probability=want_probability)
             share = (time.perf_counter() - started) / len(frames)
-            for index, (sample, image) in enumerate(frames):
-                results[sample.sample_id] = interpret_output(
-                    output, sample, index, image.height, image.width, share, want_probability
-                )
+            for index, (sample, image, windowing) in enumerate(frames):
+                result = interpret_output(output, sample, index, image.height, image.width, share, want_probability,
+                                          loaded.probability.source)
+                result.record.update(windowing=windowing, llm_saw_frame=index < UPSTREAM_LLM_FRAMES)
+                results[sample.sample_id] = result
         except Exception as exc:  # noqa: BLE001
             share = (time.perf_counter() - started) / len(frames)
             message = f"sequence call failed: {describe_exception(exc)}"
-            for sample, _ in frames:
+            for sample, _, _ in frames:
                 results[sample.sample_id] = error_result(sample, message, share)
+    if window is not None:
+        for result in results.values():
+            result.record["video_window"] = [window.first, window.last]
     return [results[s.sample_id] for s in samples]
 
 
@@ -490,6 +609,27 @@ class LoopStats:
     n_run: int = 0
     wall_seconds: float = 0.0
     model_seconds: float = 0.0
+    n_retried: int = 0  # error records predicted again (their file changed, or --retry-errors)
+    missing_maps: dict[str, int] = field(default_factory=dict)  # reason -> samples stored "ok" without a map
+    # video mode: one row per window run: sequence, first, last, frames, llm_frames, peak_mb, planned_mb
+    windows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the summary must say about this pass beyond the counts."""
+        return [f"{n} ok sample(s) stored with no probability map — {reason}"
+                for reason, n in sorted(self.missing_maps.items())]
+
+
+def _units(samples: Sequence[Sample], mode: str, done: set[str], video_window: int,
+           video_overlap: int) -> list[VideoWindow]:
+    """The model calls still to make: one per frame (image mode), one per window of a sequence (video mode) —
+    windows are cut from the whole sequence, so a resumed run makes the same calls and stitches the same way."""
+    if mode == "image":
+        units = [VideoWindow((s,), frozenset({s.sample_id}), 0, 0) for s in samples]
+    else:
+        units = [w for seq in work_units(samples, mode) for w in video_windows(seq, video_window, video_overlap)]
+    return [unit for unit in units if unit.owned - done]
 
 
 def run_inference(
@@ -501,16 +641,24 @@ def run_inference(
     want_probability: bool = False,
     already_done: set[str] | None = None,
     progress: bool = True,
+    windowing: str = "auto",
+    video_window: int = DEFAULT_VIDEO_WINDOW,
+    video_overlap: int = 0,
 ) -> LoopStats:
-    """Predict every sample not yet stored and write each one as soon as it is done (resumable at any point)."""
+    """Predict every sample not yet stored and write each one as soon as it is done (resumable at any point).
+
+    Video mode calls the model once per window of ``video_window`` frames (``video_overlap`` shared with the next)
+    and reports each window's peak memory next to the memory model's plan: the first window's measured peak plus
+    :func:`video_frame_bytes` per extra frame (the first window calibrates, so it has no plan of its own); a later
+    window above it means memory grows across windows or frames cost more than the model says."""
     from tqdm import tqdm
 
     done = set(already_done if already_done is not None else store.sample_ids())
-    units = [[s for s in unit if s.sample_id not in done] for unit in work_units(samples, mode)]
-    units = [unit for unit in units if unit]
+    units = _units(samples, mode, done, video_window, video_overlap)
     stats = LoopStats(n_done_before=sum(1 for s in samples if s.sample_id in done))
     delay = float(os.environ.get(SAMPLE_DELAY_ENV, "0") or 0)
-    todo = sum(len(unit) for unit in units)
+    todo = sum(len(unit.owned - done) for unit in units)
+    per_frame_mb = video_frame_bytes(loaded.plan.dtype) / 2**20
     started = time.perf_counter()
     with tqdm(total=todo, desc="predict_forward", unit="frame", disable=not progress, file=sys.stderr,
               dynamic_ncols=True, mininterval=0.5) as bar:
@@ -520,15 +668,36 @@ def run_inference(
         # writer (a separate process: see vesselnb.store_writer) encodes and writes the results.
         with store_writer.open_writer(store) as writer, \
                 ThreadPoolExecutor(1, thread_name_prefix="vesselnb-read") as reader:
-            upcoming = reader.submit(decode_frames, units[0]) if units else None
+            upcoming = reader.submit(decode_frames, units[0].samples, windowing) if units else None
+            calibration: tuple[float, int] | None = None  # (peak MB, frames) of the first window measured
             for index, unit in enumerate(units):
+                # A stop request (Ctrl-C, SIGTERM) ends the loop here, between frames: everything so far is stored.
+                check_stop(f"after {stats.n_run} of {todo} frames (all stored)")
                 decoded = upcoming.result()
-                upcoming = reader.submit(decode_frames, units[index + 1]) if index + 1 < len(units) else None
+                upcoming = (reader.submit(decode_frames, units[index + 1].samples, windowing)
+                            if index + 1 < len(units) else None)
                 if mode == "image":
-                    results = [predict_image(loaded, unit[0], prompt, want_probability, decoded[0])]
+                    results = [predict_image(loaded, unit.samples[0], prompt, want_probability, decoded[0])]
                 else:
-                    results = predict_sequence(loaded, unit, prompt, want_probability, decoded)
+                    _reset_peak_memory(loaded.plan)
+                    results = predict_sequence(loaded, unit.samples, prompt, want_probability, decoded, unit)
+                    peak = _peak_memory_mb(loaded.plan)
+                    planned = None if calibration is None else \
+                        calibration[0] + per_frame_mb * max(len(unit.samples) - calibration[1], 0)
+                    if calibration is None and peak is not None:
+                        calibration = (peak, len(unit.samples))
+                    stats.windows.append({
+                        "sequence": unit.samples[0].video_key, "first": unit.first, "last": unit.last,
+                        "frames": len(unit.samples), "llm_frames": min(len(unit.samples), UPSTREAM_LLM_FRAMES),
+                        "peak_mb": None if peak is None else round(peak, 1),
+                        "planned_mb": None if planned is None else round(planned, 1),
+                    })
+                    results = [r for r in results if r.record["sample_id"] in unit.owned - done]
                 for result in results:
+                    source = str(result.record.get("probability_source") or "")
+                    if result.record["status"] == "ok" and source.startswith("none: "):
+                        reason = source[len("none: "):]
+                        stats.missing_maps[reason] = stats.missing_maps.get(reason, 0) + 1
                     writer.put(result.record, result.mask, result.probability)
                     stats.model_seconds += float(result.record["seconds"])
                     stats.n_run += 1
@@ -605,6 +774,31 @@ class InferenceSummary:
         step = max(len(ok) // max(k - len(bad), 1), 1)
         return bad + ok[::step][: k - len(bad)]
 
+    @property
+    def video_notes(self) -> list[str]:
+        """Video mode's caveats: which frames the language model saw, and memory per window against the plan."""
+        if self.mode != "video":
+            return []
+        lines = [f"video mode: upstream Sa2VA shows only the first {UPSTREAM_LLM_FRAMES} frames of each call to the "
+                 "language model (all frames go to SAM2); each record's 'llm_saw_frame' says whether its frame was "
+                 "among them, 'video_window' which window [first, last] it was predicted in"]
+        windows = self.stats.windows
+        peaks = [w["peak_mb"] for w in windows if w["peak_mb"] is not None]
+        if peaks:
+            over = [w for w in windows if w["peak_mb"] is not None and w["planned_mb"] is not None
+                    and w["peak_mb"] > w["planned_mb"] * VIDEO_PLAN_TOLERANCE]
+            lines.append(f"{len(windows)} window(s) run; peak memory per window {min(peaks):.0f}–{max(peaks):.0f} MB"
+                         + (f"; {len(over)} above the memory model's plan (lower inference.video_window)" if over
+                            else "; none above the memory model's plan (first window's peak + the per-frame cost)"))
+        return lines
+
+    def window_table(self):  # -> pandas.DataFrame
+        """Video mode: one row per window run in this pass (frames, frames the LLM saw, peak vs planned MB)."""
+        import pandas as pd
+
+        columns = ["sequence", "first", "last", "frames", "llm_frames", "peak_mb", "planned_mb"]
+        return pd.DataFrame(self.stats.windows, columns=columns)
+
     def banner(self) -> str:
         """One line: the state of this run (what the CLI prints and the HTML shows in colour)."""
         counts = self.status_counts
@@ -618,14 +812,16 @@ class InferenceSummary:
         """Plain-text summary for the CLI."""
         lines = [self.banner(),
                  f"store: {self.store_path}  (fingerprint {self.fingerprint}, mode {self.mode})",
-                 f"device {self.device}, dtype {self.dtype}; this pass: {self.stats.n_run} predicted, "
-                 f"{self.stats.n_done_before} already stored, {self.frames_per_second:.2f} frames/s",
+                 f"device {self.device}, dtype {self.dtype}; this pass: {self.stats.n_run} predicted "
+                 f"({self.stats.n_retried} retried error records), {self.stats.n_done_before} already stored, "
+                 f"{self.frames_per_second:.2f} frames/s",
                  f"probability maps: {'stored' if self.probability_maps else 'not stored'} ({self.probability_note})"]
         if self.shard:
             lines.append(f"shard {self.shard[0]}/{self.shard[1]}: "
                          + ("parts merged into the store" if self.merged else
                             "part written; merge with `vesselnb merge-predictions` when all shards are done"))
-        lines += [f"note: {n}" for n in ([self.prompt_warning] if self.prompt_warning else []) + self.notes]
+        lines += [f"note: {n}" for n in ([self.prompt_warning] if self.prompt_warning else []) + self.notes
+                  + self.video_notes]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -633,14 +829,15 @@ class InferenceSummary:
         rows = [
             ("store", f"{self.store_path}"), ("fingerprint", self.fingerprint), ("prompt", self.prompt),
             ("mode", self.mode), ("device / dtype", f"{self.device} / {self.dtype}"),
-            ("this pass", f"{self.stats.n_run} predicted, {self.stats.n_done_before} already stored (resumed)"),
+            ("this pass", f"{self.stats.n_run} predicted ({self.stats.n_retried} retried error records), "
+                          f"{self.stats.n_done_before} already stored (resumed)"),
             ("speed", f"{self.frames_per_second:.2f} frames/s; model load {self.load_seconds:.1f} s"),
             ("probability maps",
              ("stored" if self.probability_maps else "NOT available") + f" — {self.probability_note}"),
         ]
         if self.shard:
             rows.append(("shard", f"{self.shard[0]}/{self.shard[1]}, merged: {self.merged}"))
-        notes = ([self.prompt_warning] if self.prompt_warning else []) + self.notes
+        notes = ([self.prompt_warning] if self.prompt_warning else []) + self.notes + self.video_notes
         return hr.join(
             hr.banner(self.banner(), level="error" if self.has_problems else "ok",
                       lines=["   ".join(f"{counts[s]} {s}" for s in STATUSES)]),
@@ -656,12 +853,27 @@ def _resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] | None = None,
-                progress: bool = True) -> InferenceSummary:
+                progress: bool = True, retry_errors: bool = False) -> InferenceSummary:
     """Stage 02: predict every frame of ``params.data.images`` into ``run_dir/predictions``; resumable.
 
     ``shard=(k, n)`` (or ``accelerate launch``'s RANK/WORLD_SIZE) runs one part; the last part to finish merges all.
-    Ground truth (``params.data.annotations``) is never read here.
+    Stored ``error`` records are predicted again when their file changed, or all of them with ``retry_errors``.
+    Ground truth (``params.data.annotations``) is never read here. The store is locked while this writes it (shards
+    share it and each locks its own part), so a second writer is refused at once, naming this one.
     """
+    run = RunFolder(run_dir)
+    # Refusals that must leave no folder behind come before the lock (which creates the store's folder).
+    if params.inference.strict_prompt:
+        prepare_prompt(params.inference.prompt, strict=True)
+    if not (run.hf_dir(params) / "config.json").is_file():
+        raise InferenceError(f"{run.hf_dir(params)}: no HF model folder here; run stage 01 (convert) first or set "
+                             "'hf_model'")
+    with hold_all(run.store_locks(_resolve_shard(shard))):
+        return _infer_stage(params, run_dir, shard, progress, retry_errors)
+
+
+def _infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] | None = None,
+                 progress: bool = True, retry_errors: bool = False) -> InferenceSummary:
     run = RunFolder(run_dir)
     shard = _resolve_shard(shard)
     inf = params.inference
@@ -685,10 +897,16 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
     mine = [s for unit in units for s in unit]
     target = predictions / PARTS_DIR / part_name(shard) if shard is not None else predictions
     already: set[str] = set()
+    retry: set[str] = set()
     for folder in {predictions, target}:
         if read_store_meta(folder) is not None:
-            already |= set(open_quietly(folder).sample_ids())
+            existing = open_quietly(folder)
+            already |= set(existing.sample_ids())
+            if folder == target:
+                retry = errors_to_retry(existing, mine, retry_errors)
+    already -= retry
     todo = [s for s in mine if s.sample_id not in already]
+    video_window = inf.video_window or DEFAULT_VIDEO_WINDOW
 
     if not todo and (read_store_meta(target) or meta) is not None:
         # Everything is stored already: do not spend minutes loading weights to predict nothing.
@@ -706,13 +924,18 @@ def infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] |
         note = loaded.probability.reason if inf.probability_maps else "not requested (inference.probability_maps)"
         identity = {"fingerprint": fingerprint, "model_config": model_config, "model_dir": hf_dir, "prompt": prompt,
                     "mode": inf.mode, "probability_maps": want_probability,
-                    "extra": {"dtype": loaded.plan.dtype_name, "prompt_given": inf.prompt}}
+                    "extra": {"dtype": loaded.plan.dtype_name, "prompt_given": inf.prompt,
+                              "probability_source": loaded.probability.source if want_probability else None,
+                              **({"video_window": video_window, "video_overlap": inf.video_overlap,
+                                  "llm_frames_per_call": UPSTREAM_LLM_FRAMES} if inf.mode == "video" else {})}}
         if meta is not None:
             check_compatible(meta, identity, where=str(predictions))
         store = PredictionStore.create_or_open(target, **identity)
-        stats = run_inference(loaded, mine, store, prompt, inf.mode, want_probability, already, progress)
+        stats = run_inference(loaded, mine, store, prompt, inf.mode, want_probability, already, progress,
+                              inf.windowing, video_window, inf.video_overlap)
+        stats.n_retried = len(retry)
         device, dtype_name, load_seconds = loaded.plan.device, loaded.plan.dtype_name, loaded.load_seconds
-        notes = list(loaded.warnings)
+        notes = list(loaded.warnings) + stats.notes
     merged = None
     if shard is not None:
         if store is not None and store.path == target:
@@ -750,6 +973,9 @@ def _cli_infer(args: Any) -> int:
         params.inference.device = args.device
     run_dir = args.run_dir or Path("outputs") / params.run_name
     shard = parse_shard(args.shard) if args.shard else None
-    summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress)
+    # Shards share the run folder (each locks its own part of the store); a `vesselnb run` on it is refused meanwhile.
+    with graceful_stop("the current frame"), hold_all([RunFolder(run_dir).lock("shared")]):
+        summary = infer_stage(params, run_dir, shard=shard, progress=not args.no_progress,
+                              retry_errors=args.retry_errors)
     print(summary.to_text(), file=sys.stderr if summary.has_problems else sys.stdout)
     return 0

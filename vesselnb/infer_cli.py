@@ -28,6 +28,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     infer.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                        help="override inference.device")
     infer.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    infer.add_argument("--retry-errors", action="store_true",
+                       help="predict every stored error record again (by default only those whose file changed)")
     infer.set_defaults(func=_run_infer)
 
     merge = subparsers.add_parser(

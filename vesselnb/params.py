@@ -81,6 +81,13 @@ class InferenceParams:
     mode: Literal["image", "video"] = "image"
     probability_maps: bool = True
     max_memory_per_gpu: str | None = None
+    # How >8-bit frames become 8 bit (vesselnb.frames): "auto" = a DICOM file's window centre/width, else min-max;
+    # "minmax" = always min-max. Recorded per sample in the store.
+    windowing: Literal["auto", "minmax"] = "auto"
+    # Video mode: frames per model call (None = vesselnb.infer.DEFAULT_VIDEO_WINDOW, from its memory model) and
+    # frames shared by consecutive windows.
+    video_window: int | None = None
+    video_overlap: int = 0
 
 
 @dataclass
@@ -145,6 +152,9 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+# Keys holding a byte size ("70GiB", "80GB", "500MB" or a byte count); validated and normalised by load_params.
+_SIZE_KEYS = ("checkpoint.shard_size", "inference.max_memory_per_gpu")
+
 # Keys whose value must exist on disk once demo assets (if any) are built; None means "not given".
 _PATHS_THAT_MUST_EXIST = (
     "hf_model",
@@ -168,9 +178,16 @@ def load_params(path: str | Path, check_paths: bool = True) -> RunParams:
     if not source.is_file():
         raise ParamsError(f"{path}: params file not found (pass a YAML file such as params/demo.yaml)")
     try:
-        raw = yaml.safe_load(source.read_text(encoding="utf-8"))
+        raw = yaml.load(source.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as dup:
+        raise ParamsError(
+            f"{source}: key '{dup.key}' is given twice (lines {dup.first_line} and {dup.second_line}); "
+            "YAML would silently keep the last one: delete one of them"
+        ) from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{source}: not valid YAML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{source}: cannot read the params file ({exc}); check its permissions") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -179,9 +196,10 @@ def load_params(path: str | Path, check_paths: bool = True) -> RunParams:
     params.source_file = source
     if not params.run_name:
         params.run_name = source.stem
+    _check_values(params, source)
     if check_paths:
         _check_paths(params, source)
-    _check_values(params, source)
+        _check_folders_and_globs(params, source)
     return params
 
 
@@ -238,6 +256,8 @@ def _coerce(hint: Any, value: Any, key: str, source: Path) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{source}: key '{key}' must be a number, got {value!r}")
         return float(value)
+    if key in _SIZE_KEYS:
+        return _size_value(value, key, source)
     if hint is str:
         if not isinstance(value, str):
             raise ParamsError(f"{source}: key '{key}' must be a string, got {value!r}")
@@ -280,3 +300,128 @@ def _check_values(params: RunParams, source: Path) -> None:
         raise ParamsError(f"{source}: key 'analysis.threshold' must be between 0 and 1")
     if params.data.limit is not None and params.data.limit <= 0:
         raise ParamsError(f"{source}: key 'data.limit' must be a positive integer or null")
+    try:
+        re.compile(params.data.name_regex)
+    except re.error as exc:
+        raise ParamsError(f"{source}: key 'data.name_regex' is not a valid regular expression: {exc}") from None
+
+
+# --- YAML with duplicate keys refused ------------------------------------------------------------------------------
+class _DuplicateKey(yaml.YAMLError):
+    """Raised while parsing: the same key twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def __init__(self, key: Any, first_line: int, second_line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, with both line numbers."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" may be overridden by explicit keys
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+# --- byte sizes ------------------------------------------------------------------------------------------------------
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1}
+for _i, _prefix in enumerate("kmgt", start=1):
+    _SIZE_UNITS[_prefix] = _SIZE_UNITS[_prefix + "b"] = 1000**_i
+    _SIZE_UNITS[_prefix + "ib"] = 1024**_i
+# Below this a size is surely a missing unit ("70" meant "70GiB"): no GPU or shard is a few hundred kilobytes.
+_MIN_SIZE_BYTES = 2**20
+
+
+def parse_size(text: str | int) -> int:
+    """``"70GiB"`` -> 75161927680, ``"80GB"`` -> 80000000000 (GB = 10^9, GiB = 2^30, as transformers/accelerate).
+
+    Units are case-insensitive and always bytes (``80Gb`` is 80 gigabytes: nobody sizes GPU memory in bits).
+    Raises ``ValueError`` for anything else.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a size")
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(str(text))
+    if match is None:
+        raise ValueError(f"{text!r} is not a size")
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()])
+
+
+def _size_value(value: Any, key: str, source: Path) -> str:
+    """A size key's value, checked and normalised to a form accelerate's ``max_memory`` also reads (``70GiB``)."""
+    try:
+        nbytes = parse_size(value)
+    except ValueError:
+        raise ParamsError(
+            f"{source}: key '{key}' must be a size such as 70GiB, 80GB or 500MB, got {value!r}"
+        ) from None
+    if nbytes < _MIN_SIZE_BYTES:
+        raise ParamsError(
+            f"{source}: key '{key}' is {nbytes} bytes, surely a missing unit: write e.g. '{value}GiB' or '{value}GB'"
+        )
+    match = _SIZE_RE.match(str(value))
+    unit = (match.group(2) or "").lower() if match and isinstance(value, str) else ""
+    if unit in ("kib", "mib", "gib"):
+        return f"{match.group(1)}{unit[0].upper()}iB"
+    if unit in ("k", "kb", "m", "mb", "g", "gb"):
+        return f"{match.group(1)}{unit[0].upper()}B"
+    return f"{nbytes / 2**20:.6g}MiB" if nbytes % 2**20 else f"{nbytes // 2**20}MiB"
+
+
+# --- folders and globs, checked before any stage runs -----------------------------------------------------------
+def _check_folders_and_globs(params: RunParams, source: Path) -> None:
+    """What a stage would otherwise find out an hour later: the frames folder holds frames, HF folders are HF."""
+    images = params.data.images
+    if images is not None:
+        if not images.is_dir():
+            raise ParamsError(f"{source}: key 'data.images' points to {images}, which is a file, not a folder of "
+                              "frames. Point it at the folder holding the images.")
+        if _first_match(images, params.data.image_glob) is None:
+            raise ParamsError(f"{source}: key 'data.image_glob' {params.data.image_glob!r} matches no file in "
+                              f"{images}{_glob_hint(images)}")
+    for key in ("hf_model", "checkpoint.base_model"):
+        folder = _lookup(params, key)
+        if folder is not None and not (Path(folder) / "config.json").is_file():
+            raise ParamsError(f"{source}: key '{key}' points to {folder}, which is not a Hugging Face model folder "
+                              "(no config.json). Point it at the folder holding config.json and the safetensors.")
+    config = params.checkpoint.training_config
+    if config is not None and not config.is_file():
+        raise ParamsError(f"{source}: key 'checkpoint.training_config' points to {config}, which is not a file "
+                          "(give the training config .py)")
+    for index, run_dir in enumerate(params.analysis.compare_to):
+        if not Path(run_dir).is_dir():
+            raise ParamsError(f"{source}: key 'analysis.compare_to[{index}]' points to {run_dir}, which is not a "
+                              "run folder. Fix the path or remove the entry.")
+
+
+def _first_match(folder: Path, pattern: str) -> Path | None:
+    """The first file matching ``pattern``; stops at the first hit, so a folder of 100k frames costs nothing."""
+    try:
+        return next((p for p in folder.glob(pattern) if p.is_file()), None)
+    except (OSError, ValueError):
+        return None
+
+
+def _glob_hint(folder: Path) -> str:
+    """What the folder does hold, so the fix is in the message (e.g. the frames are .png, not .jpg)."""
+    suffixes: dict[str, int] = {}
+    for count, entry in enumerate(folder.iterdir()):
+        if count >= 10000:
+            break
+        if entry.is_file() and entry.suffix:
+            suffixes[entry.suffix] = suffixes.get(entry.suffix, 0) + 1
+    if not suffixes:
+        return " (the folder holds no files). Fix 'data.images'."
+    common = max(suffixes, key=lambda s: suffixes[s])
+    return f" (it holds {suffixes[common]} '*{common}' files). Set 'data.image_glob: \"*{common}\"'."

@@ -123,12 +123,16 @@ def write_index(outputs_dir: Path) -> Path:
 
 
 def _run_row(folder: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:
-    summary = manifest.get("summary") or {}
+    # Metrics are current only when the latest attempt succeeded throughout; after a failed or interrupted rerun the
+    # files on disk are an earlier run's, so they are shown as "last good" with their date, never as this run's.
+    current = manifest.get("status") == "ok"
+    summary = (manifest.get("summary") or {}) if current else {}
     headline = summary.get("headline") or {}
     counts = summary.get("status_counts") or {}
     params = manifest.get("params") or {}
-    checkpoint = (manifest.get("source_checkpoint") or {}).get("path") \
-        or (params.get("checkpoint") or {}).get("path") or params.get("hf_model") or ""
+    attempted = (params.get("checkpoint") or {}).get("path") or params.get("hf_model") or ""
+    checkpoint = ((manifest.get("source_checkpoint") or {}).get("path") if current else None) or attempted
+    last_good = manifest.get("last_good") if not current and isinstance(manifest.get("last_good"), dict) else None
     stages = []
     for entry in (manifest.get("stages") or {}).values():
         html = entry.get("html")
@@ -151,7 +155,20 @@ def _run_row(folder: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:
         "n_no_seg": counts.get("no_seg", ""),
         "flags": [f for f in summary.get("flags") or [] if isinstance(f, dict)],
         "updated": manifest.get("updated") or "",
+        "last_good": _last_good_line(last_good),
     }
+
+
+def _last_good_line(last_good: dict[str, Any] | None) -> str:
+    """``last good 2026-12-03T12:00:00+00:00: Dice 0.712 (iter_50.pth)`` — or "" when there never was one."""
+    if not last_good:
+        return ""
+    headline = last_good.get("headline") or {}
+    metrics = ", ".join(f"{name} {_fmt(headline.get(key))}" for key, name in
+                        (("dice", "Dice"), ("cldice", "clDice"), ("hd95", "HD95")) if headline.get(key) is not None)
+    checkpoint = Path(str(last_good.get("checkpoint"))).name if last_good.get("checkpoint") else ""
+    return f"last good {last_good.get('at') or '?'}: {metrics or 'no metrics'}" + (
+        f" ({checkpoint})" if checkpoint else "")
 
 
 def _comparison_row(folder: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:

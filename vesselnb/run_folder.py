@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from typing import Any
 
 from vesselnb.errors import VesselnbError
 from vesselnb.fingerprint import weights_fingerprint
+from vesselnb.locks import FolderLock, Mode, process_alive
 from vesselnb.params import RunParams
 from vesselnb.stages import RUN_STAGES, Stage, StageOutcome, now_iso
 
@@ -66,6 +68,10 @@ MERGE_LOCK_FILE = ".merge.lock"
 _VERSIONED = ("vesselnb", "torch", "transformers", "accelerate", "peft", "safetensors", "numpy", "scipy",
               "scikit-image", "monai", "pandas", "matplotlib", "papermill", "nbconvert", "ipykernel")
 _ITER_PATTERN = re.compile(r"iter_(\d+)")
+_RUN_LOCK_HINT = ("wait for it to finish, or stop it with Ctrl-C / kill -INT <pid> (it saves its report; a rerun "
+                  "resumes); to run the same checkpoint twice at once, give the copy another run_name")
+_STORE_LOCK_HINT = ("wait for it to finish, or stop it with Ctrl-C / kill -INT <pid> (a rerun resumes); for several "
+                    "GPUs use --shard k/n or accelerate launch")
 
 
 # --- atomic writes, JSON (the time format is stages.now_iso, re-exported here) ---------------------------------
@@ -87,6 +93,11 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
                 handle.flush()
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None:  # a full disk fails in write/close, whose errors name no file: name it
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -151,10 +162,12 @@ def git_revision(folder: Path | None = None) -> dict[str, Any] | None:
 
 
 def overall_status(stages: Iterable[dict[str, Any]]) -> str:
-    """A folder's status from its stage entries: failed > running > ok (all ok) > incomplete."""
+    """A folder's status from its stage entries: failed > interrupted > running > ok (all ok) > incomplete."""
     statuses = [s.get("status") for s in stages]
     if "failed" in statuses:
         return "failed"
+    if "interrupted" in statuses:
+        return "interrupted"
     if "running" in statuses:
         return "running"
     return "ok" if statuses and all(s == "ok" for s in statuses) else "incomplete"
@@ -179,6 +192,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._run_lock: FolderLock | None = None
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
@@ -262,7 +276,8 @@ class RunFolder:
         return read_json(path) if path.is_file() else None
 
     def manifest(self) -> dict[str, Any] | None:
-        return _mapping(self._optional(self.manifest_path), self.manifest_path)
+        """The manifest, with any stage left ``running`` by a process that is gone (``kill -9``) as ``interrupted``."""
+        return _settle_dead_stages(_mapping(self._optional(self.manifest_path), self.manifest_path))
 
     def conversion(self) -> dict[str, Any] | None:
         return _mapping(self._optional(self.conversion_path), self.conversion_path)
@@ -429,19 +444,51 @@ class RunFolder:
             "host": {"platform": platform.platform(), "python": sys.executable},
             **self.stage_files(),
         }
+        manifest["last_good"] = _last_good(manifest, old.get("last_good"))
         write_json(self.manifest_path, manifest)
         return manifest
 
+    # --- locks: one writer per folder (vesselnb.locks) ------------------------------------------------------------
+    def lock(self, mode: Mode = "exclusive") -> FolderLock:
+        """The run folder's lock: exclusive for ``vesselnb run``, shared by the shards of ``vesselnb infer``."""
+        return FolderLock(self.path, mode, what="run folder", hint=_RUN_LOCK_HINT)
+
+    def store_locks(self, shard: tuple[int, int] | None = None) -> list[FolderLock]:
+        """Locks a writer of the prediction store takes, in order: the store, then (sharded) its own part.
+
+        Shards of one ``infer`` each write ``parts/<k>-of-<n>/``, so they share the store and exclude each other only
+        on the same part; an unsharded writer excludes every other writer of the store.
+        """
+        store = FolderLock(self.predictions_dir, "exclusive" if shard is None else "shared",
+                           what="prediction store", hint=_STORE_LOCK_HINT)
+        if shard is None:
+            return [store]
+        part = self.predictions_dir / PARTS_DIR / f"{shard[0]}-of-{shard[1]}"
+        return [store, FolderLock(part, "exclusive", what=f"shard {shard[0]}/{shard[1]}", hint=_STORE_LOCK_HINT)]
+
     def begin_run(self, params: RunParams, stages: Sequence[Stage]) -> dict[str, StageOutcome]:
-        """Create the folder and record the stages about to run as ``pending``; returns their outcomes."""
+        """Lock the folder (refused at once, naming the holder, if another process writes it), record the stages
+        about to run as ``pending``; returns their outcomes. :meth:`end_run` releases the lock."""
         self.create()
+        if self._run_lock is None or not self._run_lock.held:
+            self._run_lock = self.lock().acquire()
+            for note in self._run_lock.notes:
+                print(f"vesselnb: note: {note}", file=sys.stderr, flush=True)
         outcomes = {s.key: StageOutcome(s.key, s.notebook, status="pending") for s in stages}
         self.write_manifest(params, outcomes.values())
         return outcomes
 
+    def end_run(self) -> None:
+        """Release the lock :meth:`begin_run` took (the OS releases it anyway if the process dies)."""
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
+
     def begin_stage(self, params: RunParams, outcome: StageOutcome) -> StageOutcome:
-        """A stage starts: mark it ``running`` (a killed run still says where it stopped). Lock hook: acquire."""
+        """A stage starts: mark it ``running`` with this process's pid and host (a killed run still says where it
+        stopped, and a reader can tell that its process is gone)."""
         outcome.status, outcome.started = "running", now_iso()
+        outcome.pid, outcome.host = os.getpid(), socket.gethostname()
         self.write_manifest(params, [outcome])
         return outcome
 
@@ -499,3 +546,36 @@ def _mapping(value: Any, path: Path) -> dict[str, Any] | None:
     if value is None or isinstance(value, dict):
         return value
     raise VesselnbError(f"{path}: expected a JSON object, found {type(value).__name__}; rerun the stage that writes it")
+
+
+def _settle_dead_stages(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A stage ``running`` whose recorded process is gone on this host was killed (``kill -9``, OOM, power): say so.
+
+    On disk it stays as written until the next run rewrites the manifest; every reader sees it settled.
+    """
+    if not manifest or not isinstance(manifest.get("stages"), dict):
+        return manifest
+    changed = False
+    for entry in manifest["stages"].values():
+        if not isinstance(entry, dict) or entry.get("status") != "running" or not entry.get("pid"):
+            continue
+        if process_alive(int(entry["pid"]), entry.get("host")) is False:
+            entry["status"] = "interrupted"
+            entry["error"] = {"ename": "Interrupted",
+                              "evalue": f"its process (pid {entry['pid']} on {entry.get('host')}) ended without "
+                                        "finishing it (killed?); run again to resume"}
+            changed = True
+    if changed:
+        manifest["status"] = overall_status(manifest["stages"].values())
+    return manifest
+
+
+def _last_good(manifest: dict[str, Any], previous: Any) -> dict[str, Any] | None:
+    """What the run showed when every stage last succeeded: the index shows it as "last good", never as current."""
+    if manifest.get("status") != "ok":
+        return previous if isinstance(previous, dict) else None
+    params = manifest.get("params") or {}
+    checkpoint = (manifest.get("source_checkpoint") or {}).get("path") \
+        or (params.get("checkpoint") or {}).get("path") or params.get("hf_model")
+    return {"at": manifest.get("updated"), "headline": manifest.get("headline"), "checkpoint": checkpoint,
+            "weights_fingerprint": manifest.get("weights_fingerprint")}

@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from vesselnb.errors import StageError, VesselnbError
+from vesselnb.interrupts import Interrupted, graceful_stop, papermill_kwargs, stop_requested
 from vesselnb.params import RunParams, load_params
 from vesselnb.report import render_html, write_index
 from vesselnb.run_folder import INDEX_FILE, RunFolder, comparison_folder_name, now_iso
@@ -148,14 +151,20 @@ def execute_stage(
                 progress_bar=progress,
                 log_output=log_output,
                 config=_kernel_config(Path(sockets)),
+                **papermill_kwargs(),  # Ctrl-C/SIGTERM: stop before the next cell, or the kernel after its frame
             )
             outcome.status = "ok"
         except PapermillExecutionError as exc:
             outcome.status = "failed"
             outcome.error = {"ename": exc.ename, "evalue": _first_line(exc.evalue), "cell": str(exc.exec_count)}
+        except Interrupted as exc:  # stopped between cells (papermill still wrote the executed notebook)
+            outcome.status = "interrupted"
+            outcome.error = {"ename": "Interrupted", "evalue": str(exc)}
         except Exception as exc:  # noqa: BLE001 - kernel death, timeouts: recorded, reported, never lost
             outcome.status = "failed"
             outcome.error = {"ename": type(exc).__name__, "evalue": _first_line(str(exc)) or _kernel_hint(exc)}
+    if outcome.status == "failed" and stop_requested() is not None:  # the kernel stopped after its current frame
+        outcome.status = "interrupted"
     outcome.seconds = round(time.perf_counter() - start, 2)
     outcome.finished = now_iso()
     if executed.is_file():
@@ -231,8 +240,10 @@ def run_params(
     kernel = ensure_kernel()
     parameters = {"params_path": str(params.source_file), "run_dir": str(run_dir)}
     result = RunResult(params.run_name, run_dir)
-    outcomes = folder.begin_run(params, wanted)
+    outcomes = folder.begin_run(params, wanted)  # locks the folder: a second run on it is refused at once
     for stage in wanted:
+        if stop_requested() is not None:  # a stop arrived while the previous stage finished its last cell
+            _stop_run(folder, params, None, stage, outputs if refresh_index else None)
         if result.failed is not None:
             skipped = outcomes[stage.key]
             skipped.status = "skipped"
@@ -246,18 +257,38 @@ def run_params(
             outcome = execute_stage(stage, parameters, run_dir, notebooks, header=_header(params, folder),
                                     progress=progress, log_output=log_output, show_code=show_code,
                                     kernel_name=kernel)
-        except KeyboardInterrupt:  # Ctrl-C: the manifest must not claim the stage is still running
-            outcomes[stage.key].status = "failed"
+        except KeyboardInterrupt:  # Ctrl-C without graceful_stop: the manifest must not claim the stage still runs
+            outcomes[stage.key].status = "interrupted"
             outcomes[stage.key].error = {"ename": "KeyboardInterrupt", "evalue": "interrupted by the user"}
             folder.end_stage(params, outcomes[stage.key])
+            folder.end_run()
             raise
         outcomes[stage.key] = outcome
         result.stages = list(outcomes.values())
         folder.end_stage(params, outcome)
+        if outcome.status == "interrupted":
+            _stop_run(folder, params, outcome, stage, outputs if refresh_index else None)
+    folder.end_run()
     result.stages = list(outcomes.values())
     if refresh_index:
         write_index(outputs)
     return result
+
+
+def _stop_run(folder: RunFolder, params: RunParams, outcome: StageOutcome | None, stage: Stage,
+              outputs: Path | None) -> NoReturn:
+    """A graceful stop: release the folder, refresh the index (it shows ``interrupted``), raise the one line."""
+    folder.end_run()
+    if outputs is not None:
+        write_index(outputs)
+    signum = stop_requested() or signal.SIGINT
+    again = f"run `vesselnb run {params.source_file}` again to resume"
+    if outcome is None:
+        raise Interrupted(signum, f"before stage '{stage.key}' of '{params.run_name}'; {again}")
+    detail = re.sub(r"^stopped by SIG\w+ ?", "", (outcome.error or {}).get("evalue", ""))
+    report = folder.path / (outcome.html or outcome.executed or "")
+    raise Interrupted(signum, f"during stage '{stage.key}' of '{params.run_name}'" + (f" {detail}" if detail else "")
+                      + f"; report: {report}; {again}")
 
 
 def _select_stages(keys: list[str] | None) -> list[Stage]:
@@ -327,6 +358,10 @@ def compare_runs(
     RunFolder(out_dir).write_compare_manifest(run_dirs, outcome)
     if refresh_index:
         write_index(outputs)
+    if outcome.status == "interrupted":
+        report = out_dir / (outcome.html or outcome.executed or "")
+        raise Interrupted(stop_requested() or signal.SIGINT,
+                          f"during the comparison {out_dir.name}; report: {report}; run the same command again")
     return result
 
 
@@ -416,21 +451,24 @@ def _log_cells(enabled: bool) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     _log_cells(args.log_output)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    result = run_params(args.params, outputs_dir=args.outputs, stages=stages, notebooks_dir=args.notebooks,
-                        progress=not args.no_progress, log_output=args.log_output, show_code=args.show_code)
+    with graceful_stop():
+        result = run_params(args.params, outputs_dir=args.outputs, stages=stages, notebooks_dir=args.notebooks,
+                            progress=not args.no_progress, log_output=args.log_output, show_code=args.show_code)
     return _report_result(result, Path(args.outputs))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     _log_cells(args.log_output)
-    result = compare_runs(args.runs, outputs_dir=args.outputs, notebooks_dir=args.notebooks,
-                          progress=not args.no_progress, log_output=args.log_output, show_code=args.show_code)
+    with graceful_stop():
+        result = compare_runs(args.runs, outputs_dir=args.outputs, notebooks_dir=args.notebooks,
+                              progress=not args.no_progress, log_output=args.log_output, show_code=args.show_code)
     return _report_result(result, Path(args.outputs))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    results = run_demo(outputs_dir=args.outputs, params_dir=args.params, notebooks_dir=args.notebooks,
-                       progress=not args.no_progress)
+    with graceful_stop():
+        results = run_demo(outputs_dir=args.outputs, params_dir=args.params, notebooks_dir=args.notebooks,
+                           progress=not args.no_progress)
     codes = [_report_result(r, Path(args.outputs)) for r in results]
     return max(codes)
 

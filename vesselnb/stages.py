@@ -36,7 +36,7 @@ class StageOutcome:
 
     key: str
     notebook: str
-    status: str = "pending"  # pending | running | ok | failed | skipped
+    status: str = "pending"  # pending | running | ok | failed | skipped | interrupted
     started: str | None = None
     finished: str | None = None
     seconds: float | None = None
@@ -44,6 +44,8 @@ class StageOutcome:
     executed: str | None = None  # file name of the executed notebook, relative to the run folder
     html: str | None = None  # file name of the HTML report, relative to the run folder
     report_error: str | None = None  # why the HTML could not be rendered (the .ipynb is still there)
+    pid: int | None = None  # the process running the stage, so a later reader can tell a dead "running" from a live one
+    host: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form for the manifest."""

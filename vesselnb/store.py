@@ -64,6 +64,10 @@ RECORD_KEYS = (
     "sample_id", "image", "patient", "sequence", "frame", "status", "text", "n_seg", "seconds", "error",
     "height", "width", "mask_resized_from", "has_probability",
 )  # fmt: skip
+# Record keys written by newer vesselnb, not required of a record (older stores lack them): where the map came from
+# (or why there is none), how the frame was windowed to 8 bit, in video mode whether the language model saw the frame
+# and which window [first, last] of the sequence it was predicted in.
+OPTIONAL_RECORD_KEYS = ("probability_source", "windowing", "llm_saw_frame", "video_window")
 _PART_NAME = re.compile(r"^(\d+)-of-(\d+)$")
 
 
@@ -309,7 +313,7 @@ class PredictionStore:
         """All records as a DataFrame with the contract's columns, one row per sample."""
         import pandas as pd
 
-        return pd.DataFrame(self.records(), columns=list(RECORD_KEYS))
+        return pd.DataFrame(self.records(), columns=list(RECORD_KEYS + OPTIONAL_RECORD_KEYS))
 
     def status_counts(self) -> dict[str, int]:
         """``{"ok": n, "no_seg": n, "error": n}`` over all stored samples."""

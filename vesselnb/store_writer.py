@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from vesselnb.errors import StoreError
+from vesselnb.locks import fcntl  # the POSIX module, or None elsewhere
 from vesselnb.store import PredictionStore, write_sample_files
 
 # Room in the request pipe for a few samples (a 512x512 frame's mask and map are ~0.5 MB pickled), so handing one
@@ -137,8 +138,8 @@ class WriterProcess:
 
 
 def _enlarge_pipe(fd: int) -> None:
-    import fcntl
-
+    if fcntl is None:
+        return
     try:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
     except (AttributeError, OSError):

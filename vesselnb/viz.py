@@ -18,8 +18,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from vesselnb.errors import DataError
+from vesselnb.fonts import configure_matplotlib_fonts, displayable
 from vesselnb.frames import open_frame_rgb
 from vesselnb.masks import resize_mask
+
+configure_matplotlib_fonts()  # patient names in CJK and other scripts: a covering font, else U+XXXX, never tofu
 
 # Colours of the error overlay: true positives white, false positives magenta, false negatives cyan.
 TP_RGB = (255, 255, 255)
@@ -98,7 +101,7 @@ def four_panel(
         ax.set_title(label, fontsize=8)
         ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(displayable(title), fontsize=9)
     return fig
 
 
@@ -117,7 +120,7 @@ def image_grid(
         axes[0].text(0.5, 0.5, "nothing to show", ha="center", va="center")
     for ax, picture, title in zip(axes, pictures, titles, strict=False):
         ax.imshow(picture, interpolation="nearest")
-        ax.set_title(title, fontsize=7)
+        ax.set_title(displayable(title), fontsize=7)
     return fig
 
 
@@ -202,7 +205,7 @@ def gallery(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], titl
     height = row_inches * n + title_inches
     fig = Figure(figsize=(11.0, height))  # axes placed by hand: a layout engine costs seconds on 30 images
     if title:
-        fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=10)
+        fig.text(0.5, 1 - 0.12 / height, displayable(title), ha="center", va="top", fontsize=10)
     if not rows:
         fig.text(0.5, 0.5, "no scored samples", ha="center", va="center")
         return fig
@@ -218,7 +221,7 @@ def gallery(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], titl
             error_overlay(rgb, gt_small, pred_small),
         )
         top = 1 - (title_inches + index * row_inches) / height
-        fig.text(0.01, top - 0.08 / height, caption, ha="left", va="top", fontsize=7.5)
+        fig.text(0.01, top - 0.08 / height, displayable(caption), ha="left", va="top", fontsize=7.5)
         for column, (picture, label) in enumerate(zip(pictures, labels, strict=True)):
             ax = fig.add_axes((column * cell_w + 0.005, top - (0.45 / height) - cell_h, cell_w - 0.01, cell_h))
             ax.set_axis_off()

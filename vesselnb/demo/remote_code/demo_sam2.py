@@ -129,8 +129,22 @@ class DemoSAM2(nn.Module):
 
 
 class DemoGroundingEncoder(nn.Module):
-    """Holds ``sam2_model`` so keys read ``grounding_encoder.sam2_model.*`` as in Sa2VA."""
+    """Holds ``sam2_model`` so keys read ``grounding_encoder.sam2_model.*`` as in Sa2VA, with Sa2VA's two inference
+    entry points: ``get_sam2_embeddings`` (frames -> state) and ``language_embd_inference`` (state + one ``[SEG]``
+    embedding per prompted frame -> ``(frames, 1, S, S)`` fp32 mask logits for every frame), so vesselnb's logit
+    capture meets the demo exactly where it meets upstream."""
 
     def __init__(self, image_size: int, low_channels: int, high_channels: int, seg_dim: int) -> None:
         super().__init__()
         self.sam2_model = DemoSAM2(image_size, low_channels, high_channels, seg_dim)
+
+    def get_sam2_embeddings(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(T, 3, S, S) preprocessed frames -> the inference state (the frozen image features)."""
+        low, high = self.sam2_model.encode_image(pixels)
+        return {"low": low, "high": high}
+
+    def language_embd_inference(self, state: dict[str, torch.Tensor], language_embd: list) -> torch.Tensor:
+        """Mask logits for every frame of ``state``; as upstream, the ``[SEG]`` embedding given for the first
+        prompted frame conditions them all (upstream propagates it through SAM2's memory)."""
+        seg_embedding = language_embd[0].reshape(1, -1)
+        return self.sam2_model.decode(state["low"], state["high"], seg_embedding).float()[:, None]

@@ -195,9 +195,12 @@ class Sa2VADemoChatModel(PreTrainedModel):
         mask_prompts=None,
         tokenizer=None,
         processor=None,
-        return_probability_maps: bool = False,
     ) -> dict:
-        """Answer ``text`` about an image (PIL) or a video (list of PIL); one mask stack (T, H, W) per ``[SEG]``."""
+        """Answer ``text`` about an image (PIL) or a video (list of PIL); one mask stack (T, H, W) per ``[SEG]``.
+
+        As upstream: thresholded masks only (``sigmoid > 0.5`` of the logits resized bilinearly to the size of the
+        image or of the first video frame); the soft map is not returned.
+        """
         if not self.init_prediction_config:
             self.preparing_for_generation(tokenizer)
         if mask_prompts is not None:
@@ -221,8 +224,6 @@ class Sa2VADemoChatModel(PreTrainedModel):
         generated = ids[0, input_ids.shape[1] :]
         prediction = tokenizer.decode(generated, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         result: dict = {"prediction": prediction, "prediction_masks": []}
-        if return_probability_maps:
-            result["probability_maps"] = []
         seg_positions = (generated == self.seg_token_idx).nonzero()[:, 0] + input_ids.shape[1]
         if not frames or len(seg_positions) == 0:
             return result
@@ -234,11 +235,10 @@ class Sa2VADemoChatModel(PreTrainedModel):
         sam2 = self.grounding_encoder.sam2_model
         sam_pixels = torch.cat([sam2.preprocess(a[None], self.torch_dtype) for a in arrays]).to(device)
         height, width = arrays[0].shape[:2]
+        num_frames = len(llm_frames)
         for seg_embedding in seg_embeddings:
-            logits = sam2.mask_logits(sam_pixels, seg_embedding[None]).float()
-            logits = F.interpolate(logits[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-            probability = logits.sigmoid()
-            result["prediction_masks"].append((probability > 0.5).cpu().numpy())
-            if return_probability_maps:
-                result["probability_maps"].append(probability.detach().cpu().numpy().astype(np.float32))
+            state = self.grounding_encoder.get_sam2_embeddings(sam_pixels)
+            pred_masks = self.grounding_encoder.language_embd_inference(state, [seg_embedding[None]] * num_frames)
+            masks = F.interpolate(pred_masks, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+            result["prediction_masks"].append((masks.sigmoid() > 0.5).cpu().numpy())
         return result

@@ -199,13 +199,16 @@ class _Annotation:
 
 
 class GroundTruth:
-    """Ground-truth masks by sample id, rasterised on demand (1,000 frames of masks need not sit in memory)."""
+    """Ground-truth masks by sample id, rasterised on demand and kept packed (1 bit per pixel) up to ``cache_bytes``,
+    so a stage rasterises each frame once without 1,000 frames of boolean masks sitting in memory."""
 
     def __init__(self, annotations: dict[str, _Annotation], sizes: dict[str, tuple[int, int]],
-                 report: GroundTruthReport) -> None:
+                 report: GroundTruthReport, cache_bytes: int = 64 * 2**20) -> None:
         self._annotations = annotations
         self._sizes = sizes  # sample id -> (height, width) of the frame
         self.report = report
+        self._packed: dict[str, np.ndarray] = {}  # sample id -> np.packbits(mask)
+        self._cache_room = cache_bytes
 
     def __contains__(self, sample_id: object) -> bool:
         return sample_id in self._annotations
@@ -223,12 +226,24 @@ class GroundTruth:
         if entry is None:
             raise DataError(f"{self.report.source}: no annotation for frame {sample_id!r}")
         shape = self._sizes[sample_id]
+        packed = self._packed.get(sample_id)
+        if packed is not None:  # unpacking makes a fresh array: callers may modify what they get
+            return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
         if entry.png is not None:
-            return _read_mask_png(entry.png, shape, sample_id, self.report)
-        mask = polygons_to_mask(entry.polygons, shape, self.report.polygon_fill)
-        for bitmap in entry.bitmaps:
-            mask |= resize_mask(bitmap, shape)
+            mask = _read_mask_png(entry.png, shape, sample_id, self.report)
+        else:
+            mask = polygons_to_mask(entry.polygons, shape, self.report.polygon_fill)
+            for bitmap in entry.bitmaps:
+                mask |= resize_mask(bitmap, shape)
+        self.remember(sample_id, np.packbits(mask))
         return mask
+
+    def remember(self, sample_id: str, packed: np.ndarray) -> None:
+        """Keep ``np.packbits(mask)`` of a frame (e.g. one a scoring worker process rasterised) while the cache has
+        room; beyond it, masks are simply rasterised again when asked for."""
+        if sample_id in self._annotations and sample_id not in self._packed and packed.nbytes <= self._cache_room:
+            self._packed[sample_id] = packed
+            self._cache_room -= packed.nbytes
 
 
 def polygons_to_mask(polygons: list[np.ndarray], shape: tuple[int, int], polygon_fill: str = "union") -> np.ndarray:

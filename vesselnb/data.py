@@ -161,11 +161,13 @@ class GroundTruthReport:
     skipped_shapes: dict[str, int] = field(default_factory=dict)  # LabelMe shape types we do not fill
     nested_polygons: int = 0  # polygons lying inside another one of their frame: holes, if the exporter drew them
     warnings: list[str] = field(default_factory=list)
+    quiet: bool = False  # record warnings without logging them (a dataset already reported by stage 03)
 
     def warn(self, message: str) -> None:
         """Record and log a warning (the report lists them; the log shows them as they happen)."""
         self.warnings.append(message)
-        _log.warning(message)
+        if not self.quiet:
+            _log.warning(message)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able summary (lists shortened to counts plus a few examples)."""
@@ -330,11 +332,14 @@ def load_ground_truth(
     annotation_format: str = "auto",
     polygon_fill: str = "union",
     frames_in_folder: set[str] | None = None,
+    quiet: bool = False,
 ) -> GroundTruth:
     """Read the ground truth for ``samples`` from any supported format.
 
     ``frames_in_folder`` (all frame ids in the image folder) tells annotations of frames left out on purpose
     (``data.limit``) from annotations naming frames that do not exist; only the latter are warned about.
+    ``quiet`` keeps the warnings in ``report.warnings`` without logging them: for a second reader of a dataset whose
+    problems stage 03 already reported (compare's panels).
 
     Annotations whose declared image size differs from the frame are rescaled (logged warning); polygons reaching
     outside the frame are cut at the border and counted; frames without annotation are listed in
@@ -347,7 +352,7 @@ def load_ground_truth(
         raise DataError(f"polygon_fill must be one of {POLYGON_FILLS}, got {polygon_fill!r}")
     fmt = detect_annotation_format(source) if annotation_format == "auto" else annotation_format
     report = GroundTruthReport(source=source, annotation_format=fmt, polygon_fill=polygon_fill,
-                               n_samples=len(samples))
+                               n_samples=len(samples), quiet=quiet)
     sizes = _frame_sizes(samples)
     by_stem = {s.sample_id: s for s in samples}
     readers = {"sa2va": _read_sa2va, "labelme": _read_labelme, "coco": _read_coco, "mask_png": _read_mask_folder}

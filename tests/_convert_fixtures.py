@@ -9,9 +9,8 @@ mmengine dict with ``meta`` (a ``TorchVersion``) and ``message_hub`` (an mmengin
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
-import types
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +107,8 @@ class TinySa2VAModel(PreTrainedModel):
         pass
 """
 
+LOSSES = [2.0, 1.5, 1.25, 1.0, 0.875, 0.75, 0.7, 0.65, 0.6, 0.55]  # the message_hub's train/loss history
+
 SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>", "<img>", "</img>", "<IMG_CONTEXT>", "<|im_end|>"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -197,25 +198,6 @@ def load_hf(folder: Path, dtype: torch.dtype = torch.float32):
     return AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=dtype)
 
 
-def _fake_mmengine_history_buffer() -> type:
-    """A class that pickles as mmengine.logging.history_buffer.HistoryBuffer, as real checkpoints hold."""
-    module = types.ModuleType("mmengine.logging.history_buffer")
-
-    class HistoryBuffer:
-        def __init__(self) -> None:
-            self._log_history = np.array([0.5, 0.25])
-            self._count_history = np.array([1, 1])
-            self.max_length = 1000000
-
-    HistoryBuffer.__module__ = module.__name__
-    HistoryBuffer.__qualname__ = "HistoryBuffer"
-    module.HistoryBuffer = HistoryBuffer
-    for name in ("mmengine", "mmengine.logging"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules[module.__name__] = module
-    return HistoryBuffer
-
-
 @dataclass
 class TrainedCheckpoint:
     """A training checkpoint on disk and the state dict a correct conversion must produce (peft's merge)."""
@@ -284,16 +266,22 @@ def _save(state: dict[str, torch.Tensor], path: Path, layout: str) -> None:
     if layout == "flat":
         torch.save(state, path)
         return
-    history_buffer = _fake_mmengine_history_buffer()
+    # As mmengine's runner saves it: its own save_checkpoint, a live MessageHub (HistoryBuffers), numpy scalars.
+    from mmengine.logging import MessageHub
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    hub = MessageHub.get_instance(f"vesselnb-fixture-{uuid.uuid4().hex}")
+    for step, loss in enumerate(LOSSES):
+        hub.update_scalar("train/loss", loss)
+        hub.update_info("iter", step + 1)
     payload = {
-        "meta": {"iter": 10, "seed": 42, "torch_version": torch.__version__, "cfg": "model = dict(...)"},
+        "meta": {"epoch": 0, "iter": len(LOSSES), "seed": 42, "time": "20250101_120000", "cfg": "model = dict(...)",
+                 "torch_version": torch.__version__},
         "state_dict": state,
-        "message_hub": {"log_scalars": {"train/loss": history_buffer()}, "runtime_info": {"iter": 10}},
-        "param_schedulers": [{"last_step": 10}],
+        "message_hub": hub.state_dict(),
+        "param_schedulers": [{"last_step": len(LOSSES), "base_values": [np.float64(2e-5)]}],
     }
-    torch.save(payload, path)
-    for name in ("mmengine.logging.history_buffer",):
-        sys.modules.pop(name, None)
+    save_checkpoint(payload, str(path))
 
 
 def write_training_config(path: Path, base: Path, r: int = 4, alpha: int = 8) -> Path:

@@ -45,12 +45,15 @@ def copy_model(source: Path, dest: Path, **config_changes: Any) -> Path:
     return dest
 
 
-def write_params(path: Path, model_dir: Path, images: Path, annotations: Path | None = None, **inference: Any) -> Path:
+def write_params(path: Path, model_dir: Path, images: Path, annotations: Path | None = None,
+                 image_glob: str | None = None, **inference: Any) -> Path:
     """A params YAML pointing at a model folder and frames (no checkpoint: stage 01 is skipped)."""
+    data = {"images": str(images), **({"annotations": str(annotations)} if annotations else {}),
+            **({"image_glob": image_glob} if image_glob else {})}
     content = {
         "run_name": path.stem,
         "hf_model": str(model_dir),
-        "data": {"images": str(images), **({"annotations": str(annotations)} if annotations else {})},
+        "data": data,
         "inference": {"device": "cpu", **inference},
     }
     path.write_text(yaml.safe_dump(content))

@@ -252,7 +252,7 @@ def test_truncated_checkpoint_refused(world: dict, tmp_path: Path) -> None:
 
 def test_too_little_disk_refused_with_bytes(world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FREE_BYTES_ENV, "10000")
-    with pytest.raises(ConversionError, match=r"needs [\d,]+ bytes .* but 10,000 bytes"):
+    with pytest.raises(ConversionError, match=r"needs at most [\d,]+ bytes .* but 10,000 bytes"):
         convert_checkpoint(world["a"].path, world["base"], tmp_path / "out", training_config=world["config"])
     assert not (tmp_path / "out").exists()
 

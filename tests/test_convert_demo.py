@@ -91,3 +91,5 @@ def test_notebook_01_runs_with_papermill(demo, tmp_path: Path) -> None:
     assert record["fingerprint"] and record["coverage"]["merged"] > 0 and (run_dir / "hf_model" / INDEX_NAME).is_file()
     text = executed.read_text()
     assert record["fingerprint"] in text and "Coverage" in text
+    assert record["config_fingerprint"] in text and "train/loss" in text  # identity and meta/message_hub shown
+    assert "Model folder check: OK" in text  # the doctor section

@@ -459,8 +459,7 @@ def test_dicom_cine_is_one_record_per_frame_with_its_windowing(model_dir, frames
     images = tmp_path / "dicom"
     images.mkdir()
     _dicom(images / "run1.dcm", cine)
-    params = load_params(write_params(tmp_path / "p.yaml", model_dir, images))
-    params.data.image_glob = "*.dcm"
+    params = load_params(write_params(tmp_path / "p.yaml", model_dir, images, image_glob="*.dcm"))
     summary = infer_stage(params, tmp_path / "run", progress=False)
     store = PredictionStore(tmp_path / "run" / "predictions")
     records = {rec["sample_id"]: rec for rec in store.records()}

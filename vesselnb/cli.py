@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vesselnb import infer_cli, runner
 from vesselnb.convert import cli as convert_cli
@@ -23,7 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     runner.add_cli(sub)  # run, compare, demo, index
     convert_cli.add_cli(sub)  # convert, diff
     infer_cli.add_cli(sub)  # infer, merge-predictions
+    doctor = sub.add_parser("doctor", help="check an HF model folder in seconds, before a long run")
+    doctor.add_argument("folder", type=Path, help="the HF folder (converted Sa2VA model)")
+    doctor.add_argument("--device", default="auto", help="auto | cpu | cuda (as inference.device)")
+    doctor.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32 (as inference.dtype)")
+    doctor.add_argument("--quick", action="store_true", help="skip the NaN/inf scan of every weight")
+    doctor.set_defaults(func=_run_doctor)
     return parser
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from vesselnb import doctor  # imported when the command runs: registering it imports nothing
+
+    return doctor.cli_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

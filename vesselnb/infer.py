@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vesselnb import doctor, store_writer
 from vesselnb import htmlrepr as hr
-from vesselnb import store_writer
 from vesselnb.data import Sample, list_samples
 from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
 from vesselnb.errors import InferenceError, StoreError
@@ -230,6 +230,7 @@ def load_model(
             f"{folder}: not an HF model folder (config.json missing). Run stage 01 (notebook 01_convert) to convert "
             "the checkpoint, or set 'hf_model' to a converted Sa2VA folder."
         )
+    doctor.check_files(folder)  # auto_map, remote code, every shard the index names: before minutes of loading
     plan = plan_device(device, dtype, max_memory_per_gpu, distributed_context())
     plan = dataclasses.replace(plan, code_assumes_cuda=code_assumes_cuda(folder))
     notes: list[str] = []
@@ -244,9 +245,17 @@ def load_model(
             kwargs["max_memory"] = plan.max_memory
     try:
         tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, folder, notes, trust_remote_code=True)
-        model = _from_pretrained(AutoModel.from_pretrained, folder, notes, **kwargs)
+        model, loading_info = _from_pretrained(AutoModel.from_pretrained, folder, notes, output_loading_info=True,
+                                               **kwargs)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise InferenceError(doctor.size_mismatch_message(folder, exc)) from None
     except (OSError, ValueError, KeyError) as exc:
         raise InferenceError(f"{folder}: cannot load the model or tokenizer: {exc}") from None
+    # transformers initialises absent weights and drops unknown ones with only a log line: both refuse here.
+    doctor.refuse_loading_info(folder, loading_info)
+    doctor.refuse_non_finite(folder, model)
     if plan.device_map is None:
         model = model.to(plan.device)
     model.eval()

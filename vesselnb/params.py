@@ -53,6 +53,10 @@ class CheckpointParams:
     allow_missing: bool = False
     trust_pickle: bool = False  # load pickles that need classes outside the allow-list: runs arbitrary code
     check_free_space: bool = True
+    allow_missing_components: bool = False  # trained parts absent from the checkpoint: take them from the base
+    allow_frozen_mismatch: bool = False  # the checkpoint's frozen copies differ from the base given
+    allow_other_base: bool = False  # the base given is not the one the training config names
+    overwrite: bool = False  # replace an earlier conversion at hf_output
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,7 @@ class CheckpointSource:
     given: Path
     file: Path  # the file holding the tensors
     layout: str  # "mmengine" (.pth with state_dict), "deepspeed" (module), "flat" (plain state dict)
+    info: dict[str, Any] = field(default_factory=dict)  # what meta / message_hub say (see training_info)
 
     @property
     def nbytes(self) -> int:
@@ -125,15 +126,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{given}: checkpoint not found (give an iter_N.pth file or its work dir)")
     if given.is_dir() and (given / "last_checkpoint").is_file() and not (given / DEEPSPEED_MODEL_FILE).exists():
         named = (given / "last_checkpoint").read_text(encoding="utf-8").strip()
-        target = Path(named)
-        if not target.exists():
-            target = given / Path(named).name  # the work dir was moved: last_checkpoint holds an old absolute path
+        target = Path(named) if Path(named).is_absolute() else given / named
+        local = given / Path(named).name
+        if not target.resolve().is_relative_to(given.resolve()):
+            # mmengine writes an absolute path; a moved or copied work dir then points at another run's file.
+            if local.exists():
+                return local
+            raise CheckpointError(
+                f"{given / 'last_checkpoint'} names {named}, outside this work dir, and {local.name} is not in it; "
+                "pass the .pth file directly"
+            )
         if not target.exists():
             raise CheckpointError(
                 f"{given / 'last_checkpoint'} names {named}, which does not exist; pass the .pth file directly"
             )
         return target
     return given
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The file that holds a checkpoint's tensors (resolving work dirs and DeepSpeed folders), without loading it."""
+    target = resolve_checkpoint(path)
+    return _deepspeed_model_file(target) if target.is_dir() else target
 
 
 def _deepspeed_model_file(folder: Path) -> Path:
@@ -224,15 +238,62 @@ def load_training_state_dict(
                 "the *optim_states.pt files. Consolidate with DeepSpeed's zero_to_fp32.py (written beside the "
                 "checkpoint) and convert the consolidated file."
             )
-        return tensors, CheckpointSource(given, file, "deepspeed")
+        return tensors, CheckpointSource(given, file, "deepspeed", training_info(payload))
     payload = _torch_load(target, trust_pickle)
     if isinstance(payload, Mapping) and "state_dict" in payload:
         return _tensor_dict(payload["state_dict"], f"{target} ['state_dict']"), CheckpointSource(
-            given, target, "mmengine"
+            given, target, "mmengine", training_info(payload)
         )
     if isinstance(payload, Mapping) and "module" in payload and isinstance(payload["module"], Mapping):
-        return _tensor_dict(payload["module"], f"{target} ['module']"), CheckpointSource(given, target, "deepspeed")
+        return _tensor_dict(payload["module"], f"{target} ['module']"), CheckpointSource(
+            given, target, "deepspeed", training_info(payload)
+        )
     return _tensor_dict(payload, str(target)), CheckpointSource(given, target, "flat")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able copy of a meta value (numpy scalars to numbers, version objects to strings)."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "item") and getattr(value, "size", 2) == 1:
+        return value.item()
+    return str(value)
+
+
+def _history(buffer: Any) -> list[float]:
+    """The logged values of one message_hub scalar: a (data-only) HistoryBuffer, or the plain dicts of older saves."""
+    state = buffer._state if isinstance(buffer, _InertRecord) else buffer
+    if isinstance(state, Mapping):
+        values = state.get("_log_history", state.get("data"))
+        if values is not None:
+            try:
+                return [float(v) for v in list(values)]
+            except (TypeError, ValueError):
+                return []
+    return []
+
+
+def training_info(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's ``meta`` / ``message_hub`` say about the run: iteration, epoch, save time, seed, versions
+    and the loss history, so the report shows *which* point of training this file is (the tensors do not say)."""
+    meta = payload.get("meta") if isinstance(payload.get("meta"), Mapping) else {}
+    hub = payload.get("message_hub") if isinstance(payload.get("message_hub"), Mapping) else {}
+    runtime = hub.get("runtime_info") if isinstance(hub.get("runtime_info"), Mapping) else {}
+    info: dict[str, Any] = {}
+    for key in ("iter", "epoch", "max_iters", "max_epochs"):
+        value = meta.get(key, runtime.get(key))
+        if value is not None:
+            info[key] = _plain(value)
+    for key in ("time", "seed", "experiment_name", "mmengine_version", "torch_version"):
+        if meta.get(key) is not None:
+            info[key] = _plain(meta[key])
+    if "global_steps" in payload and "iter" not in info:
+        info["iter"] = _plain(payload["global_steps"])
+    scalars = hub.get("log_scalars") if isinstance(hub.get("log_scalars"), Mapping) else {}
+    histories = {str(name): _history(buffer) for name, buffer in scalars.items()}
+    info["scalars"] = {name: values for name, values in histories.items() if values}
+    info["has_config_text"] = isinstance(meta.get("cfg"), str)
+    return info
 
 
 def load_flat_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -31,6 +31,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--shard-size", default="5GB")
     convert.add_argument("--allow-shape-mismatch", action="store_true", help="keep base tensors where shapes differ")
     convert.add_argument("--allow-missing", action="store_true", help="proceed despite unaccounted keys")
+    # Flag names as in vesselnb.convert.checks (spelt out here: registering the CLI must not import torch).
+    convert.add_argument(
+        "--allow-missing-components", action="store_true", help="take trained parts the checkpoint lacks from the base"
+    )
+    convert.add_argument(
+        "--allow-frozen-mismatch", action="store_true", help="proceed although frozen copies differ from --base"
+    )
+    convert.add_argument(
+        "--allow-other-base", action="store_true", help="proceed although --base is not the config's base"
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace an earlier conversion at --out")
     convert.add_argument(
         TRUST_PICKLE_FLAG,
         dest="trust_pickle",
@@ -71,6 +82,10 @@ def _run_convert(args: argparse.Namespace) -> int:
         allow_missing=args.allow_missing,
         trust_pickle=args.trust_pickle,
         check_free_space=args.check_free_space,
+        allow_missing_components=args.allow_missing_components,
+        allow_frozen_mismatch=args.allow_frozen_mismatch,
+        allow_other_base=args.allow_other_base,
+        overwrite=args.overwrite,
     )
     print(json.dumps(report.conversion_json(), indent=2) if args.json else str(report))
     return 0

@@ -7,9 +7,11 @@ shard at a time, so peak memory is about one shard plus the largest tensor whate
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,7 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vesselnb.convert.checkpoint import load_flat_state_dict, load_training_state_dict, resolve_checkpoint
+from vesselnb.convert import checks
+from vesselnb.convert.checkpoint import checkpoint_file, load_flat_state_dict, load_training_state_dict
 from vesselnb.convert.coverage import ComponentStats, ConversionReport
 from vesselnb.convert.hf_folder import (
     BaseFolder,
@@ -28,6 +31,7 @@ from vesselnb.convert.hf_folder import (
     copy_support_files,
     remote_code_files,
     set_vocab_size,
+    support_files,
     tokenizer_length,
 )
 from vesselnb.convert.keymap import BLOCKING_MISSING, MergePlan, TensorPlan, build_merge_plan
@@ -35,6 +39,8 @@ from vesselnb.convert.training_config import TrainingConfig, read_training_confi
 from vesselnb.convert.writer import (
     ShardedWriter,
     ShardRecord,
+    block_size,
+    disk_upper_bound,
     free_bytes,
     parse_size,
     plan_shards,
@@ -42,7 +48,7 @@ from vesselnb.convert.writer import (
     tensor_nbytes,
 )
 from vesselnb.errors import ConversionError
-from vesselnb.fingerprint import INDEX_NAME, weights_fingerprint
+from vesselnb.fingerprint import INDEX_NAME, config_fingerprint, weights_fingerprint
 
 RECORD_NAME = "vesselnb_conversion.json"  # written into the HF folder: the report and its input fingerprint
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -83,17 +89,10 @@ def _refuse_non_finite(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
     """Refuse a checkpoint holding NaN/inf weights before anything is written.
 
     A diverged run saves NaN weights without complaint; merged into the base they give a model that answers with
-    empty masks, which inference would record as ``ok``. One pass over the (memory-mapped) tensors, chunked so no
-    full-size temporary is held.
+    empty masks, which inference would record as ``ok``. One pass over the (memory-mapped) tensors
+    (:func:`~vesselnb.convert.checks.has_non_finite`).
     """
-    bad = []
-    for key, tensor in tensors.items():
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        flat = tensor.reshape(-1)
-        if any(not bool(torch.isfinite(flat[i : i + _CHUNK_ELEMENTS]).all())
-               for i in range(0, flat.numel(), _CHUNK_ELEMENTS)):
-            bad.append(key)
+    bad = [key for key, tensor in tensors.items() if checks.has_non_finite(tensor)]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise ConversionError(
@@ -359,6 +358,100 @@ def _leave_a_core_for_io() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _text_files_estimate(
+    plan: MergePlan, hf_config: dict[str, Any], info: dict[str, Any], n_shards: int
+) -> list[int]:
+    """Upper estimates of the JSON files a conversion writes: config, index, record, progress.
+
+    The record holds every key's fate (known now, measured as written) and one provenance row per output tensor
+    (bounded by three copies of its name plus the fixed fields); the progress file holds the rows again with each
+    shard's per-key digests.
+    """
+    fates = len(json.dumps([vars(f) for f in plan.fates], indent=1))
+    rows = sum(3 * len(k) + 400 for k in plan.tensors)
+    keys = sum(len(k) + 120 for k in plan.tensors)
+    config = 2 * len(json.dumps(hf_config, indent=2)) + 256
+    index = keys + 80 * n_shards + 1024
+    record = fates + rows + len(json.dumps(info, indent=1)) + 8192
+    progress = rows + keys + 200 * n_shards
+    return [config, index, record, progress]
+
+
+@contextmanager
+def _no_partial_folder_on_full_disk(writer: ShardedWriter, output_dir: Path) -> Iterator[None]:
+    """Running out of space while writing: one clear line, and the partial folder removed (it fills the disk).
+
+    Any other failure keeps the partial folder: a rerun with the same inputs resumes from its verified shards.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.rmtree(writer.temp, ignore_errors=True)
+        raise ConversionError(
+            f"{output_dir.parent}: the disk filled up while writing the conversion ({exc.strerror}); the partial "
+            f"folder was removed and nothing was left at {output_dir}. Free space or choose another output folder."
+        ) from None
+
+
+def _check_output_free(output_dir: Path, base: Path, overwrite: bool) -> None:
+    """``output_dir`` must be new, empty, or an earlier vesselnb conversion with ``overwrite``: checked before any
+    work, so an hour is never spent on a conversion that cannot be put in place."""
+    if output_dir.exists() and os.path.samefile(output_dir, base):
+        raise ConversionError(f"{output_dir}: the output folder is the base folder; choose another output folder")
+    if not output_dir.exists() or (output_dir.is_dir() and not any(output_dir.iterdir())):
+        return
+    if not _is_ours(output_dir):
+        raise ConversionError(
+            f"{output_dir} exists and was not written by vesselnb; move it away or choose another output folder "
+            "(nothing was done)."
+        )
+    if not overwrite:
+        raise ConversionError(
+            f"{output_dir} holds an earlier conversion from other inputs; pass --overwrite "
+            "(params: checkpoint.overwrite: true) to replace it, or choose another output folder (nothing was done)."
+        )
+
+
+def _check_trained_and_frozen(
+    plan: MergePlan,
+    config: TrainingConfig,
+    base: BaseFolder,
+    ckpt_tensors: dict[str, torch.Tensor],
+    file: Path,
+    allow_missing_components: bool,
+    allow_frozen_mismatch: bool,
+    other_base: str | None,
+    warnings: list[str],
+) -> None:
+    """Refuse (or, allowed, warn loudly) when trained parts are absent or the checkpoint's frozen copies are not
+    the base's (see :mod:`vesselnb.convert.checks`).
+
+    ``other_base`` (the base given is not the one the training config names) is decided here, after the frozen
+    copies: when the checkpoint holds frozen copies and every one equals the given base, that base *is* the weights
+    training started from under another name (typically the Sa2VA HF release of the InternVL base the config names),
+    so it is a warning; without frozen copies to vouch for it (a full fine-tune) it is refused unless allowed."""
+    missing = checks.missing_trained(plan, config, base.shapes)
+    if missing:
+        message = checks.missing_message(missing, file)
+        if not allow_missing_components:
+            raise ConversionError(message)
+        warnings.append("ALLOWED missing trained components, taken from the base: " + message)
+    compared, bad = checks.frozen_mismatches(ckpt_tensors, base.shapes, base.get_tensor)
+    if other_base and (bad or not compared):
+        raise ConversionError(other_base)
+    if other_base:
+        warnings.append(f"the base given is not the one the training config names, but all {compared} frozen copies "
+                        "in the checkpoint equal its tensors, so it holds the weights training started from: "
+                        + other_base)
+    if bad:
+        message = checks.frozen_message(bad, base.path, file)
+        if not allow_frozen_mismatch:
+            raise ConversionError(message)
+        warnings.append("ALLOWED frozen copies differing from the base: " + message)
+
+
 def _is_ours(folder: Path) -> bool:
     return (folder / RECORD_NAME).is_file()
 
@@ -391,11 +484,17 @@ def convert_checkpoint(
     trust_pickle: bool = False,
     check_free_space: bool = True,
     reuse_existing: bool = True,
+    allow_missing_components: bool = False,
+    allow_frozen_mismatch: bool = False,
+    allow_other_base: bool = False,
+    overwrite: bool = False,
 ) -> ConversionReport:
     """Convert a training checkpoint into a HF folder at ``output_dir``; every key accounted for.
 
     Raises :class:`~vesselnb.errors.ConversionError` / :class:`~vesselnb.errors.CheckpointError` before anything
-    is written at ``output_dir`` when inputs do not fit, the disk is too small or the pickle is unsafe.
+    is written at ``output_dir`` when inputs do not fit (trained components absent, frozen copies or the config's
+    base naming another base: see :mod:`vesselnb.convert.checks`), ``output_dir`` exists without ``overwrite``,
+    the disk is too small or the pickle is unsafe. Running out of space anyway removes what was written.
     """
     started = time.monotonic()
     output_dir = Path(output_dir)
@@ -411,28 +510,35 @@ def convert_checkpoint(
 
     base_path = _resolve_base(base_model, config)
     pretrained_path = _resolve_pretrained(pretrained_pth, config, warnings)
-    resolve_checkpoint(checkpoint)  # a wrong checkpoint path fails before the base folder is scanned
+    ckpt_file = checkpoint_file(checkpoint)  # a wrong checkpoint path fails before the base folder is scanned
+    other_base = checks.other_base_message(config, base_path) if base_model is not None and training_config else None
+    if other_base and allow_other_base:
+        warnings.append("ALLOWED other base: " + other_base)
+        other_base = None
     base = BaseFolder(base_path)
     try:
-        ckpt_tensors, source = load_training_state_dict(checkpoint, trust_pickle)
-        _refuse_non_finite(ckpt_tensors, source.file)
         options = {
             "dtype": dtype,
             "shard_size": parse_size(shard_size),
             "lora": [config.lora_r, config.lora_alpha, config.lora_target_modules, config.use_rslora],
             "template": config.template,
-            "allow": [allow_shape_mismatch, allow_missing],
+            "allow": [allow_shape_mismatch, allow_missing, allow_missing_components, allow_frozen_mismatch,
+                      allow_other_base],
             "format": 2,  # 2: XXH3 digests (1 was SHA-256 + CRC-32)
         }
         in_key = input_fingerprint(
-            source.file, base, pretrained_path, Path(training_config) if training_config else None, options
+            ckpt_file, base, pretrained_path, Path(training_config) if training_config else None, options
         )
         existing = read_record(output_dir) if reuse_existing else None
         if existing is not None and existing.input_fingerprint == in_key:
             existing.fingerprint = weights_fingerprint(output_dir)
+            existing.config_fingerprint = config_fingerprint(output_dir)
             existing.skipped = "already converted from the same inputs (input fingerprint matches); not redone"
             existing.seconds = time.monotonic() - started
             return existing
+        _check_output_free(output_dir, base.path, overwrite)
+        ckpt_tensors, source = load_training_state_dict(checkpoint, trust_pickle)
+        _refuse_non_finite(ckpt_tensors, source.file)
         pretrained = load_flat_state_dict(pretrained_path, trust_pickle) if pretrained_path else {}
         plan = build_merge_plan(
             {k: tuple(v.shape) for k, v in ckpt_tensors.items()},
@@ -442,6 +548,10 @@ def convert_checkpoint(
             config.lora_target_modules,
         )
         _check_plan(plan, allow_shape_mismatch, allow_missing, warnings)
+        _check_trained_and_frozen(
+            plan, config, base, ckpt_tensors, source.file, allow_missing_components, allow_frozen_mismatch,
+            other_base, warnings,
+        )
         scale = _lora_scale(plan, config)
 
         missing_modules = check_remote_code(base.path, base.config())
@@ -464,80 +574,87 @@ def convert_checkpoint(
         names = [shard_file_name(i, len(shards)) for i in range(len(shards))]
         writer = ShardedWriter(output_dir, in_key)
         writer.load_progress()
-        needed = sum(n for _, n in sizes) + sum(
-            f.stat().st_size for f in base.path.rglob("*") if f.is_file() and not f.name.endswith(".safetensors")
+        needed = disk_upper_bound(
+            [[(k, out_dtypes[k], tuple(base.shapes[k])) for k in shard_keys] for shard_keys in shards],
+            [f.stat().st_size for f in support_files(base.path)],
+            _text_files_estimate(plan, hf_config, source.info, len(shards)),
+            block_size(output_dir.parent),
         )
         needed -= writer.bytes_already_done()
         if check_free_space:
             free = free_bytes(output_dir.parent)
             if needed > free:
                 raise ConversionError(
-                    f"not enough disk space at {output_dir.parent}: the conversion needs {needed:,} bytes "
-                    f"({needed / 1e9:.2f} GB, dtype {dtype}) but {free:,} bytes ({free / 1e9:.2f} GB) are free. "
-                    "Free space or choose another output folder; nothing was written."
+                    f"not enough disk space at {output_dir.parent}: the conversion needs at most {needed:,} bytes "
+                    f"({needed / 1e9:.2f} GB, dtype {dtype}; tensors, headers, support files and records) but "
+                    f"{free:,} bytes ({free / 1e9:.2f} GB) are free. Free space or choose another output folder; "
+                    "nothing was written."
                 )
+        with _no_partial_folder_on_full_disk(writer, output_dir):
+            writer.prepare()
+            producer = _Producer(base, ckpt_tensors, pretrained, scale, out_dtype)
+            provenance: list[dict[str, Any]] = []
+            progress = tqdm(total=sum(n for _, n in sizes), unit="B", unit_scale=True, desc="convert")
+            with _leave_a_core_for_io():
+                records = [
+                    _write_shard(writer, producer, plan, name, shard_keys, out_dtypes, base.shapes, progress)
+                    for name, shard_keys in zip(names, shards, strict=True)
+                ]
+            for record in records:
+                provenance.extend(record.stats["rows"])
+            progress.close()
+            if writer.resumed:
+                notes.append(f"resumed: {len(writer.resumed)} of {len(names)} shards were already written and verified")
 
-        writer.prepare()
-        producer = _Producer(base, ckpt_tensors, pretrained, scale, out_dtype)
-        provenance: list[dict[str, Any]] = []
-        progress = tqdm(total=sum(n for _, n in sizes), unit="B", unit_scale=True, desc="convert")
-        with _leave_a_core_for_io():
-            records = [
-                _write_shard(writer, producer, plan, name, shard_keys, out_dtypes, base.shapes, progress)
-                for name, shard_keys in zip(names, shards, strict=True)
-            ]
-        for record in records:
-            provenance.extend(record.stats["rows"])
-        progress.close()
-        if writer.resumed:
-            notes.append(f"resumed: {len(writer.resumed)} of {len(names)} shards were already written and verified")
+            copied = copy_support_files(base.path, writer.temp)
+            n_code = len(remote_code_files(base.path))
+            notes.append(f"copied {len(copied)} support files ({n_code} remote-code .py)")
+            if vocab is not None:
+                set_vocab_size(hf_config, vocab)
+            (writer.temp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
 
-        copied = copy_support_files(base.path, writer.temp)
-        n_code = len(remote_code_files(base.path))
-        notes.append(f"copied {len(copied)} support files ({n_code} remote-code .py)")
-        if vocab is not None:
-            set_vocab_size(hf_config, vocab)
-        (writer.temp / "config.json").write_text(json.dumps(hf_config, indent=2), encoding="utf-8")
-
-        components = _components(provenance)
-        changed = [r for r in provenance if not r["identical_to_base"]]
-        if not changed:
-            warnings.append(
-                "THIS CHECKPOINT CHANGES NOTHING vs the base model: every output tensor equals the base. The "
-                "checkpoint's trained tensors are identical to the base's (untrained, or the wrong base folder)."
+            components = _components(provenance)
+            changed = [r for r in provenance if not r["identical_to_base"]]
+            if not changed:
+                warnings.append(
+                    "THIS CHECKPOINT CHANGES NOTHING vs the base model: every output tensor equals the base. The "
+                    "checkpoint's trained tensors are identical to the base's (untrained, or the wrong base folder)."
+                )
+            writer.verify(names)
+            report = ConversionReport(
+                output_dir=str(output_dir),
+                fingerprint="",
+                dtype=dtype,
+                source={
+                    "path": str(Path(checkpoint)),
+                    "file": str(source.file),
+                    "bytes": source.nbytes,
+                    "layout": source.layout,
+                },
+                base_model=str(base.path),
+                input_fingerprint=in_key,
+                output_bytes=0,
+                coverage=plan.counts(),
+                components=components,
+                warnings=warnings,
+                notes=notes,
+                lora={"r": config.lora_r, "alpha": config.lora_alpha, "scale": scale, "targets": plan.lora_targets},
+                resumed_shards=len(writer.resumed),
+                n_shards=len(names),
+                fates=[vars(f) for f in plan.fates],
+                training_info=source.info,
+                provenance=[{k: v for k, v in r.items() if k not in ("delta_sq", "base_sq")} for r in provenance],
             )
-        writer.verify(names)
-        report = ConversionReport(
-            output_dir=str(output_dir),
-            fingerprint="",
-            dtype=dtype,
-            source={
-                "path": str(Path(checkpoint)),
-                "file": str(source.file),
-                "bytes": source.nbytes,
-                "layout": source.layout,
-            },
-            base_model=str(base.path),
-            input_fingerprint=in_key,
-            output_bytes=0,
-            coverage=plan.counts(),
-            components=components,
-            warnings=warnings,
-            notes=notes,
-            lora={"r": config.lora_r, "alpha": config.lora_alpha, "scale": scale, "targets": plan.lora_targets},
-            resumed_shards=len(writer.resumed),
-            n_shards=len(names),
-            fates=[vars(f) for f in plan.fates],
-            provenance=[{k: v for k, v in r.items() if k not in ("delta_sq", "base_sq")} for r in provenance],
-        )
-        report.save(writer.temp / RECORD_NAME)
-        writer.write_index(names, {"vesselnb_input_fingerprint": in_key, "vesselnb_source": str(source.file)})
-        writer.publish(_is_ours)
-        report.fingerprint = weights_fingerprint(output_dir)
-        report.output_bytes = sum(f.stat().st_size for f in output_dir.rglob("*") if f.is_file())
-        report.seconds = time.monotonic() - started
-        report.save(output_dir / RECORD_NAME)
-        return report
+            report.save(writer.temp / RECORD_NAME)
+            writer.write_index(names, {"vesselnb_input_fingerprint": in_key, "vesselnb_source": str(source.file)})
+            writer.publish(_is_ours)
+            report.fingerprint = weights_fingerprint(output_dir)
+            report.config_fingerprint = config_fingerprint(output_dir)
+            report.output_bytes = sum(f.stat().st_size for f in output_dir.rglob("*") if f.is_file())
+            report.seconds = time.monotonic() - started
+            report.save(output_dir / RECORD_NAME)
+            return report
+
     finally:
         base.close()
 

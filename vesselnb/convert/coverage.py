@@ -56,6 +56,8 @@ class ConversionReport:
     seconds: float = 0.0
     fates: list[dict[str, Any]] = field(default_factory=list)
     provenance: list[dict[str, Any]] = field(default_factory=list)
+    training_info: dict[str, Any] = field(default_factory=dict)  # the checkpoint's meta / message_hub, summarised
+    config_fingerprint: str = ""  # config, tokenizer and remote code: the half of the identity weights do not cover
 
     # --- tables -------------------------------------------------------------------------------------------------
     @property
@@ -89,6 +91,29 @@ class ConversionReport:
         )
 
     @property
+    def training_table(self) -> pd.DataFrame:
+        """What the checkpoint's ``meta`` / ``message_hub`` say: iteration, epoch, save time, seed, versions and,
+        per logged scalar, how many values, the first, the last and the minimum (the loss history)."""
+        info = self.training_info or {}
+        rows = [{"field": k, "value": str(v)} for k, v in info.items() if k not in ("scalars",)]
+        for name, values in (info.get("scalars") or {}).items():
+            if values:
+                rows.append(
+                    {
+                        "field": name,
+                        "value": f"{len(values)} logged (kept by mmengine): first {values[0]:.4g}, last "
+                        f"{values[-1]:.4g}, min {min(values):.4g}",
+                    }
+                )
+        return pd.DataFrame(rows, columns=["field", "value"])
+
+    @property
+    def loss_history(self) -> list[float]:
+        """The logged training loss values the checkpoint carries (``message_hub`` ``train/loss``), oldest first."""
+        scalars = (self.training_info or {}).get("scalars") or {}
+        return list(scalars.get("train/loss") or scalars.get("loss") or [])
+
+    @property
     def component_table(self) -> pd.DataFrame:
         """Per model part: tensors by source and relative change vs the base."""
         rows = []
@@ -113,6 +138,7 @@ class ConversionReport:
         """The ``run_dir/conversion.json`` record of docs/contracts.md (plus a few extra keys)."""
         return {
             "fingerprint": self.fingerprint,
+            "config_fingerprint": self.config_fingerprint,
             "source": {"path": self.source.get("path"), "bytes": self.source.get("bytes")},
             "coverage": self.coverage,
             "components": self.components,
@@ -125,6 +151,7 @@ class ConversionReport:
             "input_fingerprint": self.input_fingerprint,
             "base_model": self.base_model,
             "lora": self.lora,
+            "training": {k: v for k, v in self.training_info.items() if k != "scalars"},
             "seconds": round(self.seconds, 2),
         }
 
@@ -140,8 +167,12 @@ class ConversionReport:
     def summary_lines(self) -> list[str]:
         lines = [
             f"output: {self.output_dir}",
-            f"fingerprint: {self.fingerprint}  dtype: {self.dtype}  bytes: {self.output_bytes:,}",
+            f"fingerprint: {self.fingerprint}  config: {self.config_fingerprint or '?'}  dtype: {self.dtype}  "
+            f"bytes: {self.output_bytes:,}",
         ]
+        training = self.training_line()
+        if training:
+            lines.append(f"training: {training}")
         if self.source.get("path"):
             lines.append(f"source: {self.source['path']} ({self.source.get('bytes', 0):,} bytes)")
         if self.skipped:
@@ -156,6 +187,15 @@ class ConversionReport:
         lines += [f"WARNING: {w}" for w in self.warnings] + [f"note: {n}" for n in self.notes]
         return lines
 
+    def training_line(self) -> str:
+        """``iter=…, epoch=…, time=…, seed=…, loss a -> b (n logged)`` from the checkpoint's meta / message_hub."""
+        info = self.training_info or {}
+        said = ", ".join(f"{k}={info[k]}" for k in ("iter", "epoch", "time", "seed") if k in info)
+        losses = self.loss_history
+        if losses:
+            said += f", loss {losses[0]:.4g} -> {losses[-1]:.4g} ({len(losses)} logged)"
+        return said
+
     def __str__(self) -> str:
         return "\n".join(self.summary_lines())
 
@@ -165,9 +205,12 @@ class ConversionReport:
         title = "Conversion with warnings" if self.warnings else "Conversion OK"
         if self.skipped:
             title += f" (skipped: {self.skipped})"
-        line = (f"fingerprint {self.fingerprint} · dtype {self.dtype} · {self.output_bytes / 1e9:.3f} GB · "
-                f"{self.output_dir}")
+        line = (f"weights fingerprint {self.fingerprint} · config fingerprint {self.config_fingerprint or '?'} · "
+                f"dtype {self.dtype} · {self.output_bytes / 1e9:.3f} GB · {self.output_dir}")
         counts = ", ".join(f"{k} {v}" for k, v in self.coverage.items() if v)
         lines = [line] + ([f"coverage: {counts}"] if counts else [])
+        training = self.training_line()
+        if training:
+            lines.append(f"training (meta / message_hub): {training}")
         return hr.join(hr.banner(title, level="error" if self.warnings else "ok", lines=lines,
                                  items=[*self.warnings, *self.notes]))

@@ -136,15 +136,24 @@ def check_remote_code(folder: Path, config: dict[str, Any]) -> list[str]:
     return sorted(m for m in needed if m not in present and m not in packages and m + ".__init__" not in present)
 
 
-def copy_support_files(base: Path, out: Path) -> list[str]:
-    """Copy tokenizer, generation config, remote code and any other non-weight file; returns the names copied."""
-    copied = []
+def support_files(base: Path) -> list[Path]:
+    """The files conversion copies from the base: tokenizer, generation config, remote code, anything not weights."""
+    files = []
     for src in sorted(base.rglob("*")):
         rel = src.relative_to(base)
         if src.is_dir() or "__pycache__" in rel.parts or any(part.startswith(".") for part in rel.parts):
             continue
         if rel.name in _NOT_COPIED_NAMES or rel.name.endswith(_NOT_COPIED_SUFFIXES):
             continue
+        files.append(src)
+    return files
+
+
+def copy_support_files(base: Path, out: Path) -> list[str]:
+    """Copy :func:`support_files` into ``out``; returns the names copied."""
+    copied = []
+    for src in support_files(base):
+        rel = src.relative_to(base)
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from vesselnb.convert.converter import convert_checkpoint, read_record
 from vesselnb.convert.coverage import ConversionReport
+from vesselnb.convert.hf_folder import BaseFolder
 from vesselnb.errors import VesselnbError
-from vesselnb.fingerprint import weights_fingerprint
+from vesselnb.fingerprint import config_fingerprint, weights_fingerprint
 from vesselnb.params import RunParams
 from vesselnb.run_folder import RunFolder
 
@@ -19,6 +20,7 @@ def _folder_bytes(folder: Path) -> int:
 
 def _given_folder_report(hf_dir: Path) -> ConversionReport:
     """``hf_model`` set: nothing to convert; record the fingerprint (and vesselnb's record if the folder has one)."""
+    BaseFolder(hf_dir).close()  # every shard the index names exists and holds its keys (else one clear error)
     fingerprint = weights_fingerprint(hf_dir)
     report = read_record(hf_dir)
     reason = "params.hf_model names an already converted folder: conversion not run, fingerprint recorded only"
@@ -35,6 +37,7 @@ def _given_folder_report(hf_dir: Path) -> ConversionReport:
             source={"path": str(hf_dir), "bytes": _folder_bytes(hf_dir)},
         )
     report.fingerprint = fingerprint
+    report.config_fingerprint = config_fingerprint(hf_dir)
     report.output_dir = str(hf_dir)
     report.output_bytes = _folder_bytes(hf_dir)
     report.skipped = reason
@@ -84,6 +87,12 @@ def convert_stage(params: RunParams, run_dir: str | Path) -> ConversionReport:
             allow_missing=ckpt.allow_missing,
             trust_pickle=ckpt.trust_pickle,
             check_free_space=ckpt.check_free_space,
+            allow_missing_components=ckpt.allow_missing_components,
+            allow_frozen_mismatch=ckpt.allow_frozen_mismatch,
+            allow_other_base=ckpt.allow_other_base,
+            # The run's own hf_model folder belongs to the run: a rerun with new inputs replaces it. An explicit
+            # hf_output elsewhere is the user's folder and needs checkpoint.overwrite.
+            overwrite=ckpt.overwrite or ckpt.hf_output is None,
         )
     _same_weights_elsewhere(report, folder)
     folder.write_conversion(report.conversion_json())

@@ -37,6 +37,10 @@ class TrainingConfig:
     lora_target_modules: list[str] | None = None
     use_rslora: bool = False
     vision_lora: dict[str, Any] | None = None
+    llm_lora: bool = False  # the config wraps the LLM in LoRA: every targeted projection of every layer trains
+    frozen_sam2_decoder: bool = False  # Sa2VA trains SAM2's mask decoder unless this is set
+    freeze_llm: bool | None = None
+    freeze_visual_encoder: bool | None = None
 
     @property
     def lora_scale(self) -> float | None:
@@ -144,6 +148,11 @@ def read_training_config(path: str | Path) -> TrainingConfig:
                     break
         if config.pretrained_pth is None and isinstance(model.get("pretrained_pth"), str):
             config.pretrained_pth = model["pretrained_pth"]
+        config.frozen_sam2_decoder = model.get("frozen_sam2_decoder") is True
+        for _, node in _walk_dicts(model):
+            for flag in ("freeze_llm", "freeze_visual_encoder"):
+                if isinstance(node.get(flag), bool):
+                    setattr(config, flag, node[flag])
         for where, node in _walk_dicts(model):
             if where.endswith("llm_lora") or (
                 where.endswith("lora") and "visual" not in where and "vision" not in where
@@ -155,6 +164,7 @@ def read_training_config(path: str | Path) -> TrainingConfig:
 
 
 def _read_lora(node: dict[str, Any], config: TrainingConfig) -> None:
+    config.llm_lora = True
     if isinstance(node.get("r"), int):
         config.lora_r = node["r"]
     if isinstance(node.get("lora_alpha"), (int, float)):

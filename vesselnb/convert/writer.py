@@ -104,6 +104,44 @@ def free_bytes(folder: Path) -> int:
     return min(free, int(limit)) if limit else free
 
 
+def block_size(folder: Path) -> int:
+    """The allocation unit of the filesystem where ``folder`` will live (every file takes whole blocks)."""
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    try:
+        return max(512, os.statvfs(probe).f_frsize)
+    except (OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4096
+
+
+def _blocks(nbytes: int, block: int) -> int:
+    return -(-nbytes // block) * block if nbytes else 0
+
+
+DISK_MARGIN_FRACTION = 0.01  # on top of the upper bound: filesystems' own bookkeeping (extents, journal)
+DISK_MARGIN_BYTES = 64 << 10
+
+
+def disk_upper_bound(
+    shard_specs: list[list[TensorSpec]], support_file_bytes: list[int], text_file_bytes: list[int], block: int
+) -> int:
+    """Bytes a conversion can occupy at its peak, rounded up per file to ``block``: never less than it writes.
+
+    Shards: the exact header (built as the writer builds it) + tensor bytes. Support files: their sizes. Text files
+    (config, index, record, progress): caller's upper estimates, counted twice because each is written to a
+    ``.tmp`` beside the old copy before the rename. Plus one block per file for directories, 1 % and 64 KiB.
+    """
+    total = 0
+    for specs in shard_specs:
+        data = sum(tensor_nbytes(shape, dtype) for _, dtype, shape in specs)
+        total += _blocks(8 + len(_header(specs, {"format": "pt"})) + data, block)
+    total += sum(_blocks(n, block) for n in support_file_bytes)
+    total += sum(2 * _blocks(n, block) for n in text_file_bytes)
+    total += block * (len(support_file_bytes) + 2)
+    return int(total * (1 + DISK_MARGIN_FRACTION)) + DISK_MARGIN_BYTES
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as handle:

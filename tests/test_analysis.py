@@ -210,3 +210,26 @@ def test_demo_model_end_to_end_inference_then_analysis(demo_assets, demo_model_d
     assert not [flag for flag in report.flags if flag.level == "error"], report.flags
     assert 0.0 < report.summary["headline"]["dice"] < 1.0
     assert np.isfinite(report.table["cldice"]).all()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_gt_mask_is_read_once_per_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    # Scoring (in this process or in worker processes) fills the stage's GT cache; the figures after it (gallery,
+    # browser) get the same masks without reading or rasterising the annotations again.
+    import vesselnb.data as data
+
+    root = tmp_path / "data"
+    gts = make_dataset(root)
+    run_dir = tmp_path / "run"
+    write_store(run_dir, root / "images", {k: np.roll(v, 1, axis=1) for k, v in gts.items()})
+    report = analyze_stage(run_params(root), run_dir, workers=workers)
+    reads: list[str] = []
+    real_read = data._read_mask_png
+    monkeypatch.setattr(data, "_read_mask_png", lambda path, *args: reads.append(path) or real_read(path, *args))
+    for sample_id, expected in gts.items():
+        first = report.gt.mask(sample_id)
+        np.testing.assert_array_equal(first, expected)
+        first[:] = False  # callers may modify what they get; the cache must not change with it
+        np.testing.assert_array_equal(report.gt.mask(sample_id), expected)
+    report.gallery(worst=True)
+    assert reads == []

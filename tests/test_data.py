@@ -116,6 +116,22 @@ def test_labelme_declared_size_is_rescaled_with_a_logged_warning(tmp_path: Path,
     assert mask[:33, :33].all() and not mask[34:, :].any() and not mask[:, 34:].any()
 
 
+def test_quiet_reading_records_warnings_without_logging_them(tmp_path: Path, caplog) -> None:
+    # compare's panels re-read a dataset stage 03 already reported: same masks and report, no second log.
+    samples = _frames(tmp_path / "images", [NAME], size=(32, 32))
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps([{"image": f"{NAME}.jpg", "mask": [square(20, 20, 60, 60)], "text": ["v"]},
+                                {"image": "elsewhere.jpg", "mask": [square(1, 1, 5, 5)], "text": ["v"]}]))
+    with caplog.at_level(logging.WARNING, logger="vesselnb.data"):
+        quiet = load_ground_truth(path, samples, quiet=True)
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="vesselnb.data"):
+        loud = load_ground_truth(path, samples)
+    assert [r.message for r in caplog.records] == loud.report.warnings == quiet.report.warnings
+    assert len(quiet.report.warnings) == 2  # clipped polygon, annotation of a frame not in the folder
+    np.testing.assert_array_equal(quiet.mask(NAME), loud.mask(NAME))
+
+
 def test_polygons_outside_the_frame_are_clipped_and_counted(tmp_path: Path) -> None:
     samples = _frames(tmp_path / "images", [NAME], size=(32, 32))
     path = tmp_path / "annotations.json"

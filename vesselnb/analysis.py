@@ -73,10 +73,12 @@ class ScoringSettings:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(settings: ScoringSettings, gt: GroundTruth) -> None:
+def _init_worker(settings: ScoringSettings, gt: GroundTruth, ship_masks: bool = False) -> None:
+    """``ship_masks``: a worker process returns each GT mask packed, so the stage's own GroundTruth keeps it and
+    the figures after scoring do not rasterise it again."""
     from vesselnb.store import PredictionStore
 
-    _WORKER.update(settings=settings, gt=gt, store=PredictionStore(settings.store_path))
+    _WORKER.update(settings=settings, gt=gt, store=PredictionStore(settings.store_path), ship_masks=ship_masks)
 
 
 def _prediction_mask(store: Any, sample_id: str, record: dict[str, Any], shape: tuple[int, int],
@@ -157,6 +159,8 @@ def _score_chunk(sample_ids: list[str]) -> list[dict[str, Any]]:
             previous[0]["_iou_next_pred"] = float(vm.frame_to_frame_iou([previous[2], pred])[0])
             previous[0]["_iou_next_gt"] = float(vm.frame_to_frame_iou([previous[1], gt])[0])
         previous = (row, gt, pred)
+        if gt is not None and _WORKER["ship_masks"]:
+            row["_gt_packed"] = np.packbits(gt)
         rows.append(row)
     return rows
 
@@ -192,8 +196,11 @@ def score_store(store: Any, gt: GroundTruth, settings: ScoringSettings, workers:
 
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
-                                 initializer=_init_worker, initargs=(settings, gt)) as pool:
+                                 initializer=_init_worker, initargs=(settings, gt, True)) as pool:
             for chunk_rows in pool.map(_score_chunk, chunks):
+                for row in chunk_rows:
+                    if "_gt_packed" in row:
+                        gt.remember(row["sample_id"], row.pop("_gt_packed"))
                 rows.extend(chunk_rows)
                 progress.update(len(chunk_rows))
     progress.close()

@@ -22,6 +22,7 @@ from vesselnb.errors import DataError
 from vesselnb.frames import dicom_frames, frame_reference, frame_size, is_dicom
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX
+from vesselnb.polyfill import polygon_pixels
 
 
 @dataclass(frozen=True)
@@ -160,11 +161,13 @@ class GroundTruthReport:
     skipped_shapes: dict[str, int] = field(default_factory=dict)  # LabelMe shape types we do not fill
     nested_polygons: int = 0  # polygons lying inside another one of their frame: holes, if the exporter drew them
     warnings: list[str] = field(default_factory=list)
+    quiet: bool = False  # record warnings without logging them (a dataset already reported by stage 03)
 
     def warn(self, message: str) -> None:
         """Record and log a warning (the report lists them; the log shows them as they happen)."""
         self.warnings.append(message)
-        _log.warning(message)
+        if not self.quiet:
+            _log.warning(message)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able summary (lists shortened to counts plus a few examples)."""
@@ -198,13 +201,16 @@ class _Annotation:
 
 
 class GroundTruth:
-    """Ground-truth masks by sample id, rasterised on demand (1,000 frames of masks need not sit in memory)."""
+    """Ground-truth masks by sample id, rasterised on demand and kept packed (1 bit per pixel) up to ``cache_bytes``,
+    so a stage rasterises each frame once without 1,000 frames of boolean masks sitting in memory."""
 
     def __init__(self, annotations: dict[str, _Annotation], sizes: dict[str, tuple[int, int]],
-                 report: GroundTruthReport) -> None:
+                 report: GroundTruthReport, cache_bytes: int = 64 * 2**20) -> None:
         self._annotations = annotations
         self._sizes = sizes  # sample id -> (height, width) of the frame
         self.report = report
+        self._packed: dict[str, np.ndarray] = {}  # sample id -> np.packbits(mask)
+        self._cache_room = cache_bytes
 
     def __contains__(self, sample_id: object) -> bool:
         return sample_id in self._annotations
@@ -222,12 +228,24 @@ class GroundTruth:
         if entry is None:
             raise DataError(f"{self.report.source}: no annotation for frame {sample_id!r}")
         shape = self._sizes[sample_id]
+        packed = self._packed.get(sample_id)
+        if packed is not None:  # unpacking makes a fresh array: callers may modify what they get
+            return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
         if entry.png is not None:
-            return _read_mask_png(entry.png, shape, sample_id, self.report)
-        mask = polygons_to_mask(entry.polygons, shape, self.report.polygon_fill)
-        for bitmap in entry.bitmaps:
-            mask |= resize_mask(bitmap, shape)
+            mask = _read_mask_png(entry.png, shape, sample_id, self.report)
+        else:
+            mask = polygons_to_mask(entry.polygons, shape, self.report.polygon_fill)
+            for bitmap in entry.bitmaps:
+                mask |= resize_mask(bitmap, shape)
+        self.remember(sample_id, np.packbits(mask))
         return mask
+
+    def remember(self, sample_id: str, packed: np.ndarray) -> None:
+        """Keep ``np.packbits(mask)`` of a frame (e.g. one a scoring worker process rasterised) while the cache has
+        room; beyond it, masks are simply rasterised again when asked for."""
+        if sample_id in self._annotations and sample_id not in self._packed and packed.nbytes <= self._cache_room:
+            self._packed[sample_id] = packed
+            self._cache_room -= packed.nbytes
 
 
 def polygons_to_mask(polygons: list[np.ndarray], shape: tuple[int, int], polygon_fill: str = "union") -> np.ndarray:
@@ -245,11 +263,13 @@ def polygons_to_mask(polygons: list[np.ndarray], shape: tuple[int, int], polygon
         if len(points) < 3:
             continue
         if polygon_fill == "even_odd":
-            mask[draw.polygon(points[:, 1], points[:, 0], shape)] ^= True
+            row0, col0, inside = polygon_pixels(points, shape)  # = skimage.draw.polygon's pixels, scanline time
+            mask[row0 : row0 + inside.shape[0], col0 : col0 + inside.shape[1]] ^= inside
             continue
-        points = points.astype(np.int32)  # truncation, as the users' `.astype(np.int32)`
-        mask[draw.polygon(points[:, 1], points[:, 0], shape)] = True
-        mask[draw.polygon_perimeter(points[:, 1], points[:, 0], shape, clip=False)] = True
+        corners = points.astype(np.int32)  # truncation, as the users' `.astype(np.int32)`
+        row0, col0, inside = polygon_pixels(corners.astype(np.float64), shape)
+        mask[row0 : row0 + inside.shape[0], col0 : col0 + inside.shape[1]] |= inside
+        mask[draw.polygon_perimeter(corners[:, 1], corners[:, 0], shape, clip=False)] = True
     return mask
 
 
@@ -312,11 +332,14 @@ def load_ground_truth(
     annotation_format: str = "auto",
     polygon_fill: str = "union",
     frames_in_folder: set[str] | None = None,
+    quiet: bool = False,
 ) -> GroundTruth:
     """Read the ground truth for ``samples`` from any supported format.
 
     ``frames_in_folder`` (all frame ids in the image folder) tells annotations of frames left out on purpose
     (``data.limit``) from annotations naming frames that do not exist; only the latter are warned about.
+    ``quiet`` keeps the warnings in ``report.warnings`` without logging them: for a second reader of a dataset whose
+    problems stage 03 already reported (compare's panels).
 
     Annotations whose declared image size differs from the frame are rescaled (logged warning); polygons reaching
     outside the frame are cut at the border and counted; frames without annotation are listed in
@@ -329,7 +352,7 @@ def load_ground_truth(
         raise DataError(f"polygon_fill must be one of {POLYGON_FILLS}, got {polygon_fill!r}")
     fmt = detect_annotation_format(source) if annotation_format == "auto" else annotation_format
     report = GroundTruthReport(source=source, annotation_format=fmt, polygon_fill=polygon_fill,
-                               n_samples=len(samples))
+                               n_samples=len(samples), quiet=quiet)
     sizes = _frame_sizes(samples)
     by_stem = {s.sample_id: s for s in samples}
     readers = {"sa2va": _read_sa2va, "labelme": _read_labelme, "coco": _read_coco, "mask_png": _read_mask_folder}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +70,14 @@ def ground_truth_reader(run: RunInputs, sample_ids: list[str]) -> tuple[Any, str
     data = run.params.data if run.params is not None else None
     if data is None or data.annotations is None or data.images is None:
         return None, f"{run.folder.manifest_path}: no data paths recorded, so the panels show no ground truth"
-    data_log = logging.getLogger("vesselnb.data")
-    level = data_log.level
-    data_log.setLevel(logging.ERROR)  # stage 03 already reported this dataset's annotation warnings
     try:
         samples = list_samples(data.images, data.image_glob, data.name_regex or DEFAULT_NAME_REGEX, data.limit)
         wanted = set(sample_ids)
+        # quiet: stage 03 already reported this dataset's annotation problems; the panels only need the masks
         truth = load_ground_truth(data.annotations, [s for s in samples if s.sample_id in wanted],
-                                  data.annotation_format, polygon_fill=data.polygon_fill)
+                                  data.annotation_format, polygon_fill=data.polygon_fill, quiet=True)
     except VesselnbError as exc:
         return None, f"ground truth not shown in the panels: {exc}"
-    finally:
-        data_log.setLevel(level)
     return (lambda sample_id: truth.mask(sample_id) if sample_id in truth else None), ""
 
 

@@ -29,13 +29,14 @@ from tqdm import tqdm
 
 from vesselnb import htmlrepr as hr
 from vesselnb import metrics as vm
-from vesselnb import stats, viz
+from vesselnb import pseudonym, stats, viz
 from vesselnb.data import GroundTruth, list_samples, load_ground_truth, parse_sample_name
 from vesselnb.errors import DataError, ParamsError, StageError, StoreError, VesselnbError
 from vesselnb.fingerprint import file_digest, new_file_digest
 from vesselnb.jsonable import strict_json
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX, AnalysisParams, RunParams
+from vesselnb.pseudonym import Pseudonyms
 from vesselnb.run_folder import RunFolder
 
 SUMMARY_METRICS = vm.HIGHER_IS_BETTER  # metric -> higher is better; the order of the summary table
@@ -578,6 +579,7 @@ class AnalysisReport:
     calibration: vm.Calibration | None = None
     temporal: pd.DataFrame | None = None
     min_patients: int = stats.MIN_PATIENTS
+    names: Pseudonyms | None = None  # patient pseudonyms for figures and tables; None shows the names
 
     @property
     def analysis_dir(self) -> Path:
@@ -622,7 +624,7 @@ class AnalysisReport:
 
     def patient_values(self) -> pd.DataFrame:
         """Per-patient means of every summary metric."""
-        return patient_values(self.table, list(self.summary_frame.index))
+        return pseudonym.frame(patient_values(self.table, list(self.summary_frame.index)), self.names)
 
     def threshold_table(self) -> pd.DataFrame | None:
         """The cross-validated threshold per held-out patient, with the recommendation and the in-sample optimum."""
@@ -654,11 +656,11 @@ class AnalysisReport:
 
     def per_patient(self) -> pd.DataFrame:
         """One row per patient, worst Dice first."""
-        return group_table(self.table, ["patient"])
+        return pseudonym.frame(group_table(self.table, ["patient"]), self.names)
 
     def per_sequence(self) -> pd.DataFrame:
         """One row per (patient, sequence), worst Dice first."""
-        return group_table(self.table, ["patient", "sequence"])
+        return pseudonym.frame(group_table(self.table, ["patient", "sequence"]), self.names)
 
     def ground_truth_report(self) -> pd.DataFrame:
         """What reading the annotations found (rescaled, clipped, missing ...), as a two-column table."""
@@ -701,7 +703,7 @@ class AnalysisReport:
         rows = []
         for _, row in chosen.iterrows():
             frame, gt, pred = self.sample_images(row["sample_id"])
-            rows.append((frame, gt, pred, viz.sample_title(row)))
+            rows.append((frame, gt, pred, viz.sample_title(row, self.names)))
         return viz.gallery(rows, title=f"{'worst' if worst else 'best'} {len(rows)} by {metric}")
 
     def show_figure(self, name: str) -> None:
@@ -745,8 +747,11 @@ def headline(table: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> AnalysisReport:
+def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0,
+                  names: Pseudonyms | None = None) -> AnalysisReport:
     """Score a run's prediction store against the ground truth; write ``analysis/`` and return the report.
+
+    ``names`` (``pseudonym.for_run(run_dir, params)``) replaces patients in the galleries and tables; None shows them.
 
     Writes ``analysis/metrics.parquet``, ``analysis/summary.json`` and ``analysis/figures/*.png``.
     """
@@ -832,7 +837,7 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
     }
     report = AnalysisReport(params.run_name, run_dir, table, summary, flags, frame, sweep, gt,
                             settings.threshold, settings.gallery_k, threshold_cv=choice, calibration=calibration,
-                            min_patients=settings.min_patients)
+                            min_patients=settings.min_patients, names=names)
     report.temporal = temporal_consistency(rows)
     if report.temporal is not None:
         summary["temporal_consistency"] = {"pred_iou": float(report.temporal["pred_iou"].mean()),

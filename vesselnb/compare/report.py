@@ -182,13 +182,17 @@ class ComparisonReport:
                 parts.append(hr.muted(pair.thresholds_note))
         return Section("".join(parts))
 
+    def _named(self, table: pd.DataFrame) -> pd.DataFrame:
+        """``table`` with its patient and sample-id columns pseudonymised (unchanged when names are shown)."""
+        return pseudonym.frame(table, self.names)
+
     def per_patient(self) -> Section:
         """Per-patient means and Δ (what to read instead of intervals when there are few patients)."""
-        return Section(hr.join(*(_pair_heading(p) + _table(pseudonym.frame(p.per_patient(), self.names)) for p in self.pairs)))
+        return Section(hr.join(*(_pair_heading(p) + _table(self._named(p.per_patient())) for p in self.pairs)))
 
     def per_sequence(self) -> Section:
         """Mean Δ per (patient, sequence) of the primary metric and every significant one."""
-        return Section(hr.join(*(_pair_heading(p) + _table(pseudonym.frame(p.per_sequence(), self.names)) for p in self.pairs)))
+        return Section(hr.join(*(_pair_heading(p) + _table(self._named(p.per_sequence())) for p in self.pairs)))
 
     def width_bins(self) -> Section:
         """Δ recall by vessel width (thin, medium, thick)."""
@@ -200,7 +204,7 @@ class ComparisonReport:
         for pair in self.pairs:
             parts.append(_pair_heading(pair))
             parts.append(hr.muted("None: every common sample has the same status in both runs.")
-                         if pair.status_changes.empty else _table(pseudonym.frame(pair.status_changes, self.names), index=False))
+                         if pair.status_changes.empty else _table(self._named(pair.status_changes), index=False))
         return Section("".join(parts))
 
     def weights(self) -> Section:

@@ -165,7 +165,8 @@ def sample_title(row: Any, names: Pseudonyms | None = None) -> str:
         return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
     return (f"{shown_id(row['sample_id'], names)} [{row['status']}]  Dice {fmt(row['dice'])}  "
-            f"clDice {fmt(row['cldice'])}  HD95 {fmt(row['hd95'])}  NSD {fmt(row['nsd'])}  thin-recall {fmt(row['recall_thin'])}")
+            f"clDice {fmt(row['cldice'])}  HD95 {fmt(row['hd95'])}  NSD {fmt(row['nsd'])}  "
+            f"thin-recall {fmt(row['recall_thin'])}")
 
 
 def _short(text: str, limit: int = 34) -> str:

@@ -19,6 +19,7 @@ from vesselnb import pseudonym, viz
 from vesselnb.analysis import analyze_stage
 from vesselnb.compare import compare_stage
 from vesselnb.compare import figures as cfig
+from vesselnb.errors import DataError
 from vesselnb.run_folder import RunFolder
 from vesselnb.store import PredictionStore
 from vesselnb.widgets import SampleBrowser
@@ -132,3 +133,13 @@ def test_comparison_scatter_legend_panels_and_tables_use_pseudonyms(run, tmp_pat
     assert_pseudonymised([tables], names)
     assert all(p in tables for p in names.mapping.values())
     assert (out / "figures" / "a_vs_b_scatter.png").is_file()
+
+
+def test_shown_id_follows_the_mapping_whatever_the_name_regex_and_refuses_unknown_patients() -> None:
+    names = pseudonym.Pseudonyms({"Chen_Fang_0000103366": "P01", "caseA": "P02"})
+    assert viz.shown_id("Chen_Fang_0000103366__1-4_1_04B2D3CF_frame_000034", names) == \
+        "P01__1-4_1_04B2D3CF_frame_000034"
+    assert viz.shown_id("caseA-run2-f007", names) == "P02-run2-f007"  # a run's own regex made "caseA" the patient
+    assert viz.shown_id("caseA-run2-f007", None) == "caseA-run2-f007"
+    with pytest.raises(DataError, match="has no pseudonym"):
+        viz.shown_id("Stranger_Joe_0000999999__1-1_1_00000000_frame_000001", names)

@@ -128,8 +128,15 @@ def image_grid(
 
 
 def shown_id(sample_id: str, names: Pseudonyms | None) -> str:
-    """The sample id a figure may draw: pseudonymised when ``names`` is given (pixels are never scrubbed later)."""
-    return sample_id if names is None else names.sample_id(sample_id)
+    """The sample id a figure may draw: pseudonymised when ``names`` is given (pixels are never scrubbed later).
+
+    The patient labels of the mapping are replaced wherever they stand, so a run's own ``data.name_regex`` needs
+    no plumbing here; an id naming no known patient goes through ``names.sample_id``, which says which is missing.
+    """
+    if names is None:
+        return sample_id
+    shown = names.text(sample_id)
+    return shown if shown != sample_id else names.sample_id(sample_id)
 
 
 def prediction_panels(store: Any, sample_ids: Iterable[str], columns: int = 4,

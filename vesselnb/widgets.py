@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image as PILImage
 
-from vesselnb import pseudonym, viz
+from vesselnb import viz
 from vesselnb.run_folder import RunFolder
 from vesselnb.store import PredictionStore
 
@@ -80,7 +80,9 @@ class SampleBrowser:
 
     def static_table(self, metric: str = "dice") -> pd.DataFrame:
         """The worst ``static_rows`` samples by ``metric`` (what a reader of the HTML report can still browse)."""
-        return pseudonym.frame(self._worst(metric), self.names)
+        table = self._worst(metric)
+        table["sample_id"] = [viz.shown_id(sample_id, self.names) for sample_id in table["sample_id"]]
+        return table
 
     def show_static(self) -> None:
         """Display the static fallback: a note, the sorted table and a few samples' overlays."""

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from vesselnb import pseudonym, viz
-from vesselnb.analysis import analyze_stage
+from vesselnb.analysis import analyze_stage, temporal_figure
 from vesselnb.compare import compare_stage
 from vesselnb.compare import figures as cfig
 from vesselnb.errors import DataError
@@ -46,7 +46,7 @@ def assert_pseudonymised(texts: list[str], names: pseudonym.Pseudonyms) -> None:
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two scored runs on one dataset (b misses the thin branches), each with its manifest, and their pseudonyms."""
     root = tmp_path_factory.mktemp("pseudofig")
-    gts = make_dataset(root, size=48, frames=1)
+    gts = make_dataset(root, size=48, frames=2)  # two frames per sequence: a temporal-consistency figure too
     outputs = root / "outputs"
     runs = {}
     for name, predictions in (("a", gts), ("b", {k: v & ~thin_branch_mask(48, i)
@@ -91,6 +91,16 @@ def test_gallery_and_tables_of_stage_03_use_pseudonyms(run) -> None:
     assert set(report.per_patient().index) == set(names.mapping.values())
     assert {p for p, _ in report.per_sequence().index} == set(names.mapping.values())
     assert set(report.patient_values().index) == set(names.mapping.values())
+
+
+def test_temporal_figure_labels_sequences_by_pseudonym(run) -> None:
+    report, names = run["a"]["report"], run["a"]["names"]
+    assert report.temporal is not None
+    fig = temporal_figure(report.temporal, names)
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert len(ticks) == len(report.temporal) and all(t.startswith(pseudonym.PREFIX) for t in ticks)
+    assert_pseudonymised(figure_texts(fig), names)
+    assert names.leaks("\n".join(figure_texts(temporal_figure(report.temporal))))  # the control: names shown
 
 
 def test_sample_browser_titles_caption_and_table_use_pseudonyms(run) -> None:

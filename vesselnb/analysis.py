@@ -542,14 +542,18 @@ def calibration_figure(calibration: vm.Calibration) -> Figure:
     return fig
 
 
-def temporal_figure(temporal: pd.DataFrame) -> Figure:
-    """Per sequence: mean frame-to-frame IoU of the predictions beside the same for the ground truth."""
+def temporal_figure(temporal: pd.DataFrame, names: Pseudonyms | None = None) -> Figure:
+    """Per sequence: mean frame-to-frame IoU of the predictions beside the same for the ground truth.
+
+    ``names`` labels the sequences by pseudonym (None: by patient name).
+    """
     fig = Figure(figsize=(max(5.0, 0.3 * len(temporal) + 2), 3.2), layout="constrained")
     ax = fig.subplots()
     positions = np.arange(len(temporal))
     ax.bar(positions - 0.2, temporal["gt_iou"], 0.4, label="ground truth", color="#999")
     ax.bar(positions + 0.2, temporal["pred_iou"], 0.4, label="prediction", color="#4477aa")
-    ax.set_xticks(positions, [f"{p}/{q}" for p, q in temporal.index], rotation=90, fontsize=6)
+    labels = [f"{p if names is None else names.patient(p)}/{q}" for p, q in temporal.index]
+    ax.set_xticks(positions, labels, rotation=90, fontsize=6)
     ax.set_ylabel("frame-to-frame IoU")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
@@ -928,7 +932,7 @@ def _write_outputs(report: AnalysisReport, sweep_counts: pd.DataFrame) -> None:
     if report.calibration is not None:
         pieces["calibration"] = lambda: calibration_figure(report.calibration)
     if report.temporal is not None:
-        pieces["temporal"] = lambda: temporal_figure(report.temporal)
+        pieces["temporal"] = lambda: temporal_figure(report.temporal, report.names)
     if report.table["has_gt"].any():
         pieces["worst_k"] = lambda: report.gallery(worst=True)
         pieces["best_k"] = lambda: report.gallery(worst=False)

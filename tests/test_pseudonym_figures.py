@@ -21,6 +21,7 @@ from vesselnb.compare import compare_stage
 from vesselnb.compare import figures as cfig
 from vesselnb.errors import DataError
 from vesselnb.run_folder import RunFolder
+from vesselnb.runner import COMPARE_STAGE, default_notebooks_dir, execute_stage
 from vesselnb.store import PredictionStore
 from vesselnb.widgets import SampleBrowser
 
@@ -153,3 +154,13 @@ def test_shown_id_follows_the_mapping_whatever_the_name_regex_and_refuses_unknow
     assert viz.shown_id("caseA-run2-f007", None) == "caseA-run2-f007"
     with pytest.raises(DataError, match="has no pseudonym"):
         viz.shown_id("Stranger_Joe_0000999999__1-1_1_00000000_frame_000001", names)
+
+
+def test_notebook_04_draws_pseudonyms_when_the_runs_saved_a_mapping(run) -> None:
+    out_dir = run["outputs"] / "cmp_notebook"
+    parameters = {"run_dirs": [str(run["a"]["dir"]), str(run["b"]["dir"])], "out_dir": str(out_dir)}
+    outcome = execute_stage(COMPARE_STAGE, parameters, out_dir, default_notebooks_dir(), header={}, progress=False)
+    assert outcome.status == "ok", outcome.error
+    assert pseudonym.saved(out_dir).mapping == run["a"]["names"].mapping  # the notebook took the runs' numbering
+    executed = (out_dir / "04_compare_checkpoints.ipynb").read_text(encoding="utf-8")
+    assert "P01" in executed and "names=names" in executed

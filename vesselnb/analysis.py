@@ -29,13 +29,14 @@ from tqdm import tqdm
 
 from vesselnb import htmlrepr as hr
 from vesselnb import metrics as vm
-from vesselnb import stats, viz
+from vesselnb import pseudonym, stats, viz
 from vesselnb.data import GroundTruth, list_samples, load_ground_truth, parse_sample_name
 from vesselnb.errors import DataError, ParamsError, StageError, StoreError, VesselnbError
 from vesselnb.fingerprint import file_digest, new_file_digest
 from vesselnb.jsonable import strict_json
 from vesselnb.masks import resize_mask
 from vesselnb.params import DEFAULT_NAME_REGEX, AnalysisParams, RunParams
+from vesselnb.pseudonym import Pseudonyms
 from vesselnb.run_folder import RunFolder
 
 SUMMARY_METRICS = vm.HIGHER_IS_BETTER  # metric -> higher is better; the order of the summary table
@@ -548,14 +549,18 @@ def calibration_figure(calibration: vm.Calibration) -> Figure:
     return fig
 
 
-def temporal_figure(temporal: pd.DataFrame) -> Figure:
-    """Per sequence: mean frame-to-frame IoU of the predictions beside the same for the ground truth."""
+def temporal_figure(temporal: pd.DataFrame, names: Pseudonyms | None = None) -> Figure:
+    """Per sequence: mean frame-to-frame IoU of the predictions beside the same for the ground truth.
+
+    ``names`` labels the sequences by pseudonym (None: by patient name).
+    """
     fig = Figure(figsize=(max(5.0, 0.3 * len(temporal) + 2), 3.2), layout="constrained")
     ax = fig.subplots()
     positions = np.arange(len(temporal))
     ax.bar(positions - 0.2, temporal["gt_iou"], 0.4, label="ground truth", color="#999")
     ax.bar(positions + 0.2, temporal["pred_iou"], 0.4, label="prediction", color="#4477aa")
-    ax.set_xticks(positions, [f"{p}/{q}" for p, q in temporal.index], rotation=90, fontsize=6)
+    labels = [f"{p if names is None else names.patient(p)}/{q}" for p, q in temporal.index]
+    ax.set_xticks(positions, labels, rotation=90, fontsize=6)
     ax.set_ylabel("frame-to-frame IoU")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
@@ -585,6 +590,7 @@ class AnalysisReport:
     calibration: vm.Calibration | None = None
     temporal: pd.DataFrame | None = None
     min_patients: int = stats.MIN_PATIENTS
+    names: Pseudonyms | None = None  # patient pseudonyms for figures and tables; None shows the names
 
     @property
     def analysis_dir(self) -> Path:
@@ -630,7 +636,7 @@ class AnalysisReport:
     def patient_values(self) -> pd.DataFrame:
         """Per-patient means of every summary metric, one column per patient and one row per metric: shown only
         below the minimum number of patients, so the columns are few, while ~20 metric columns overflowed a page."""
-        return patient_values(self.table, list(self.summary_frame.index)).T
+        return pseudonym.frame(patient_values(self.table, list(self.summary_frame.index)), self.names).T
 
     def threshold_table(self) -> pd.DataFrame | None:
         """The cross-validated threshold per held-out patient, with the recommendation and the in-sample optimum."""
@@ -662,11 +668,11 @@ class AnalysisReport:
 
     def per_patient(self) -> pd.DataFrame:
         """One row per patient, worst Dice first."""
-        return group_table(self.table, ["patient"])
+        return pseudonym.frame(group_table(self.table, ["patient"]), self.names)
 
     def per_sequence(self) -> pd.DataFrame:
         """One row per (patient, sequence), worst Dice first."""
-        return group_table(self.table, ["patient", "sequence"])
+        return pseudonym.frame(group_table(self.table, ["patient", "sequence"]), self.names)
 
     def ground_truth_report(self) -> pd.DataFrame:
         """What reading the annotations found (rescaled, clipped, missing ...), as a two-column table."""
@@ -709,7 +715,7 @@ class AnalysisReport:
         rows = []
         for _, row in chosen.iterrows():
             frame, gt, pred = self.sample_images(row["sample_id"])
-            rows.append((frame, gt, pred, viz.sample_title(row)))
+            rows.append((frame, gt, pred, viz.sample_title(row, self.names)))
         return viz.gallery(rows, title=f"{'worst' if worst else 'best'} {len(rows)} by {metric}")
 
     def show_figure(self, name: str) -> None:
@@ -753,8 +759,11 @@ def headline(table: pd.DataFrame) -> dict[str, float]:
     }
 
 
-def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> AnalysisReport:
+def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0,
+                  names: Pseudonyms | None = None) -> AnalysisReport:
     """Score a run's prediction store against the ground truth; write ``analysis/`` and return the report.
+
+    ``names`` (``pseudonym.for_run(run_dir, params)``) replaces patients in the galleries and tables; None shows them.
 
     Writes ``analysis/metrics.parquet``, ``analysis/summary.json`` and ``analysis/figures/*.png``.
     """
@@ -840,7 +849,7 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0) -> A
     }
     report = AnalysisReport(params.run_name, run_dir, table, summary, flags, frame, sweep, gt,
                             settings.threshold, settings.gallery_k, threshold_cv=choice, calibration=calibration,
-                            min_patients=settings.min_patients)
+                            min_patients=settings.min_patients, names=names)
     report.temporal = temporal_consistency(rows)
     if report.temporal is not None:
         summary["temporal_consistency"] = {"pred_iou": float(report.temporal["pred_iou"].mean()),
@@ -931,7 +940,7 @@ def _write_outputs(report: AnalysisReport, sweep_counts: pd.DataFrame) -> None:
     if report.calibration is not None:
         pieces["calibration"] = lambda: calibration_figure(report.calibration)
     if report.temporal is not None:
-        pieces["temporal"] = lambda: temporal_figure(report.temporal)
+        pieces["temporal"] = lambda: temporal_figure(report.temporal, report.names)
     if report.table["has_gt"].any():
         pieces["worst_k"] = lambda: report.gallery(worst=True)
         pieces["best_k"] = lambda: report.gallery(worst=False)

@@ -11,7 +11,7 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -21,6 +21,9 @@ from vesselnb.errors import DataError
 from vesselnb.fonts import configure_matplotlib_fonts, displayable
 from vesselnb.frames import open_frame_rgb
 from vesselnb.masks import resize_mask
+
+if TYPE_CHECKING:  # pseudonym imports the data stack; viz only calls the object it is given
+    from vesselnb.pseudonym import Pseudonyms
 
 configure_matplotlib_fonts()  # patient names in CJK and other scripts: a covering font, else U+XXXX, never tofu
 
@@ -124,10 +127,24 @@ def image_grid(
     return fig
 
 
-def prediction_panels(store: Any, sample_ids: Iterable[str], columns: int = 4) -> Figure:
+def shown_id(sample_id: str, names: Pseudonyms | None) -> str:
+    """The sample id a figure may draw: pseudonymised when ``names`` is given (pixels are never scrubbed later).
+
+    The patient labels of the mapping are replaced wherever they stand, so a run's own ``data.name_regex`` needs
+    no plumbing here; an id naming no known patient goes through ``names.sample_id``, which says which is missing.
+    """
+    if names is None:
+        return sample_id
+    shown = names.text(sample_id)
+    return shown if shown != sample_id else names.sample_id(sample_id)
+
+
+def prediction_panels(store: Any, sample_ids: Iterable[str], columns: int = 4,
+                      names: Pseudonyms | None = None) -> Figure:
     """Frames with their predicted mask in green (no ground truth): notebook 02's quick look at a store.
 
     ``store`` is a :class:`vesselnb.store.PredictionStore`; each record's ``image`` path is read for the frame.
+    ``names`` (see :func:`vesselnb.pseudonym.for_run`) replaces patients in the titles; None shows them.
     """
     records = {record["sample_id"]: record for record in store.records()}
     pictures, titles = [], []
@@ -142,20 +159,21 @@ def prediction_panels(store: Any, sample_ids: Iterable[str], columns: int = 4) -
             frame = None
         if frame is None or mask.size == 0 or frame.shape[:2] != mask.shape:
             pictures.append(np.full((64, 64, 3), 128, dtype=np.uint8))
-            titles.append(f"{_short(sample_id)}\n{record.get('status', '?')}: frame not shown")
+            titles.append(f"{_short(shown_id(sample_id, names))}\n{record.get('status', '?')}: frame not shown")
             continue
         pictures.append(tint(frame, mask, PRED_RGB))
-        titles.append(f"{_short(sample_id)}\n{record.get('status', '?')}, {int(mask.sum())} px")
+        titles.append(f"{_short(shown_id(sample_id, names))}\n{record.get('status', '?')}, {int(mask.sum())} px")
     return image_grid(pictures, titles, columns=columns)
 
 
-def sample_title(row: Any) -> str:
-    """The metrics a gallery panel shows in its title."""
+def sample_title(row: Any, names: Pseudonyms | None = None) -> str:
+    """The metrics a gallery panel shows in its title (its sample id pseudonymised when ``names`` is given)."""
     def fmt(value: Any) -> str:
         return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
 
-    return (f"{row['sample_id']} [{row['status']}]  Dice {fmt(row['dice'])}  clDice {fmt(row['cldice'])}  "
-            f"HD95 {fmt(row['hd95'])}  NSD {fmt(row['nsd'])}  thin-recall {fmt(row['recall_thin'])}")
+    return (f"{shown_id(row['sample_id'], names)} [{row['status']}]  Dice {fmt(row['dice'])}  "
+            f"clDice {fmt(row['cldice'])}  HD95 {fmt(row['hd95'])}  NSD {fmt(row['nsd'])}  "
+            f"thin-recall {fmt(row['recall_thin'])}")
 
 
 def _short(text: str, limit: int = 34) -> str:

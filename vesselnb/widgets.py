@@ -8,12 +8,14 @@ static table of the samples plus a few rendered samples, so the report still hol
 
 from __future__ import annotations
 
+import html
 import io
 import os
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 from PIL import Image as PILImage
 
 from vesselnb import viz
@@ -41,7 +43,8 @@ def widget_frontend_available() -> bool:
 class SampleBrowser:
     """Step through the scored samples sorted by any metric; toggle overlays; threshold slider with probabilities.
 
-    ``report`` is a :class:`vesselnb.analysis.AnalysisReport`.
+    ``report`` is a :class:`vesselnb.analysis.AnalysisReport`; its ``names`` (pseudonyms, or None to show names)
+    replace patients in the captions, titles and the static table.
     """
 
     def __init__(self, report: Any, static_rows: int = 25, static_samples: int = 3) -> None:
@@ -49,6 +52,7 @@ class SampleBrowser:
         self.static_rows = static_rows
         self.static_samples = static_samples
         self.table = report.table[report.table["has_gt"]].reset_index(drop=True)
+        self.names = report.names
 
     # -- rendering one sample --
     def render(self, sample_id: str, show_gt: bool = True, show_pred: bool = True, errors: bool = True,
@@ -70,10 +74,15 @@ class SampleBrowser:
         return picture
 
     # -- static fallback --
-    def static_table(self, metric: str = "dice") -> pd.DataFrame:
-        """The worst ``static_rows`` samples by ``metric`` (what a reader of the HTML report can still browse)."""
+    def _worst(self, metric: str) -> pd.DataFrame:
         columns = [c for c in BROWSER_COLUMNS if c in self.table.columns]
         return self.report.ranked(metric, worst=True)[columns].head(self.static_rows).reset_index(drop=True)
+
+    def static_table(self, metric: str = "dice") -> pd.DataFrame:
+        """The worst ``static_rows`` samples by ``metric`` (what a reader of the HTML report can still browse)."""
+        table = self._worst(metric)
+        table["sample_id"] = [viz.shown_id(sample_id, self.names) for sample_id in table["sample_id"]]
+        return table
 
     def show_static(self) -> None:
         """Display the static fallback: a note, the sorted table and a few samples' overlays."""
@@ -82,10 +91,15 @@ class SampleBrowser:
         display(HTML("<p><i>Sample browser: no interactive widget frontend here (e.g. papermill / HTML report); "
                      "showing the worst samples statically. Open the notebook in JupyterLab to browse.</i></p>"))
         display(self.static_table())
-        ids = list(self.static_table()["sample_id"].head(self.static_samples))
+        ids = list(self._worst("dice")["sample_id"].head(self.static_samples))
         if ids:
-            pictures = [self.render(sample_id) for sample_id in ids]
-            viz.show(viz.image_grid(pictures, ids, columns=min(3, len(ids)), cell_inches=3.0))
+            viz.show(self.static_grid(ids))
+
+    def static_grid(self, ids: list[str]) -> Figure:
+        """The overlays of ``ids`` in a grid, titled by (pseudonymised) sample id."""
+        pictures = [self.render(sample_id) for sample_id in ids]
+        titles = [viz.shown_id(sample_id, self.names) for sample_id in ids]
+        return viz.image_grid(pictures, titles, columns=min(3, len(ids)), cell_inches=3.0)
 
     # -- widgets --
     def widget(self) -> Any:
@@ -123,7 +137,7 @@ class SampleBrowser:
             PILImage.fromarray(picture).save(buffer, format="png")
             image.value = buffer.getvalue()
 
-            caption.value = f"<code>{viz.sample_title(row)}</code>"
+            caption.value = f"<code>{html.escape(viz.sample_title(row, self.names))}</code>"
 
         for control in (sort_by, order, index, show_gt, show_pred, errors, threshold):
             control.observe(refresh, names="value")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +16,9 @@ from vesselnb.data import list_samples, load_ground_truth
 from vesselnb.errors import VesselnbError
 from vesselnb.metrics import HIGHER_IS_BETTER
 from vesselnb.params import DEFAULT_NAME_REGEX
+
+if TYPE_CHECKING:
+    from vesselnb.pseudonym import Pseudonyms
 
 
 def largest_delta_ids(pair: PairedComparison, k: int) -> list[str]:
@@ -36,16 +39,20 @@ def save(fig: Figure, path: Path, dpi: int = 100) -> Path:
     return path
 
 
-def scatter_figure(pair: PairedComparison, metrics: list[str]) -> Figure:
-    """Per-sample A against B for each metric: points off the diagonal are where the runs differ."""
+def scatter_figure(pair: PairedComparison, metrics: list[str], names: Pseudonyms | None = None) -> Figure:
+    """Per-sample A against B for each metric: points off the diagonal are where the runs differ.
+
+    ``names`` labels the legend by pseudonym (None: by patient name).
+    """
     fig = Figure(figsize=(4.2 * len(metrics), 4.0), layout="constrained")
     for axis, metric in zip(fig.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
         x = pair.per_sample[f"{metric}_a"].to_numpy(dtype=float)
         y = pair.per_sample[f"{metric}_b"].to_numpy(dtype=float)
         ok = np.isfinite(x) & np.isfinite(y)
-        for patient in sorted(pair.per_sample["patient"].unique()):
-            mask = ok & (pair.per_sample["patient"] == patient).to_numpy()
-            axis.scatter(x[mask], y[mask], s=18, alpha=0.8, label=str(patient))
+        patients = {str(p) if names is None else names.patient(str(p)): p for p in pair.per_sample["patient"].unique()}
+        for label in sorted(patients):  # by pseudonym, so the legend order does not hint at the names' order
+            mask = ok & (pair.per_sample["patient"] == patients[label]).to_numpy()
+            axis.scatter(x[mask], y[mask], s=18, alpha=0.8, label=label)
         if ok.any():
             low, high = float(min(x[ok].min(), y[ok].min())), float(max(x[ok].max(), y[ok].max()))
             axis.plot([low, high], [low, high], color="grey", lw=1, ls="--")
@@ -82,9 +89,12 @@ def ground_truth_reader(run: RunInputs, sample_ids: list[str]) -> tuple[Any, str
 
 
 def disagreement_figure(
-    pair: PairedComparison, run_a: RunInputs, run_b: RunInputs, sample_ids: list[str], ground_truth: Any
+    pair: PairedComparison, run_a: RunInputs, run_b: RunInputs, sample_ids: list[str], ground_truth: Any,
+    names: Pseudonyms | None = None,
 ) -> Figure:
     """For each sample: GT, A and B as error overlays against GT, and A-vs-B (white both, cyan only A, magenta only B).
+
+    ``names`` pseudonymises the sample ids in the titles (None: shown as they are).
 
     The A-vs-B panel is ``viz.error_overlay`` with A in the place of ground truth, so its colours read as above.
     """
@@ -100,17 +110,18 @@ def disagreement_figure(
             image = np.zeros((*mask_a.shape, 3), dtype=np.uint8)
         gt = ground_truth(sample_id) if ground_truth is not None else None
         line = pair.per_sample.set_index("sample_id").loc[sample_id]
+        shown = _short(viz.shown_id(sample_id, names))
         title_a = f"{run_a.label}: {primary} {line[f'{primary}_a']:.3f}"
         title_b = f"{run_b.label}: {primary} {line[f'{primary}_b']:.3f}"
         if gt is not None:
             panels = [
-                (viz.tint(image, gt, viz.GT_RGB), f"{_short(sample_id)}\nground truth"),
+                (viz.tint(image, gt, viz.GT_RGB), f"{shown}\nground truth"),
                 (viz.error_overlay(image, gt, mask_a), title_a),
                 (viz.error_overlay(image, gt, mask_b), title_b),
             ]
         else:
             panels = [
-                (image, f"{_short(sample_id)}\n(ground truth not available)"),
+                (image, f"{shown}\n(ground truth not available)"),
                 (viz.tint(image, mask_a, viz.PRED_RGB), title_a),
                 (viz.tint(image, mask_b, viz.PRED_RGB), title_b),
             ]

@@ -12,10 +12,12 @@ from typing import Any
 import pandas as pd
 
 from vesselnb import htmlrepr as hr
+from vesselnb import pseudonym
 from vesselnb.compare.paired import PairedComparison
 from vesselnb.compare.runs import IDENTITY_KEYS, NEAR_ZERO_REL_CHANGE, Problem, RunInputs
 from vesselnb.errors import StageError
 from vesselnb.jsonable import strict_json
+from vesselnb.pseudonym import Pseudonyms
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ComparisonReport:
     out_dir: Path
     figures: dict[str, Path]
     seconds: float
+    names: Pseudonyms | None = None  # patient pseudonyms for the tables (the figures got them at the stage)
 
     def __repr__(self) -> str:
         """One line for plain-text outputs; the full report is the HTML."""
@@ -181,13 +184,17 @@ class ComparisonReport:
                 parts.append(hr.muted(pair.thresholds_note))
         return Section("".join(parts))
 
+    def _named(self, table: pd.DataFrame) -> pd.DataFrame:
+        """``table`` with its patient and sample-id columns pseudonymised (unchanged when names are shown)."""
+        return pseudonym.frame(table, self.names)
+
     def per_patient(self) -> Section:
         """Per-patient means and Δ (what to read instead of intervals when there are few patients)."""
-        return Section(hr.join(*(_pair_heading(p) + _table(p.per_patient()) for p in self.pairs)))
+        return Section(hr.join(*(_pair_heading(p) + _table(self._named(p.per_patient())) for p in self.pairs)))
 
     def per_sequence(self) -> Section:
         """Mean Δ per (patient, sequence) of the primary metric and every significant one."""
-        return Section(hr.join(*(_pair_heading(p) + _table(p.per_sequence()) for p in self.pairs)))
+        return Section(hr.join(*(_pair_heading(p) + _table(self._named(p.per_sequence())) for p in self.pairs)))
 
     def width_bins(self) -> Section:
         """Δ recall by vessel width (thin, medium, thick)."""
@@ -199,7 +206,7 @@ class ComparisonReport:
         for pair in self.pairs:
             parts.append(_pair_heading(pair))
             parts.append(hr.muted("None: every common sample has the same status in both runs.")
-                         if pair.status_changes.empty else _table(pair.status_changes, index=False))
+                         if pair.status_changes.empty else _table(self._named(pair.status_changes), index=False))
         return Section("".join(parts))
 
     def weights(self) -> Section:

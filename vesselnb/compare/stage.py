@@ -39,6 +39,7 @@ from vesselnb.compare.runs import (
 )
 from vesselnb.errors import VesselnbError
 from vesselnb.metrics import HIGHER_IS_BETTER
+from vesselnb.pseudonym import Pseudonyms
 from vesselnb.run_folder import RunFolder
 
 SCATTER_MAX_METRICS = 6
@@ -77,6 +78,7 @@ def compare_stage(
     settings: CompareSettings | None = None,
     min_shared_fraction: float | None = None,
     primary_metric: str | None = None,
+    names: Pseudonyms | None = None,
 ) -> ComparisonReport:
     """Compare two or more finished runs and write ``comparison.json`` and ``figures/`` into ``out_dir``.
 
@@ -84,6 +86,7 @@ def compare_stage(
     the weight delta and paired statistics for consecutive pairs (and first vs last in a series). Settings default
     to the first run's ``analysis`` params. Problems are reported in the banner; call
     :meth:`ComparisonReport.raise_if_incomparable` to fail (notebook 04 does, after showing the report).
+    ``names`` (``pseudonym.for_comparison``) replaces patients in the figures and tables; None shows them.
     """
     started = time.perf_counter()
     if len(run_dirs) < 2:
@@ -122,7 +125,7 @@ def compare_stage(
         _identity(pair, run_a, run_b, identity)
         add_store_errors(pair.status_changes, run_a, run_b)
         pair.thresholds, pair.thresholds_note = threshold_comparison(pair, run_a, run_b)
-        _pair_figures(pair, run_a, run_b, figures_dir, n_panels)
+        _pair_figures(pair, run_a, run_b, figures_dir, n_panels, names)
         figures.update({f"{key}_{name}": path for name, path in pair.figures.items()})
         pairs.append(pair)
         if pair.n_left_out:
@@ -138,7 +141,8 @@ def compare_stage(
                          "the curve uses the order of the runs instead")
 
     report = ComparisonReport(runs=loaded, identity=identity, identity_notes=notes, problems=problems, pairs=pairs,
-                              series=series, headline={}, out_dir=out, figures=figures, seconds=0.0)
+                              series=series, headline={}, out_dir=out, figures=figures, seconds=0.0,
+                              names=names)
     report.headline = headline(pairs[-1] if len(loaded) > 2 else pairs[0], report.identity_alert, report.comparable)
     report.seconds = time.perf_counter() - started
     RunFolder(out).create().write_comparison(report.to_json())
@@ -162,16 +166,16 @@ def _identity(pair: PairedComparison, run_a: RunInputs, run_b: RunInputs, identi
 
 
 def _pair_figures(pair: PairedComparison, run_a: RunInputs, run_b: RunInputs, figures_dir: Path,
-                  n_panels: int) -> None:
+                  n_panels: int, names: Pseudonyms | None = None) -> None:
     key = f"{run_a.label}_vs_{run_b.label}"
     shown = pair.key_metrics()[:SCATTER_MAX_METRICS]
     shown = [m for m in shown if m in pair.stats.index]
     if shown:
-        pair.figures["scatter"] = fig.save(fig.scatter_figure(pair, shown), figures_dir / f"{key}_scatter.png")
+        pair.figures["scatter"] = fig.save(fig.scatter_figure(pair, shown, names), figures_dir / f"{key}_scatter.png")
     panel_ids = fig.largest_delta_ids(pair, n_panels)
     if panel_ids:
         ground_truth, gt_note = fig.ground_truth_reader(run_a, panel_ids)
-        figure = fig.disagreement_figure(pair, run_a, run_b, panel_ids, ground_truth)
+        figure = fig.disagreement_figure(pair, run_a, run_b, panel_ids, ground_truth, names)
         # 75 dpi keeps each frame near its native size and the attachable HTML report small
         pair.figures["panels"] = fig.save(figure, figures_dir / f"{key}_panels.png", dpi=75)
         pair.panels_note = gt_note

@@ -700,7 +700,7 @@ class AnalysisReport:
         from vesselnb.store import PredictionStore
 
         row = self.table.set_index("sample_id").loc[sample_id]
-        store = PredictionStore(self.run_dir / "predictions")
+        store = PredictionStore(RunFolder(self.run_dir).predictions_dir)
         gt = self.gt.mask(sample_id)
         pred, _ = _prediction_mask(store, sample_id, store.record(sample_id), gt.shape, self.threshold)
         try:
@@ -777,7 +777,7 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0,
     if data.images is None:
         raise DataError(f"{params.source_file}: 'data.images' is required for the error analysis")
     try:
-        store = PredictionStore(run_dir / "predictions")
+        store = PredictionStore(RunFolder(run_dir).predictions_dir)
     except StoreError as exc:
         raise StageError(f"{exc} (stage 03 reads the predictions of stage 02)") from None
     samples = list_samples(data.images, data.image_glob, data.name_regex or DEFAULT_NAME_REGEX, data.limit)

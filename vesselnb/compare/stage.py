@@ -40,7 +40,7 @@ from vesselnb.compare.runs import (
 from vesselnb.errors import VesselnbError
 from vesselnb.metrics import HIGHER_IS_BETTER
 from vesselnb.pseudonym import Pseudonyms
-from vesselnb.run_folder import RunFolder
+from vesselnb.run_folder import FIGURES_DIR, RunFolder
 
 SCATTER_MAX_METRICS = 6
 
@@ -92,7 +92,7 @@ def compare_stage(
     if len(run_dirs) < 2:
         raise VesselnbError(f"compare needs at least two run folders, got {len(run_dirs)}: {list(map(str, run_dirs))}")
     out = Path(out_dir).resolve()
-    figures_dir = out / "figures"
+    figures_dir = out / FIGURES_DIR  # any --out name, so not RunFolder.figures_dir (which keys on compare_)
     loaded = [load_run(d) for d in tqdm(run_dirs, desc="reading runs", leave=False)]
     for run, label in zip(loaded, unique_labels([r.name for r in loaded]), strict=True):
         run.label = label

@@ -91,7 +91,7 @@ def test_gallery_and_tables_of_stage_03_use_pseudonyms(run) -> None:
         assert sum(text.startswith(pseudonym.PREFIX) for text in (t.get_text() for t in fig.texts)) == 2
     assert set(report.per_patient().index) == set(names.mapping.values())
     assert {p for p, _ in report.per_sequence().index} == set(names.mapping.values())
-    assert set(report.patient_values().index) == set(names.mapping.values())
+    assert set(report.patient_values().columns) == set(names.mapping.values())  # one column per patient
 
 
 def test_temporal_figure_labels_sequences_by_pseudonym(run) -> None:

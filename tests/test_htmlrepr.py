@@ -105,3 +105,26 @@ def test_weight_diff_uses_the_vocabulary() -> None:
     page = WeightDiff("A", "B", tensors)._repr_html_()
     parse(page)
     assert "IDENTICAL weights" in page and hr.COLOURS["error"][0] in page and "Largest changes" in page
+
+
+def test_size_never_rounds_a_small_folder_to_zero_gigabytes():
+    assert hr.size(340_123) == "340.1 kB"
+    assert hr.size(17_000_000_000) == "17.0 GB"
+    assert hr.size(12) == "12 B"
+
+
+def test_number_spells_nan_and_inf_and_keeps_ratios_to_three_decimals():
+    assert hr.number(0.76543) == "0.765"
+    assert hr.number(71.1986) == "71.2"
+    assert hr.number(float("nan")) == "n/a"
+    assert hr.number(float("inf")) == "inf"
+    assert hr.number(123456.0) == "123,456"
+
+
+def test_metric_heading_states_unit_statistic_and_direction():
+    from vesselnb.metrics import METRICS, metric_info
+
+    assert metric_info("hd95").heading("median") == "HD95 (px, median, ↓ better)"
+    assert metric_info("dice").heading("mean") == "Dice (mean, ↑ better)"
+    assert metric_info("not_a_metric").heading() == "not_a_metric"
+    assert all(info.higher_is_better is not None for info in METRICS.values())

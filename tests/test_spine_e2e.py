@@ -23,7 +23,7 @@ from _spine_fixtures import (
     vesselnb_cli,
 )
 
-from vesselnb.runner import COMPARE_STAGE, RUN_STAGES
+from vesselnb.runner import COMPARE_STAGE, KERNEL_NAME, RUN_STAGES
 
 NOTEBOOKS = REPO / "notebooks"
 N_FRAMES = DEMO_FRAMES
@@ -37,6 +37,8 @@ def test_committed_notebook_is_clean_and_parameterised(stage) -> None:
     path = NOTEBOOKS / stage.notebook
     assert path.is_file(), f"{path} missing"
     notebook = nbformat.read(str(path), as_version=4)
+    # JupyterLab opens a notebook with the kernel it names: the venv's, not whatever `python3` is on the machine.
+    assert notebook.metadata["kernelspec"]["name"] == KERNEL_NAME
     code = [c for c in notebook.cells if c.cell_type == "code"]
     assert code, "no code cells"
     for cell in code:

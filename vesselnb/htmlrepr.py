@@ -80,6 +80,31 @@ def heading(text: str, level: int = 4) -> str:
     return f"<h{level} style='margin:10px 0 4px 0'>{escape(text)}</h{level}>"
 
 
+def size(n_bytes: float) -> str:
+    """A byte count in the largest decimal unit that keeps it ≥ 1 (``340.2 kB``, ``16.9 GB``): never ``0.000 GB``."""
+    value = float(n_bytes)
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(value) < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def number(value: Any, digits: int = 3) -> str:
+    """A metric value for a table cell: ``digits`` decimals for a ratio in [-1, 1], else 4 significant digits;
+    NaN reads ``n/a`` and inf ``inf`` (both are counted elsewhere, never hidden)."""
+    if value is None:
+        return "n/a"
+    value = float(value)
+    if value != value:
+        return "n/a"
+    if value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    if abs(value) <= 1:
+        return f"{value:.{digits}f}"
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
 def _cell(value: Any, float_format: str) -> str:
     if isinstance(value, float):
         return escape(float_format.format(value))

@@ -42,14 +42,64 @@ NAN = float("nan")
 INF = float("inf")
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 WIDTH_BIN_NAMES = ("thin", "medium", "thick")
-# Every per-frame quality metric a summary or comparison reports -> higher is better (the order of the reports).
-HIGHER_IS_BETTER: dict[str, bool] = {
-    "dice": True, "iou": True, "cldice": True, "precision": True, "recall": True, "specificity": True, "nsd": True,
-    "recall_thin": True, "recall_medium": True, "recall_thick": True,
-    "hd95": False, "assd": False, "betti0_error": False, "betti1_error": False,
-    "spurious_components": False, "largest_spurious_px": False, "spurious_area_px": False,
-    "brier": False, "average_precision": True, "hd95_mm": False, "assd_mm": False,
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How a report names a metric: label, unit and direction, so no table or figure states a bare number."""
+
+    label: str
+    unit: str  # "" for a ratio in [0, 1]; "px", "mm", "components", "pixels"
+    higher_is_better: bool | None  # None: a quantity with no better direction (an area, a count of frames)
+    description: str
+
+    @property
+    def direction(self) -> str:
+        """``↑ better`` or ``↓ better`` (empty when neither is): the arrow every report prints beside the metric."""
+        if self.higher_is_better is None:
+            return ""
+        return "↑ better" if self.higher_is_better else "↓ better"
+
+    def heading(self, statistic: str = "") -> str:
+        """``HD95 (px, median, ↓ better)``: the label with its unit, statistic and direction."""
+        parts = [part for part in (self.unit, statistic, self.direction) if part]
+        return f"{self.label} ({', '.join(parts)})" if parts else self.label
+
+
+_RATIO = ""
+# Every per-frame quality metric a summary or comparison reports, in the order of the reports.
+METRICS: dict[str, MetricInfo] = {
+    "dice": MetricInfo("Dice", _RATIO, True, "2|P∩G| / (|P|+|G|)"),
+    "iou": MetricInfo("IoU", _RATIO, True, "|P∩G| / |P∪G|"),
+    "cldice": MetricInfo("clDice", _RATIO, True, "centreline Dice (skeleton overlap)"),
+    "precision": MetricInfo("Precision", _RATIO, True, "|P∩G| / |P|"),
+    "recall": MetricInfo("Recall", _RATIO, True, "|P∩G| / |G|"),
+    "specificity": MetricInfo("Specificity", _RATIO, True, "true-negative pixels / background pixels"),
+    "nsd": MetricInfo("NSD", _RATIO, True, "boundary pixels within the tolerance of the other boundary"),
+    "recall_thin": MetricInfo("Recall, thin vessels", _RATIO, True, "recall on GT pixels of the thinnest width bin"),
+    "recall_medium": MetricInfo("Recall, medium vessels", _RATIO, True, "recall on GT pixels of the middle width bin"),
+    "recall_thick": MetricInfo("Recall, thick vessels", _RATIO, True, "recall on GT pixels of the widest width bin"),
+    "hd95": MetricInfo("HD95", "px", False, "95th-percentile symmetric Hausdorff distance of the boundaries"),
+    "assd": MetricInfo("ASSD", "px", False, "average symmetric surface distance"),
+    "betti0_error": MetricInfo("Betti-0 error", "components", False, "|#components(P) − #components(G)|"),
+    "betti1_error": MetricInfo("Betti-1 error", "loops", False, "|#loops(P) − #loops(G)|"),
+    "spurious_components": MetricInfo("Spurious components", "components", False,
+                                      "predicted components touching no GT pixel"),
+    "largest_spurious_px": MetricInfo("Largest spurious component", "px²", False,
+                                      "area of the largest spurious component"),
+    "spurious_area_px": MetricInfo("Spurious area", "px²", False, "area of all spurious components"),
+    "brier": MetricInfo("Brier score", _RATIO, False, "mean squared error of the probability map"),
+    "average_precision": MetricInfo("Average precision", _RATIO, True, "area under the pixel precision–recall curve"),
+    "hd95_mm": MetricInfo("HD95", "mm", False, "HD95 times the pixel spacing"),
+    "assd_mm": MetricInfo("ASSD", "mm", False, "ASSD times the pixel spacing"),
 }
+# metric -> higher is better (kept for the callers that need only the direction).
+HIGHER_IS_BETTER: dict[str, bool] = {name: bool(info.higher_is_better) for name, info in METRICS.items()}
+
+
+def metric_info(name: str) -> MetricInfo:
+    """The :class:`MetricInfo` of ``name``; an unknown name gets a neutral entry (its own name, no unit)."""
+    return METRICS.get(name, MetricInfo(name, "", None, ""))
 
 
 def _check(gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from vesselnb import htmlrepr as hr
 from vesselnb.convert.checks import has_non_finite
 from vesselnb.convert.hf_folder import check_remote_code
 from vesselnb.device import plan_device
@@ -346,7 +347,7 @@ def _memory_check(report: DoctorReport, stored: dict[str, Any], device: str, dty
         "device plan and memory",
         status,
         f"{plan.device} {plan.dtype_name} (device_map {plan.device_map}); {n_params / 1e6:.1f} M parameters = "
-        f"{weight_bytes / 1e9:.2f} GB of weights + ~{_RUNTIME_OVERHEAD_BYTES / 1e9:.0f} GB at run time = "
+        f"{hr.size(weight_bytes)} of weights + ~{_RUNTIME_OVERHEAD_BYTES / 1e9:.0f} GB at run time = "
         f"~{need / 1e9:.1f} GB; " + (f"{where}: {available / 1e9:.1f} GB" if available is not None else where),
     )
 

@@ -131,7 +131,7 @@ def table(data: Any, *, caption: str | None = None, float_format: str = "{:.4g}"
         rows = rows[:max_rows]
     cells = "".join(
         f"<tr><th style='text-align:left;padding:1px 12px 1px 0;vertical-align:top'>{escape(key)}</th>"
-        f"<td style='padding:1px 0'>{_cell(value, float_format)}</td></tr>"
+        f"<td style='text-align:left;padding:1px 0'>{_cell(value, float_format)}</td></tr>"
         for key, value in rows
     )
     return f"<div style='{FONT}'>{head}<table class='vesselnb-table' style='{_TABLE_STYLE}'>{cells}</table></div>"

@@ -718,6 +718,14 @@ def run_inference(
 
 
 # --- the stage ------------------------------------------------------------------------------------------------------
+# What each record status means to a reader of notebook 02 (and how stage 03 counts it).
+STATUS_MEANINGS = {
+    "ok": "the model emitted [SEG] and returned a mask",
+    "no_seg": "no [SEG] / no mask: stored as an EMPTY mask and scored as one",
+    "error": "the model raised: the exception is kept, the mask is EMPTY",
+}
+
+
 @dataclass
 class InferenceSummary:
     """What notebook 02 shows: status counts, speed, and a red banner when anything errored or produced no mask."""
@@ -761,19 +769,57 @@ class InferenceSummary:
         return bool(counts["error"] or counts["no_seg"])
 
     def status_table(self):  # -> pandas.DataFrame
-        """Counts and shares per status."""
+        """Per status: frames, share of the run (%), median seconds per frame and what the status means."""
         import pandas as pd
 
         counts = self.status_counts
         total = max(sum(counts.values()), 1)
-        return pd.DataFrame({"status": list(counts), "samples": list(counts.values()),
-                             "share": [v / total for v in counts.values()]})
+        seconds = self.records.groupby("status")["seconds"].median() if len(self.records) else {}
+        return pd.DataFrame({
+            "status": list(counts), "frames": list(counts.values()),
+            "share (%)": [round(100 * v / total, 1) for v in counts.values()],
+            "median time (s per frame)": [float(seconds[s]) if s in seconds else float("nan") for s in counts],
+            "meaning": [STATUS_MEANINGS[s] for s in counts],
+        })
+
+    def status_html(self) -> str:
+        """The status table (frames, share, time per frame, meaning): what the banner's counts stand for."""
+        table = self.status_table()
+        column = "median time (s per frame)"
+        return hr.join(hr.table(table.assign(**{column: table[column].map(hr.number)})))
 
     def problems(self):  # -> pandas.DataFrame
         """The ``error`` and ``no_seg`` samples with the model's text and the error message."""
         frame = self.records
         columns = ["sample_id", "status", "error", "text", "seconds"]
         return frame[frame["status"] != "ok"][columns].reset_index(drop=True)
+
+    def problems_html(self) -> str:
+        """Every problem frame with its full id, or one line saying that no frame had one (never an empty table)."""
+        problems = self.problems()
+        if problems.empty:
+            return hr.join(hr.muted(f"No frame had a problem: all {self.n_samples} frames produced a mask (ok)."))
+        shown = problems.rename(columns={"sample_id": "frame (full id)", "text": "model's text",
+                                         "seconds": "time (s)"}).fillna("")
+        return hr.join(hr.muted(f"{len(problems)} of {self.n_samples} frames have an EMPTY mask, counted as such "
+                                "in stage 03 (nothing is substituted):"),
+                       f"<div style='overflow-wrap:anywhere'>{hr.table(shown, float_format='{:.3g}')}</div>")
+
+    def probability_html(self) -> str:
+        """How many frames have a probability map (and from where) and how each was brought to 8 bit, grouped."""
+        frame = self.records
+        if not len(frame):
+            return hr.join(hr.muted("No frame is stored yet."))
+        columns = {"status": "status", "has_probability": "probability map",
+                   "probability_source": "where the map came from", "windowing": "windowing (how it became 8 bit)"}
+        present = [c for c in columns if c in frame.columns]
+        shown = frame[present].assign(**({"has_probability": frame["has_probability"].map(
+            {True: "yes", False: "no"})} if "has_probability" in present else {}))
+        grouped = (shown.fillna("not recorded").astype(str).value_counts(sort=False).rename("frames")
+                   .reset_index().rename(columns=columns))
+        groups = "1 group" if len(grouped) == 1 else f"{len(grouped)} groups"
+        return hr.join(hr.muted(f"{len(frame)} frames in {groups}; each frame's record is "
+                                "predictions/records/<sample id>.json."), hr.table(grouped))
 
     def example_ids(self, k: int = 4) -> list[str]:
         """A few samples to look at: problems first (they matter most), then evenly spread ``ok`` ones."""
@@ -808,6 +854,19 @@ class InferenceSummary:
         columns = ["sequence", "first", "last", "frames", "llm_frames", "peak_mb", "planned_mb"]
         return pd.DataFrame(self.stats.windows, columns=columns)
 
+    def video_html(self) -> str:
+        """Video mode's caveats and its windows (memory in MB); one line in image mode, never an empty table."""
+        if self.mode != "video":
+            return hr.join(hr.muted("Image mode: one frame per call to the model, so no windows (this section "
+                                    "applies to inference.mode: video)."))
+        table = self.window_table().rename(columns={
+            "first": "first frame", "last": "last frame", "llm_frames": "frames the LLM saw",
+            "peak_mb": "peak memory (MB)", "planned_mb": "planned memory (MB)"})
+        parts = [hr.notes(self.video_notes)]
+        parts.append(hr.table(table, float_format="{:.0f}") if len(table) else
+                     hr.muted("No window was run in this pass (every frame was already stored)."))
+        return hr.join(*parts)
+
     def banner(self) -> str:
         """One line: the state of this run (what the CLI prints and the HTML shows in colour)."""
         counts = self.status_counts
@@ -834,13 +893,16 @@ class InferenceSummary:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        counts = self.status_counts
+        """The banner (its title states the counts once) over the run's facts, each number with its unit."""
+        speed = self.frames_per_second
+        timing = (f"{speed:.3g} frames/s = {1 / speed:.3g} s per frame (wall clock, this pass)" if speed == speed
+                  else "nothing predicted in this pass") + f"; model load {self.load_seconds:.1f} s"
         rows = [
-            ("store", f"{self.store_path}"), ("fingerprint", self.fingerprint), ("prompt", self.prompt),
+            ("store", f"{self.store_path}"), ("weights fingerprint", self.fingerprint), ("prompt", self.prompt),
             ("mode", self.mode), ("device / dtype", f"{self.device} / {self.dtype}"),
-            ("this pass", f"{self.stats.n_run} predicted ({self.stats.n_retried} retried error records), "
-                          f"{self.stats.n_done_before} already stored (resumed)"),
-            ("speed", f"{self.frames_per_second:.2f} frames/s; model load {self.load_seconds:.1f} s"),
+            ("this pass", f"{self.stats.n_run} frames predicted ({self.stats.n_retried} of them retried error "
+                          f"records), {self.stats.n_done_before} already stored (resumed)"),
+            ("speed", timing),
             ("probability maps",
              ("stored" if self.probability_maps else "NOT available") + f" — {self.probability_note}"),
         ]
@@ -848,8 +910,7 @@ class InferenceSummary:
             rows.append(("shard", f"{self.shard[0]}/{self.shard[1]}, merged: {self.merged}"))
         notes = ([self.prompt_warning] if self.prompt_warning else []) + self.notes + self.video_notes
         return hr.join(
-            hr.banner(self.banner(), level="error" if self.has_problems else "ok",
-                      lines=["   ".join(f"{counts[s]} {s}" for s in STATUSES)]),
+            hr.banner(self.banner(), level="error" if self.has_problems else "ok"),
             hr.table(rows), hr.notes(notes),
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,11 +160,14 @@ def prediction_panels(store: Any, sample_ids: Iterable[str], columns: int = 4,
             frame = None
         if frame is None or mask.size == 0 or frame.shape[:2] != mask.shape:
             pictures.append(np.full((64, 64, 3), 128, dtype=np.uint8))
-            titles.append(f"{_short(shown_id(sample_id, names))}\n{record.get('status', '?')}: frame not shown")
+            titles.append(f"{wrap_id(shown_id(sample_id, names))}\n{record.get('status', '?')}: frame not shown")
             continue
         pictures.append(tint(frame, mask, PRED_RGB))
-        titles.append(f"{_short(shown_id(sample_id, names))}\n{record.get('status', '?')}, {int(mask.sum())} px")
-    return image_grid(pictures, titles, columns=columns)
+        titles.append(f"{wrap_id(shown_id(sample_id, names))}\n{record.get('status', '?')}, mask {int(mask.sum())} px")
+    fig = image_grid(pictures, titles, columns=columns)
+    for ax in fig.axes:  # ids are what a reader looks for here: larger than the gallery default
+        ax.title.set_fontsize(9)
+    return fig
 
 
 def sample_title(row: Any, names: Pseudonyms | None = None) -> str:
@@ -176,8 +180,18 @@ def sample_title(row: Any, names: Pseudonyms | None = None) -> str:
             f"thin-recall {fmt(row['recall_thin'])}")
 
 
-def _short(text: str, limit: int = 34) -> str:
-    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
+def wrap_id(text: str, width: int = 28) -> str:
+    """A sample id on as many lines as it needs, never cut: a new line after the patient (``__``), then breaks after
+    underscores, so patient, sequence and frame all stay readable in a small panel title."""
+    lines: list[str] = []
+    for part in re.split(r"(?<=__)(?=[^_])", text):
+        start = len(lines)
+        for piece in re.findall(r"[^_]*_+|[^_]+$", part):
+            if len(lines) > start and len(lines[-1]) + len(piece) <= width:
+                lines[-1] += piece
+            else:
+                lines.append(piece)
+    return "\n".join(lines) or text
 
 
 def figure_png(fig: Figure, dpi: int = 80) -> bytes:

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from vesselnb.convert.converter import convert_checkpoint, read_record
-from vesselnb.convert.coverage import ConversionReport
+from vesselnb.convert.coverage import ConversionReport, expected_training, tokenizer_summary
 from vesselnb.convert.hf_folder import BaseFolder
+from vesselnb.convert.training_config import read_training_config
 from vesselnb.errors import VesselnbError
 from vesselnb.fingerprint import config_fingerprint, weights_fingerprint
 from vesselnb.params import RunParams
@@ -94,6 +95,9 @@ def convert_stage(params: RunParams, run_dir: str | Path) -> ConversionReport:
             # hf_output elsewhere is the user's folder and needs checkpoint.overwrite.
             overwrite=ckpt.overwrite or ckpt.hf_output is None,
         )
+        config = params.checkpoint.training_config
+        report.expected = expected_training(read_training_config(config) if config else None)
+    report.tokenizer = tokenizer_summary(report.output_dir)  # the report shows [SEG]'s id and the added tokens
     _same_weights_elsewhere(report, folder)
     folder.write_conversion(report.conversion_json())
     return report

@@ -475,3 +475,83 @@ def test_non_finite_weights_refused_before_writing(world: dict, tmp_path: Path, 
     with pytest.raises(ConversionError, match=rf"iter_99\.pth: 1 tensors hold NaN or inf values \({lora_key}\)"):
         convert_checkpoint(path, world["base"], tmp_path / "out", training_config=world["config"])
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_stage_report_sections_show_what_training_changed_lora_tokenizer_and_every_tensor(
+    world: dict, tmp_path: Path
+) -> None:
+    """Notebook 01's sections, read as a reviewer would: nothing only in conversion.json, no name cut short."""
+    from bs4 import BeautifulSoup
+    from transformers import AutoTokenizer
+
+    from vesselnb import htmlrepr as hr
+
+    params = RunParams(run_name="r", checkpoint=CheckpointParams(
+        path=world["a"].path, base_model=world["base"], training_config=world["config"], shard_size=SHARD))
+    report = convert_stage(params, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "conversion.json").read_text())
+
+    def text(page: str) -> str:
+        return BeautifulSoup(page, "html.parser").get_text(" ")
+
+    # the banner: the folder's size in a unit that keeps it readable, never "0.000 GB"
+    banner = text(report._repr_html_())
+    assert hr.size(report.output_bytes) in banner and "0.000 GB" not in banner and report.output_bytes < 1e6
+
+    # LoRA: r, alpha and scale = alpha / r as the training config says; the merge count from coverage
+    config = read_training_config(world["config"])
+    cells = {row.th.get_text(strip=True): row.td.get_text(" ", strip=True)
+             for row in BeautifulSoup(report.lora_tokenizer_html(), "html.parser").find_all("tr") if row.th}
+    assert cells["r (rank)"] == str(config.lora_r) and cells["alpha"] == f"{config.lora_alpha:g}"
+    assert cells["scale"].split()[0] == f"{config.lora_alpha / config.lora_r:g}"
+    assert cells["pairs merged"].startswith(str(report.coverage["merged"] // 2))
+    # tokenizer: [SEG]'s id and length as transformers reads the output folder; every added token with its id
+    tokenizer = AutoTokenizer.from_pretrained(report.output_dir)
+    assert cells["[SEG] token id"] == str(tokenizer.convert_tokens_to_ids("[SEG]"))
+    assert cells["len(tokenizer)"] == str(len(tokenizer))
+    for token, token_id in tokenizer.get_added_vocab().items():
+        assert f"{token} {token_id}" in cells["added tokens (id)"]
+    assert cells["special tokens of the training config"].endswith("all in the tokenizer")
+    assert record["tokenizer"]["seg_id"] == tokenizer.convert_tokens_to_ids("[SEG]")
+
+    # per component: what the config trained (LoRA r on the LLM, SAM2's decoder), checked against the checkpoint
+    components = BeautifulSoup(report.components_html(), "html.parser")
+    rows = {tr.find_all("td")[0].get_text(strip=True): [td.get_text(" ", strip=True) for td in tr.find_all("td")]
+            for tr in components.find_all("tr") if tr.find_all("td")}
+    llm = next(v for k, v in rows.items() if k.startswith("language model"))
+    assert f"LoRA r={config.lora_r}" in llm[1] and llm[-1] == "✓ trained"
+    sam2 = next(v for k, v in rows.items() if k.startswith("SAM2"))
+    assert "mask decoder trained" in sam2[1] and sam2[-1] == "✓ trained"
+    assert "unchanged from the base N" in components.get_text() and str(world["config"]) in components.get_text()
+    assert record["expected_training"]["components"]["projector"]["trained"] is True
+
+    # provenance: every output tensor named in full (in the <details> list), every one in exactly one group
+    page = report.provenance_html()
+    soup = BeautifulSoup(page, "html.parser")
+    details = soup.find("details")
+    listed = [tr.find_all("td")[0].get_text(strip=True) for tr in details.find_all("tr") if tr.find_all("td")]
+    assert sorted(listed) == sorted(report.provenance_table["hf_key"]) and len(listed) > 10
+    assert "…" not in page and "..." not in page
+    grouped = soup.find_all("table")[0]
+    counts = [int(tr.find_all("td")[2].get_text()) for tr in grouped.find_all("tr") if tr.find_all("td")]
+    assert sum(counts) == len(listed) and len(counts) < len(listed)
+
+
+def test_components_section_flags_a_part_the_config_froze_but_the_checkpoint_holds(world: dict, tmp_path: Path) -> None:
+    """The config says SAM2's decoder was frozen, yet the checkpoint carries it: the report says they disagree."""
+    from bs4 import BeautifulSoup
+
+    config = tmp_path / "frozen_decoder.py"
+    text = world["config"].read_text()
+    config.write_text(text.replace("pretrained_pth=pretrained_pth,", "pretrained_pth=pretrained_pth,\n"
+                                   "    frozen_sam2_decoder=True,"))
+    assert read_training_config(config).frozen_sam2_decoder
+    params = RunParams(run_name="r", checkpoint=CheckpointParams(
+        path=world["a"].path, base_model=world["base"], training_config=config, shard_size=SHARD))
+    report = convert_stage(params, tmp_path / "run")
+    soup = BeautifulSoup(report.components_html(), "html.parser")
+    rows = [[td.get_text(" ", strip=True) for td in tr.find_all("td")] for tr in soup.find_all("tr")]
+    sam2 = next(row for row in rows if row and row[0].startswith("SAM2"))
+    held = report.components["sam2"]["sources"]["checkpoint"]
+    assert held > 0 and "frozen_sam2_decoder=True" in sam2[1]
+    assert sam2[-1] == f"! frozen in the config, yet the checkpoint holds {held} of its tensors"

@@ -128,3 +128,22 @@ def test_metric_heading_states_unit_statistic_and_direction():
     assert metric_info("dice").heading("mean") == "Dice (mean, ↑ better)"
     assert metric_info("not_a_metric").heading() == "not_a_metric"
     assert all(info.higher_is_better is not None for info in METRICS.values())
+
+
+def test_conversion_report_states_a_small_folder_in_kilobytes_and_its_sections_are_well_formed() -> None:
+    """The demo's 340 kB folder once read "0.000 GB"; every section parses (balanced tags) even with no record."""
+    report = ConversionReport(output_dir="/o", fingerprint="f" * 16, dtype="bf16",
+                              source={"path": "/c", "bytes": 133_130}, output_bytes=342_443)
+    text = " ".join(parse(report._repr_html_()).text)
+    assert "342.4 kB" in text and "133.1 kB" in text and "GB" not in text
+    for section in (report.training_html(), report.components_html(), report.lora_tokenizer_html(),
+                    report.coverage_html(), report.provenance_html()):
+        tags = parse(section)
+        assert "not" in "".join(tags.text) and "table" not in tags.seen  # one line saying so, never an empty table
+
+
+def test_mapping_tables_align_values_left() -> None:
+    """JupyterLab's CSS right-aligns table cells: a key/value table then pushes its values to the far edge."""
+    page = hr.table({"store": "/a/b", "speed": "1.5 frames/s"})
+    cells = re.findall(r"<td style='([^']*)'", page)
+    assert len(cells) == 2 and all("text-align:left" in style for style in cells)

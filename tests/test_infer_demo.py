@@ -25,6 +25,7 @@ from _infer_fixtures import (
     subprocess_env,
     write_params,
 )
+from bs4 import BeautifulSoup
 from PIL import Image
 
 from vesselnb.data import list_samples
@@ -216,6 +217,40 @@ def test_corrupt_frames_are_errors_and_the_run_goes_on(model_dir, frames, tmp_pa
     figure = prediction_panels(store, summary.example_ids(8))
     titles = [axis.get_title() for axis in figure.axes]
     assert sum("frame not shown" in title for title in titles) == 2
+    # every id whole (wrapped over lines, never cut), so patient, sequence and frame stay readable
+    shown = [title.rsplit("\n", 1)[0].replace("\n", "") for title in titles if title]
+    assert sorted(shown) == sorted(summary.example_ids(8))
+
+    # the report lists both problem frames by full id with their error, and states its numbers' units
+    problems = BeautifulSoup(summary.problems_html(), "html.parser")
+    listed = [tr.find_all("td")[0].get_text(strip=True) for tr in problems.find_all("tr") if tr.find_all("td")]
+    assert sorted(listed) == sorted([garbage["sample_id"], truncated["sample_id"]])
+    assert "cannot read image" in problems.get_text() and "time (s)" in problems.get_text()
+    page = BeautifulSoup(summary._repr_html_(), "html.parser").get_text(" ")
+    assert "frames/s" in page and "s per frame" in page and "model load" in page
+    status = BeautifulSoup(summary.status_html(), "html.parser")
+    heads = [th.get_text(strip=True) for th in status.find_all("th")]
+    assert "share (%)" in heads and "median time (s per frame)" in heads
+    rows = {tr.find_all("td")[0].get_text(strip=True): tr.find_all("td")[1].get_text(strip=True)
+            for tr in status.find_all("tr") if tr.find_all("td")}
+    assert rows == {s: str(n) for s, n in summary.status_counts.items()}
+
+
+def test_a_run_without_problems_says_so_in_one_line_and_shows_its_banner_once(reference_run) -> None:
+    """No empty tables (problems, video windows): one line each; the counts stand in the banner's title only."""
+    params, run_dir, _ = reference_run
+    summary = infer_stage(load_params(params), run_dir, progress=False)  # all stored: the model is not loaded
+    assert not summary.has_problems
+    problems = BeautifulSoup(summary.problems_html(), "html.parser")
+    assert problems.find("table") is None
+    assert problems.get_text(strip=True) == f"No frame had a problem: all {N_FRAMES} frames produced a mask (ok)."
+    video = BeautifulSoup(summary.video_html(), "html.parser")
+    assert video.find("table") is None and "Image mode" in video.get_text()
+    page = summary._repr_html_()
+    assert page.count("vesselnb-banner") == 1 and page.count(f"{N_FRAMES} ok") == 1
+    grouped = BeautifulSoup(summary.probability_html(), "html.parser")
+    frames = [int(tr.find_all("td")[-1].get_text()) for tr in grouped.find_all("tr") if tr.find_all("td")]
+    assert sum(frames) == N_FRAMES
 
 
 def test_a_model_that_raises_on_one_frame_records_the_error(model_dir, frames, tmp_path) -> None:

@@ -50,4 +50,8 @@ def test_notebook_runs_under_papermill_and_shows_the_banner(demo, tmp_path: Path
                for out in cell.outputs]
     html = "".join(out.get("data", {}).get("text/html", "") for out in outputs)
     assert "ATTENTION" in html and "#b00020" in html  # the red banner: no sample produced a mask
+    assert html.count("vesselnb-banner") == 1  # shown once; the sections below add meaning, not the same counts
+    assert "2 of 2 frames have an EMPTY mask" in html and "No frame had a problem" not in html
+    for record in store.records():  # every problem frame listed by its full id
+        assert f"<td>{record['sample_id']}</td>" in html
     assert any("image/png" in out.get("data", {}) for out in outputs)  # example panels

@@ -410,6 +410,8 @@ class ConversionReport:
         table = self.coverage_table
         present = table[table["keys"] > 0]
         empty = table[table["keys"] == 0]["category"].tolist()
+        if present.empty:
+            return hr.join(hr.muted("No coverage record (conversion was not run here)."))
         examples = [", ".join([f["key"] for f in self.fates if f["category"] == c][:2]) for c in present["category"]]
         parts = [hr.table(present.assign(examples=examples))]
         if empty:

@@ -65,9 +65,9 @@ def expected_training(config: TrainingConfig | None) -> dict[str, Any]:
         return {}
     if config.llm_lora:
         targets = ", ".join(config.lora_target_modules or ["all linear layers"])
-        llm = (True, f"LoRA r={config.lora_r}, alpha={config.lora_alpha:g} on {targets}; the rest frozen "
-                     f"(freeze_llm={config.freeze_llm})" if config.lora_alpha is not None else
-               f"LoRA on {targets}")
+        alpha = f"{config.lora_alpha:g}" if config.lora_alpha is not None else "?"
+        llm = (True, f"LoRA r={config.lora_r}, alpha={alpha} on {targets}; the LLM's own weights frozen, "
+                     "peft modules_to_save (e.g. embed_tokens, lm_head) trained in full")
     elif config.freeze_llm is False:
         llm = (True, "trained in full (freeze_llm=False)")
     elif config.freeze_llm:
@@ -448,13 +448,21 @@ class ConversionReport:
             "shape": table["shape"].map(lambda s: " × ".join(str(n) for n in s) if isinstance(s, list) else str(s)),
             "change vs base": table["rel_change"].map(_percent),
         })
-        wrap = "overflow-wrap:anywhere"
+        full = full.assign(order=table["order"]).sort_values(["order", "output tensor"]).drop(columns="order")
         details = (f"<details style='margin:4px 0 10px 0'><summary style='cursor:pointer'>All {len(full)} output "
                    f"tensors, one row each (name, source, input key, shape, change)</summary>"
-                   f"<div style='{wrap}'>{hr.table(full)}</div></details>")
-        return hr.join(
-            hr.muted(f"{len(table)} output tensors in {len(groups)} groups; {CHANGE_NOTE}."),
-            f"<div style='{wrap}'>{hr.table(pd.DataFrame(groups))}</div>", details)
+                   f"{_break_after_dots(hr.table(full))}</details>")
+        return hr.join(hr.muted(f"{len(table)} output tensors in {len(groups)} groups; {CHANGE_NOTE}."),
+                       _break_after_dots(hr.table(pd.DataFrame(groups))), details)
+
+
+_CELL = re.compile(r"(<td>)([^<]*)(</td>)")
+
+
+def _break_after_dots(page: str) -> str:
+    """A table whose cells may break after each dot (``<wbr>``, which a copy leaves out): long tensor names wrap at
+    their own separators, never inside a word, and the page keeps its width."""
+    return _CELL.sub(lambda m: m.group(1) + m.group(2).replace(".", ".<wbr>") + m.group(3), page)
 
 
 def _component_check(trained: bool | None, from_training: int, rel_change: float) -> str:

@@ -93,3 +93,8 @@ def test_notebook_01_runs_with_papermill(demo, tmp_path: Path) -> None:
     assert record["fingerprint"] in text and "Coverage" in text
     assert record["config_fingerprint"] in text and "train/loss" in text  # identity and meta/message_hub shown
     assert "Model folder check: OK" in text  # the doctor section
+    # every section a reviewer needs is in the page itself, not only in conversion.json
+    n_tensors = sum(c["n_tensors"] for c in record["components"].values())
+    assert f"All {n_tensors} output tensors" in text and "LoRA merge" in text and "[SEG] token id" in text
+    assert "training config" in text and "unchanged from the base N" in text
+    assert "0.000 GB" not in text and "0.00 GB" not in text  # a 340 kB folder is stated in kB

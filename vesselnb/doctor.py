@@ -267,7 +267,8 @@ class DoctorReport:
         title = "Model folder check: " + ("FAILED" if self.failed else "warnings" if self.warned else "OK")
         rows = "".join(
             f"<tr><td>{'✗' if c.status == 'fail' else '!' if c.status == 'warn' else '✓'}</td>"
-            f"<td>{html.escape(c.name)}</td><td>{html.escape(c.detail)}</td></tr>"
+            f"<td style='text-align:left'>{html.escape(c.name)}</td>"
+            f"<td style='text-align:left'>{html.escape(c.detail)}</td></tr>"
             for c in self.checks
         )
         return (

@@ -895,8 +895,8 @@ class InferenceSummary:
     def _repr_html_(self) -> str:
         """The banner (its title states the counts once) over the run's facts, each number with its unit."""
         speed = self.frames_per_second
-        timing = (f"{speed:.3g} frames/s = {1 / speed:.3g} s per frame (wall clock, this pass)" if speed == speed
-                  else "nothing predicted in this pass") + f"; model load {self.load_seconds:.1f} s"
+        timing = (f"{speed:.3g} frames/s = {1 / speed:.3g} s per frame (wall clock, this pass); model load "
+                  f"{self.load_seconds:.1f} s" if speed == speed else "nothing predicted in this pass")
         rows = [
             ("store", f"{self.store_path}"), ("weights fingerprint", self.fingerprint), ("prompt", self.prompt),
             ("mode", self.mode), ("device / dtype", f"{self.device} / {self.dtype}"),

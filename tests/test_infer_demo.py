@@ -578,3 +578,7 @@ def test_video_mode_runs_in_windows_stitched_deterministically(model_dir, frames
     assert resumed.stats.n_run == 1 and len(resumed.stats.windows) == 1
     assert np.array_equal(PredictionStore(store.path).mask(removed), reference[removed])
     assert "video" in summary._repr_html_() and "first 5" in summary._repr_html_()
+    windows = BeautifulSoup(summary.video_html(), "html.parser")  # one row per window, memory in MB
+    heads = [th.get_text(strip=True) for th in windows.find_all("th")]
+    assert "peak memory (MB)" in heads and "frames the LLM saw" in heads
+    assert len([tr for tr in windows.find_all("tr") if tr.find_all("td")]) == len(summary.stats.windows) > 0

@@ -18,15 +18,17 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from tqdm import tqdm
 
+from vesselnb import headline as hl
 from vesselnb import htmlrepr as hr
 from vesselnb import metrics as vm
 from vesselnb import pseudonym, stats, viz
@@ -352,6 +354,9 @@ def fragment_summary(table: pd.DataFrame, rows: list[dict[str, Any]]) -> dict[st
     }
 
 
+GROUP_METRICS = ("dice", "cldice", "nsd", "recall_thin", "betti0_error")  # the per-patient / per-sequence means
+
+
 def group_table(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Per-patient or per-sequence table: frames, failures, mean metrics (HD95 as median: it has infs)."""
     def aggregate(group: pd.DataFrame) -> pd.Series:
@@ -362,7 +367,7 @@ def group_table(table: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
             "no_seg": int((group["status"] == "no_seg").sum()),
             "error": int((group["status"] == "error").sum()),
         }
-        for metric in ("dice", "cldice", "nsd", "recall_thin", "betti0_error"):
+        for metric in GROUP_METRICS:
             finite = scored[metric][np.isfinite(scored[metric])]
             out[metric] = float(finite.mean()) if len(finite) else math.nan
         out["hd95 (median)"] = float(scored["hd95"].median()) if scored["hd95"].notna().any() else math.nan
@@ -489,44 +494,92 @@ def other_run_hashes(run_dir: Path, compare_to: Sequence[Path]) -> dict[str, str
 # --- figures ------------------------------------------------------------------------------------------------------
 
 
-def histograms(table: pd.DataFrame, metrics: Sequence[str] = ("dice", "cldice", "nsd", "hd95", "recall_thin",
-                                                               "betti0_error")) -> Figure:
-    """Distribution of per-frame metrics; NaN / inf counts in each title (they cannot be binned)."""
+def histogram_bins(values: np.ndarray) -> np.ndarray:
+    """Bin edges for ``values`` chosen from the data, never more bins than values.
+
+    numpy's ``"auto"`` rule (the larger of Sturges and Freedman–Diaconis) capped at one bin per value; integer-valued
+    data (Betti errors, counts) get one bin per integer when that many bins fit under the cap, so no bin straddles two
+    integers and leaves gaps.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return np.array([0.0, 1.0])
+    low, high = float(values.min()), float(values.max())
+    if np.all(values == np.round(values)) and high - low + 1 <= values.size:
+        return np.arange(low - 0.5, high + 1.5)
+    edges = np.histogram_bin_edges(values, bins="auto")
+    if len(edges) - 1 > values.size:
+        edges = np.histogram_bin_edges(values, bins=values.size)
+    return edges
+
+
+HISTOGRAM_METRICS = ("dice", "cldice", "nsd", "hd95", "recall_thin", "betti0_error")
+MEAN_COLOUR, MEDIAN_COLOUR = "#d55e00", "#000000"
+
+
+def histograms(table: pd.DataFrame, metrics: Sequence[str] = HISTOGRAM_METRICS,
+               labels: dict[str, str] | None = None) -> Figure:
+    """Distribution of per-frame metrics over the scored frames, with the mean and the median marked.
+
+    Bins come from the data (:func:`histogram_bins`); NaN / inf values cannot be binned and are counted under each
+    panel. ``labels`` overrides a metric's heading (e.g. with the NSD tolerance or the width-bin limits).
+    """
     scored = table[table["has_gt"]]
-    fig = Figure(figsize=(3.0 * 3, 2.4 * math.ceil(len(metrics) / 3)), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(math.ceil(len(metrics) / 3), 3)).ravel()
+    rows = math.ceil(len(metrics) / 3)
+    fig = Figure(figsize=(3.4 * 3, 2.6 * rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, 3)).ravel()
     for ax, metric in zip(axes, metrics, strict=False):
+        info = vm.metric_info(metric)
         values = scored[metric].astype(float)
-        finite = values[np.isfinite(values)]
-        ax.hist(finite, bins=30, color="#4477aa")
-        ax.set_title(f"{metric}  (NaN {int(values.isna().sum())}, inf {int(np.isinf(values).sum())})", fontsize=8)
+        finite = values[np.isfinite(values)].to_numpy()
+        left_out = [f"{count} {what}" for count, what in ((int(values.isna().sum()), "NaN"),
+                                                          (int(np.isinf(values).sum()), "inf")) if count]
+        ax.set_title((labels or {}).get(metric) or info.heading(), fontsize=8)
+        ax.set_xlabel((info.unit or "ratio") + f" · {len(finite)} frames"
+                      + (f" ({', '.join(left_out)} not shown)" if left_out else ""), fontsize=7)
+        ax.set_ylabel("frames", fontsize=7)
         ax.tick_params(labelsize=7)
+        if not len(finite):
+            ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+            continue
+        ax.hist(finite, bins=histogram_bins(finite), color="#4477aa", edgecolor="white", linewidth=0.5)
+        ax.axvline(float(np.mean(finite)), color=MEAN_COLOUR, lw=1.2)
+        ax.axvline(float(np.median(finite)), color=MEDIAN_COLOUR, lw=1.2, ls="--")
     for ax in axes[len(metrics):]:
         ax.set_axis_off()
+    fig.legend(handles=[Line2D([], [], color=MEAN_COLOUR, lw=1.2, label="mean per frame"),
+                        Line2D([], [], color=MEDIAN_COLOUR, lw=1.2, ls="--", label="median per frame")],
+               loc="outside upper center", ncols=2, fontsize=8, frameon=False)
     return fig
 
 
 def sweep_figure(sweep: pd.DataFrame, current: float, choice: stats.ThresholdChoice | None = None) -> Figure:
-    """Dice / clDice vs threshold: the cross-validated threshold, the in-sample optimum (optimistic), the one used."""
-    fig = Figure(figsize=(6.4, 3.4), layout="constrained")
+    """Dice / clDice vs threshold: the cross-validated threshold, the in-sample optimum (optimistic), the one used.
+
+    The legend sits below the axes, so no curve is drawn over its labels.
+    """
+    fig = Figure(figsize=(7.0, 4.4), layout="constrained")
     ax = fig.subplots()
-    ax.plot(sweep["threshold"], sweep["dice"], "o-", label="Dice (mean per frame, in-sample)")
-    ax.plot(sweep["threshold"], sweep["dice (pooled)"], "--", label="Dice (pooled)")
+    ax.plot(sweep["threshold"], sweep["dice"], "o-", color="#4477aa", label="Dice, mean per frame")
+    ax.plot(sweep["threshold"], sweep["dice (pooled)"], "--", color="#66ccee", label="Dice, pooled pixels")
     if sweep["cldice"].notna().any():
         valid = sweep[sweep["cldice"].notna()]
-        ax.plot(valid["threshold"], valid["cldice"], "s-",
-                label=f"clDice (mean, {int(sweep['cldice_samples'].iloc[0])} frames)")
+        ax.plot(valid["threshold"], valid["cldice"], "s-", color="#228833",
+                label=f"clDice, mean over {int(sweep['cldice_samples'].iloc[0])} frames")
     best = sweep.loc[sweep["dice"].idxmax()]
-    ax.axvline(best["threshold"], color="#c80", lw=1, ls="--",
-               label=f"in-sample best {best['threshold']:.2f} (optimistic): {best['dice']:.4f}")
+    ax.axvline(best["threshold"], color="#cc6677", lw=1.2, ls="--", zorder=3,  # on top when the two coincide
+               label=f"in-sample best {best['threshold']:.2f} (optimistic): mean Dice {hr.number(best['dice'])}")
     if choice is not None:
-        ax.axvline(choice.recommended, color="green", lw=1.5,
-                   label=f"cross-validated {choice.recommended:.2f}: out-of-fold Dice {choice.out_of_fold:.4f}")
-    ax.axvline(current, color="grey", lw=1, ls=":", label=f"used {current:.2f}")
-    ax.set_xlabel("threshold on probability")
-    ax.set_ylabel("score")
-    ax.legend(fontsize=7)
-    ax.set_title(f"threshold sweep over {int(sweep['n_samples'].iloc[0])} frames", fontsize=9)
+        ax.axvline(choice.recommended, color="#000000", lw=1.5,
+                   label=f"cross-validated {choice.recommended:.2f}: out-of-fold mean Dice "
+                         f"{hr.number(choice.out_of_fold)}")
+    ax.axvline(current, color="#999999", lw=1.2, ls=":", label=f"used {current:.2f}")
+    ax.set_xlabel("threshold on the probability map")
+    ax.set_ylabel("score (ratio, ↑ better)")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"threshold sweep over {int(sweep['n_samples'].iloc[0])} frames (in-sample)", fontsize=9)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=7.5, frameon=False)
     return fig
 
 
@@ -539,13 +592,14 @@ def calibration_figure(calibration: vm.Calibration) -> Figure:
     left.plot(bins["mean_probability"], bins["vessel_fraction"], "o-")
     left.set_xlabel("mean predicted probability")
     left.set_ylabel("fraction of vessel pixels")
-    left.set_title(f"reliability: ECE {calibration.ece:.4f}, Brier {calibration.brier:.4f}", fontsize=9)
+    left.set_title(f"reliability: ECE {hr.number(calibration.ece)}, Brier {hr.number(calibration.brier)} "
+                   "(both ↓ better)", fontsize=9)
     right.plot(calibration.recall, calibration.precision)
     right.set_xlabel("recall")
     right.set_ylabel("precision")
     right.set_xlim(0, 1)
     right.set_ylim(0, 1.02)
-    right.set_title(f"precision-recall: AP {calibration.average_precision:.4f}", fontsize=9)
+    right.set_title(f"pixel precision-recall: AP {hr.number(calibration.average_precision)} (↑ better)", fontsize=9)
     return fig
 
 
@@ -561,7 +615,7 @@ def temporal_figure(temporal: pd.DataFrame, names: Pseudonyms | None = None) -> 
     ax.bar(positions + 0.2, temporal["pred_iou"], 0.4, label="prediction", color="#4477aa")
     labels = [f"{p if names is None else names.patient(p)}/{q}" for p, q in temporal.index]
     ax.set_xticks(positions, labels, rotation=90, fontsize=6)
-    ax.set_ylabel("frame-to-frame IoU")
+    ax.set_ylabel("IoU of consecutive frames\n(mean per sequence)", fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     ax.set_title("temporal consistency within each sequence (consecutive stored frames)", fontsize=9)
@@ -570,10 +624,87 @@ def temporal_figure(temporal: pd.DataFrame, names: Pseudonyms | None = None) -> 
 
 # --- the report object --------------------------------------------------------------------------------------------
 
+WIDTH_BIN_METRICS = {f"recall_{name}": name for name in vm.WIDTH_BIN_NAMES}
+
+
+def metric_heading(metric: str, statistic: str = "", nsd_tolerance_px: float | None = None,
+                   width_bins_px: Sequence[float] | None = None) -> str:
+    """``metrics.metric_info(metric).heading(statistic)``, with NSD's tolerance and the width-bin limits in the label
+    when given (``NSD at 2 px (mean per frame, ↑ better)``, ``Recall, thin vessels ≤ 2 px wide (...)``)."""
+    info = vm.metric_info(metric)
+    label = info.label
+    if metric == "nsd" and nsd_tolerance_px is not None:
+        label = f"NSD at {nsd_tolerance_px:g} px"
+    elif metric in WIDTH_BIN_METRICS and width_bins_px is not None:
+        low, high = (float(v) for v in width_bins_px)
+        label += {"thin": f" ≤ {low:g} px wide", "medium": f" {low:g}–{high:g} px wide",
+                  "thick": f" > {high:g} px wide"}[WIDTH_BIN_METRICS[metric]]
+    return replace(info, label=label).heading(statistic)
+
+
+def spread_ranked(ranked: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The first ``k`` rows of ``ranked`` spread over sequences and patients, in ranked order within each round.
+
+    Consecutive frames of one sequence are near-duplicates, so a plain top-k shows one sequence k times. Here every
+    sequence's first-ranked frame comes before any sequence's second, and within a round patients take turns (each
+    patient's first sequence, then each one's second, ...).
+    """
+    if ranked.empty or k <= 0:
+        return ranked.head(0)
+    position = np.arange(len(ranked))
+    nth_in_sequence = ranked.groupby(["patient", "sequence"], sort=False).cumcount().to_numpy()
+    nth_of_patient = pd.Series(position).groupby([nth_in_sequence, ranked["patient"].to_numpy()],
+                                                 sort=False).cumcount().to_numpy()
+    order = np.lexsort((position, nth_of_patient, nth_in_sequence))  # the last key sorts first
+    return ranked.iloc[order[:k]]
+
+
+def _section(*parts: str) -> Any:
+    """Parts of the report as one object a notebook cell displays (an IPython HTML object; ``.data`` is the HTML)."""
+    from IPython.display import HTML
+
+    return HTML(hr.join(*parts))
+
+
+def _cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every float written as ``htmlrepr.number`` writes it (3 decimals for ratios, else 4 significant
+    digits, NaN ``n/a``): what a report table shows instead of pandas' six decimals."""
+    out = frame.copy()
+    for column in out.columns:
+        if pd.api.types.is_float_dtype(out[column]):
+            out[column] = out[column].map(hr.number).astype(object)
+    return out
+
+
+def table_html(frame: pd.DataFrame, index: bool = False, caption: str | None = None) -> str:
+    """A DataFrame as the report's tables are drawn: ``htmlrepr.table`` with body cells that do not wrap, so a
+    sequence id such as ``1-4_1_CF364A16`` is never broken at its hyphen while long column headings wrap."""
+    drawn = hr.table(frame, index=index, caption=caption)
+    head, tbody, body = drawn.partition("<tbody>")
+    for tag in ("<th", "<td"):
+        body = body.replace(tag, f'{tag} style="white-space:nowrap"')
+    return head + tbody + body
+
+
+def _figure_html(path: Path | None, caption: str) -> str:
+    """A saved figure inlined (the report file stands alone), or a line saying there is none."""
+    if path is None or not Path(path).is_file():
+        return hr.muted(f"No figure for this run ({caption.split(':')[0]}).")
+    return hr.figure(Path(path).read_bytes(), caption=caption)
+
+
+def _left_out(n_nan: int, n_inf: int) -> str:
+    parts = [f"{n} {what}" for n, what in ((n_nan, "NaN"), (n_inf, "inf")) if n]
+    return " · ".join(parts) if parts else "0"
+
 
 @dataclass
 class AnalysisReport:
-    """What stage 03 returns: tables, figures and flags; ``display(report)`` shows the banner and headline."""
+    """What stage 03 returns: tables, figures and flags; ``display(report)`` shows the banner and headline.
+
+    The ``*_section()`` methods return the report's other parts ready to display (notebook 03 shows one per cell);
+    the plain methods (``per_patient()``, ``ranked()`` ...) return the data as DataFrames.
+    """
 
     run_name: str
     run_dir: Path
@@ -591,13 +722,21 @@ class AnalysisReport:
     temporal: pd.DataFrame | None = None
     min_patients: int = stats.MIN_PATIENTS
     names: Pseudonyms | None = None  # patient pseudonyms for figures and tables; None shows the names
+    nsd_tolerance_px: float = 2.0
+    width_bins_px: tuple[float, float] = (2.0, 5.0)
+    # how the report draws a DataFrame; an attribute so the sample browser (imported from here) can use it
+    table_html = staticmethod(table_html)
 
     @property
     def analysis_dir(self) -> Path:
         """``<run_dir>/analysis``."""
         return RunFolder(self.run_dir).analysis_dir
 
-    # -- display pieces --
+    def heading(self, metric: str, statistic: str = "") -> str:
+        """The metric's heading with this run's NSD tolerance and width bins (:func:`metric_heading`)."""
+        return metric_heading(metric, statistic, self.nsd_tolerance_px, self.width_bins_px)
+
+    # -- the top of the report: flags, headline, summary --
     def flags_html(self) -> str:
         """The sanity banner: red for errors, amber for warnings, green when nothing was found."""
         if not self.flags:
@@ -605,14 +744,43 @@ class AnalysisReport:
         return "".join(hr.banner(f"{flag.level.upper()} {flag.code}", level=flag.level, lines=[flag.message])
                        for flag in sorted(self.flags, key=lambda f: f.level != "error"))
 
+    def _giou_shown_once(self) -> bool:
+        """gIoU differs from the mean IoU only on frames with an empty ground truth; without any it is shown once."""
+        scored = self.table[self.table["has_gt"]]
+        return not bool((scored["gt_area"] == 0).any())
+
+    def headline_rows(self) -> list[tuple[str, str]]:
+        """(heading, value) of each headline number, as the index prints them; gIoU folded into IoU when equal."""
+        values = self.summary["headline"]
+        once = self._giou_shown_once()
+        rows = []
+        for key, value in values.items():
+            if key == "giou" and once:
+                continue
+            label = hl.heading(key, self.nsd_tolerance_px)
+            if key == "iou" and once:
+                label = label.replace("IoU (", "IoU = Sa2VA gIoU (", 1)
+            rows.append((label, hr.number(value)))
+        return rows
+
     def headline_html(self) -> str:
-        """Counts and headline numbers, as the index page shows them."""
+        """The counts and the headline numbers, each with its statistic, unit and direction."""
         s = self.summary
-        counts = ", ".join(f"{k} {v}" for k, v in s["status_counts"].items())
-        head = " · ".join(f"{k} {v:.4f}" if isinstance(v, float) and math.isfinite(v) else f"{k} {v}"
-                          for k, v in s["headline"].items())
-        return (f"<p><b>{html.escape(self.run_name)}</b>: {s['n_samples']} samples ({counts}), "
-                f"{s['n_scored']} scored.<br>{html.escape(head)}</p>")
+        counts = ", ".join(f"{v} {k}" for k, v in s["status_counts"].items())
+        notes = [f"HD95 is {hl.number('hd95').why}; the table below also gives its mean over the finite "
+                 "values.",
+                 "cIoU (Sa2VA) is the IoU of all frames' pixels pooled: Σ intersection / Σ union, so large masks "
+                 "weigh more."]
+        if self._giou_shown_once():
+            notes.append("gIoU (Sa2VA) is the mean per-frame IoU with an empty ground truth and an empty prediction "
+                         "scoring 1; no frame here has an empty ground truth, so it equals the mean IoU.")
+        else:
+            notes.append("gIoU (Sa2VA) is the mean per-frame IoU with an empty ground truth and an empty prediction "
+                         "scoring 1; the mean IoU leaves frames with an empty ground truth out (MONAI).")
+        return hr.join(
+            hr.heading(f"{self.run_name}: {s['n_samples']} frames ({counts}), {s['n_scored']} scored "
+                       f"at threshold {self.threshold:g}"),
+            hr.table(self.headline_rows()), hr.notes(notes))
 
     def counts_html(self) -> str:
         """How many patients, sequences and frames the intervals rest on, and why there are none below the minimum."""
@@ -625,12 +793,70 @@ class AnalysisReport:
                              lines=[line, "The per-patient values below show the spread instead."])
         return hr.muted(line)
 
+    def summary_table(self) -> pd.DataFrame:
+        """Macro (with patient-bootstrap CI) and micro values, with NaN / inf counts: the data behind the report."""
+        return self.summary_frame
+
+    def summary_display(self) -> pd.DataFrame:
+        """The summary table as the report shows it: every metric with unit and direction, each column a statistic,
+        numbers formatted; the CI column only when some metric has an interval."""
+        frame = self.summary_frame
+        any_ci = bool(frame["ci95_low"].notna().any())
+        rows = []
+        for metric, r in frame.iterrows():
+            row = {"metric (unit, direction)": self.heading(str(metric)),
+                   "mean per frame": hr.number(r["mean (macro)"])}
+            if any_ci:
+                row["95 % CI, patients resampled"] = (
+                    f"{hr.number(r['ci95_low'])} – {hr.number(r['ci95_high'])}" if pd.notna(r["ci95_low"])
+                    else f"none: {r['no CI because'] or 'not computable'}")
+            row["median per frame"] = hr.number(r["median"])
+            row["frames · patients"] = f"{int(r['frames'])} · {int(r['patients'])}"
+            row["left out (NaN · inf)"] = _left_out(int(r["n_nan"]), int(r["n_inf"]))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def pooled_html(self) -> str:
+        """Pooled-pixel (micro) values where they exist, and why the other metrics have none."""
+        micro = self.summary.get("micro") or {}
+        if not micro:
+            return hr.muted("No pooled-pixel values: no frame was scored.")
+        rows = [(self.heading(m, "pooled pixels") + (" = Sa2VA cIoU" if m == "iou" else ""), hr.number(v))
+                for m, v in micro.items()]
+        others = [vm.metric_info(m).label for m in self.summary_frame.index if m not in micro]
+        return hr.join(hr.table(rows, caption="Pooled over all pixels of all scored frames (micro)"),
+                       hr.muted("Only pixel-count metrics pool (sums of TP / FP / FN / TN over frames). "
+                                f"{', '.join(others)} are defined per frame (distances, skeletons, components, "
+                                "probabilities), so they have no pooled value." if others else ""))
+
+    def reading_notes(self) -> list[str]:
+        """How to read the summary: what mean / median are over, NaN and inf, width bins, NSD tolerance, CIs."""
+        low, high = self.width_bins_px
+        notes = [
+            "Means are over the frames where the metric has a finite value; medians over the frames where it has a "
+            "value (an inf ranks last). NaN (undefined: e.g. the precision of an empty prediction, a width bin the "
+            "ground truth has no centre line in) and inf (HD95 / ASSD of a frame with one mask empty) are counted "
+            "in the last column.",
+            f"Vessel width bins (analysis.width_bins_px = [{low:g}, {high:g}]): thin ≤ {low:g} px, medium "
+            f"{low:g}–{high:g} px, thick > {high:g} px wide, measured along the ground-truth centre line (width = "
+            "2 × distance to the background − 1).",
+            f"NSD: the share of both masks' boundary pixels within {self.nsd_tolerance_px:g} px of the other mask's "
+            "boundary (analysis.nsd_tolerance_px).",
+            "HD95 and ASSD are in pixels of the annotated frame; Betti errors count components (β0) and loops (β1); "
+            "areas are in pixels.",
+        ]
+        if self.summary_frame["ci95_low"].notna().any():
+            notes.append(f"95 % CIs are BCa bootstraps ({self.summary['bootstrap']['n_resamples']} resamples) of "
+                         "whole patients: frames of one patient are not independent.")
+        return notes
+
     def _repr_html_(self) -> str:
         parts = [self.flags_html(), self.headline_html(), self.counts_html(),
-                 hr.table(self.summary_frame, index=True, float_format="{:.4f}")]
+                 table_html(self.summary_display(), caption="Every metric per frame"),
+                 hr.notes(self.reading_notes(), title="How to read the table"), self.pooled_html()]
         if self.summary["units"]["n_patients"] < self.min_patients:
-            parts.append(hr.table(self.patient_values(), index=True, float_format="{:.4f}",
-                                  caption="Per-patient values (instead of intervals)"))
+            parts.append(table_html(self.patient_values_display(), index=True,
+                                  caption="Per-patient values (instead of intervals): mean per frame of each patient"))
         return hr.join(*parts)
 
     def patient_values(self) -> pd.DataFrame:
@@ -638,33 +864,36 @@ class AnalysisReport:
         below the minimum number of patients, so the columns are few, while ~20 metric columns overflowed a page."""
         return pseudonym.frame(patient_values(self.table, list(self.summary_frame.index)), self.names).T
 
-    def threshold_table(self) -> pd.DataFrame | None:
-        """The cross-validated threshold per held-out patient, with the recommendation and the in-sample optimum."""
-        choice = self.threshold_cv
-        if choice is None:
-            return None
-        rows = [
-            {"what": "recommended (leave-one-patient-out, median of folds)", "threshold": choice.recommended,
-             "dice": choice.out_of_fold, "scored on": "held-out patients (out-of-fold)"},
-            {"what": "in-sample best (optimistic: chosen on the frames it is scored on)",
-             "threshold": choice.in_sample_best, "dice": choice.in_sample_score, "scored on": "all frames"},
-            {"what": "used for the metrics above", "threshold": self.threshold,
-             "dice": self.summary_frame.loc["dice", "mean (macro)"], "scored on": "all frames"},
-        ]
-        return pd.DataFrame(rows).set_index("what")
+    def patient_values_display(self) -> pd.DataFrame:
+        """:meth:`patient_values` with metric headings and formatted numbers (frame counts as integers)."""
+        values = self.patient_values()
+        shown = pd.DataFrame({column: [str(int(v)) if name == "frames" else hr.number(v)
+                                       for name, v in values[column].items()] for column in values.columns},
+                             index=["frames scored" if m == "frames" else self.heading(str(m), "mean")
+                                    for m in values.index])
+        shown.columns.name = "patient"
+        return shown
 
-    def calibration_table(self) -> pd.DataFrame | None:
-        """Reliability bins of the pooled probability maps; ECE, Brier and AP are in ``summary["calibration"]``."""
-        return None if self.calibration is None else self.calibration.bins
+    # -- the other sections, one per notebook cell --
+    def ground_truth_section(self) -> Any:
+        """What reading the annotations found (rescaled, clipped, missing ...); empty lists left out."""
+        info = self.gt.report.as_dict()
+        info.pop("warnings")
+        rows = []
+        for key, value in info.items():
+            if isinstance(value, (list, dict, tuple)) and not value:
+                continue
+            if key == "source" and value:
+                value = Path(str(value)).name  # the file's name: a path of the user's machine means nothing here
+            rows.append((key.replace("_", " "), ", ".join(map(str, value)) if isinstance(value, (list, tuple))
+                         else str(value)))
+        return _section(hr.table(rows))
 
-    def fragment_sizes(self) -> pd.DataFrame:
-        """Spurious (no GT overlap) predicted components by size, over all scored frames."""
-        info = self.summary["fragments"]
-        return pd.DataFrame({"spurious components": info["size_histogram"]})
-
-    def summary_table(self) -> pd.DataFrame:
-        """Macro (with patient-bootstrap CI) and micro values, with NaN / inf counts."""
-        return self.summary_frame
+    def ground_truth_report(self) -> pd.DataFrame:
+        """What reading the annotations found (rescaled, clipped, missing ...), as a two-column table."""
+        info = self.gt.report.as_dict()
+        info.pop("warnings")
+        return pd.DataFrame({"value": [str(v) for v in info.values()]}, index=list(info.keys()))
 
     def per_patient(self) -> pd.DataFrame:
         """One row per patient, worst Dice first."""
@@ -674,26 +903,157 @@ class AnalysisReport:
         """One row per (patient, sequence), worst Dice first."""
         return pseudonym.frame(group_table(self.table, ["patient", "sequence"]), self.names)
 
-    def ground_truth_report(self) -> pd.DataFrame:
-        """What reading the annotations found (rescaled, clipped, missing ...), as a two-column table."""
-        info = self.gt.report.as_dict()
-        info.pop("warnings")
-        return pd.DataFrame({"value": [str(v) for v in info.values()]}, index=list(info.keys()))
+    def _group_display(self, frame: pd.DataFrame) -> pd.DataFrame:
+        columns = {"frames": "frames", "scored": "scored", "no_seg": "no_seg", "error": "error",
+                   "hd95 (median)": self.heading("hd95", "median"), "hd95 inf": "HD95 = inf (frames)"}
+        columns.update({m: self.heading(m, "mean") for m in GROUP_METRICS})
+        return _cells(frame).rename(columns=columns)
+
+    def per_patient_section(self) -> Any:
+        """:meth:`per_patient` as the report shows it (headings with statistic and unit, 3 decimals for ratios)."""
+        return _section(table_html(self._group_display(self.per_patient()), index=True),
+                        hr.muted("Means and medians are over each patient's scored frames with a finite value; "
+                                 "no_seg / error count frames by their inference status (scored as empty masks)."))
+
+    def per_sequence_section(self) -> Any:
+        """:meth:`per_sequence` as the report shows it."""
+        return _section(table_html(self._group_display(self.per_sequence()), index=True))
 
     def histograms(self) -> Figure:
-        """Metric histograms (NaN / inf counted in the titles)."""
-        return histograms(self.table)
+        """Metric histograms (NaN / inf counted under each panel)."""
+        return histograms(self.table, labels={m: self.heading(m) for m in HISTOGRAM_METRICS})
+
+    def histograms_section(self) -> Any:
+        """The saved histogram figure with what it shows."""
+        n = int(self.table["has_gt"].sum())
+        return _section(_figure_html(self.figures.get("histograms"),
+                                     f"Per-frame values over the {n} scored frames; bins chosen from the data "
+                                     "(numpy's 'auto' rule, at most one bin per value)."))
 
     def threshold_sweep_figure(self) -> Figure | None:
         """Dice / clDice vs threshold, or None when the store has no probability maps."""
         return None if self.sweep is None else sweep_figure(self.sweep, self.threshold, self.threshold_cv)
 
+    def threshold_table(self) -> pd.DataFrame | None:
+        """The cross-validated threshold per held-out patient, with the recommendation and the in-sample optimum."""
+        choice = self.threshold_cv
+        if choice is None:
+            return None
+        dice = self.heading("dice", "mean per frame")
+        rows = [
+            {"what": "recommended (leave-one-patient-out, median of folds)", "threshold": choice.recommended,
+             dice: choice.out_of_fold, "scored on": "held-out patients (out-of-fold)"},
+            {"what": "in-sample best (optimistic: chosen on the frames it is scored on)",
+             "threshold": choice.in_sample_best, dice: choice.in_sample_score, "scored on": "all frames"},
+            {"what": "used for the metrics above", "threshold": self.threshold,
+             dice: self.summary_frame.loc["dice", "mean (macro)"], "scored on": "all frames"},
+        ]
+        return pd.DataFrame(rows).set_index("what")
+
+    def sweep_display(self) -> pd.DataFrame | None:
+        """The sweep table as the report shows it: clDice only where it was computed (blank elsewhere)."""
+        if self.sweep is None:
+            return None
+        sweep = self.sweep
+        n_cl = int(sweep["cldice_samples"].iloc[0])
+        shown = pd.DataFrame({
+            "threshold": [f"{t:.2f}" for t in sweep["threshold"]],
+            self.heading("dice", "mean per frame"): sweep["dice"].map(hr.number),
+            self.heading("dice", "pooled pixels"): sweep["dice (pooled)"].map(hr.number),
+            self.heading("precision", "pooled pixels"): sweep["precision (pooled)"].map(hr.number),
+            self.heading("recall", "pooled pixels"): sweep["recall (pooled)"].map(hr.number),
+        })
+        if n_cl:
+            shown[self.heading("cldice", f"mean over {n_cl} frames")] = [
+                "" if pd.isna(v) else hr.number(v) for v in sweep["cldice"]]
+        return shown
+
+    def threshold_section(self) -> Any:
+        """Cross-validated threshold, the sweep figure and the sweep table; one line when there is no sweep."""
+        if self.sweep is None:
+            return _section(hr.muted("No probability maps in this store: no threshold sweep."))
+        table = self.threshold_table()
+        n_cl = int(self.sweep["cldice_samples"].iloc[0])
+        explain = (f"clDice is computed at {', '.join(f'{t:g}' for t in CLDICE_SWEEP_THRESHOLDS)} only and on "
+                   f"{n_cl} of {int(self.sweep['n_samples'].iloc[0])} frames spread over the patients (skeletons "
+                   "are slow): the thresholds between have no clDice." if n_cl else
+                   "No clDice sweep: no frame had a probability map.")
+        return _section(
+            table_html(_cells(table), index=True) if table is not None else "",
+            _figure_html(self.figures.get("threshold_sweep"),
+                         "Scores against the threshold applied to the probability maps (in-sample)."),
+            table_html(self.sweep_display(), caption=f"Sweep over {int(self.sweep['n_samples'].iloc[0])} frames"),
+            hr.muted(explain))
+
+    def calibration_table(self) -> pd.DataFrame | None:
+        """Reliability bins of the pooled probability maps; ECE, Brier and AP are in ``summary["calibration"]``."""
+        return None if self.calibration is None else self.calibration.bins
+
+    def calibration_section(self) -> Any:
+        """ECE, Brier and AP of the pooled probability maps, the figure and the reliability bins."""
+        if self.calibration is None:
+            return _section(hr.muted("No probability maps in this store: no calibration."))
+        c = self.summary["calibration"]
+        line = (f"Pooled over {c['n_pixels']:,} pixels of {int(self.table['has_gt'].sum())} scored frames: "
+                f"expected calibration error {hr.number(c['ece'])} (ECE, ↓ better) · "
+                f"{self.heading('brier')} {hr.number(c['brier'])} · "
+                f"{self.heading('average_precision')} {hr.number(c['average_precision'])}.")
+        bins = self.calibration.bins
+        shown = pd.DataFrame({
+            "probability bin": [f"{lo:.1f}–{hi:.1f}" for lo, hi in zip(bins["bin_low"], bins["bin_high"],
+                                                                        strict=True)],
+            "pixels": [f"{int(n):,}" for n in bins["n_pixels"]],
+            "mean predicted probability": bins["mean_probability"].map(hr.number),
+            "fraction of vessel pixels": bins["vessel_fraction"].map(hr.number),
+        })
+        return _section(f"<p>{hr.escape(line)}</p>",
+                        _figure_html(self.figures.get("calibration"),
+                                     "Reliability: a calibrated model lies on the diagonal. Right: pixel "
+                                     "precision against recall over all thresholds."),
+                        table_html(shown, caption="Reliability bins"))
+
+    def fragment_sizes(self) -> pd.DataFrame:
+        """Spurious (no GT overlap) predicted components by size, over all scored frames."""
+        info = self.summary["fragments"]
+        return pd.DataFrame({"spurious components": info["size_histogram"]})
+
+    def fragments_section(self) -> Any:
+        """Spurious components by size, with the total, the frames they are on and the largest one's frame."""
+        f = self.summary["fragments"]
+        sizes = self.fragment_sizes().rename_axis("component area (pixels)").reset_index()
+        if f["largest_spurious_sample"]:
+            where = (f"; the largest has {f['largest_spurious_px']} pixels "
+                     f"({viz.shown_id(f['largest_spurious_sample'], self.names)})")
+        else:
+            where = ""
+        line = (f"{f['spurious_components']} spurious components on {f['frames_with_spurious']} of {f['frames']} "
+                f"scored frames{where}.")
+        return _section(f"<p>{hr.escape(line)}</p>", table_html(sizes))
+
+    def temporal_section(self) -> Any:
+        """Frame-to-frame consistency per sequence: the figure and the table (patients pseudonymised)."""
+        if self.temporal is None:
+            return _section(hr.muted("No sequence has two scored frames: no temporal consistency."))
+        table = pseudonym.frame(self.temporal, self.names).rename(columns={
+            "frames": "frames", "pred_iou": "prediction (mean IoU)", "gt_iou": "ground truth (mean IoU)",
+            "pred - gt": "prediction − ground truth"})
+        return _section(_figure_html(self.figures.get("temporal"),
+                                     "Mean IoU (ratio) of each frame with the next stored frame of its sequence. "
+                                     "No better direction: a prediction should be about as steady as the ground "
+                                     "truth; much less steady flickers, much steadier may miss real motion."),
+                        table_html(_cells(table), index=True))
+
+    # -- samples --
     def ranked(self, metric: str = "dice", worst: bool = True) -> pd.DataFrame:
         """Scored samples sorted by ``metric`` (worst first by default), NaN last."""
         higher_better = SUMMARY_METRICS.get(metric, True)
         ascending = higher_better if worst else not higher_better
         scored = self.table[self.table["has_gt"]]
-        return scored.sort_values(metric, ascending=ascending, na_position="last")
+        return scored.sort_values(metric, ascending=ascending, na_position="last", kind="stable")
+
+    def spread(self, metric: str = "dice", worst: bool = True, k: int | None = None) -> pd.DataFrame:
+        """The worst (or best) ``k`` samples spread over sequences and patients (:func:`spread_ranked`)."""
+        return spread_ranked(self.ranked(metric, worst=worst), k or self.gallery_k)
 
     def sample_images(self, sample_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(frame, GT, prediction as scored) for one sample."""
@@ -710,13 +1070,29 @@ class AnalysisReport:
         return frame, gt, pred
 
     def gallery(self, worst: bool = True, metric: str = "dice", k: int | None = None) -> Figure:
-        """The worst (or best) k samples by ``metric``: original / GT / prediction / overlay / TP-FP-FN each."""
-        chosen = self.ranked(metric, worst=worst).head(k or self.gallery_k)
+        """The worst (or best) k samples by ``metric``, one per sequence first and patients in turn
+        (:meth:`spread`): original / GT / prediction / TP-FP-FN each."""
+        chosen = self.spread(metric, worst=worst, k=k)
         rows = []
         for _, row in chosen.iterrows():
             frame, gt, pred = self.sample_images(row["sample_id"])
             rows.append((frame, gt, pred, viz.sample_title(row, self.names)))
-        return viz.gallery(rows, title=f"{'worst' if worst else 'best'} {len(rows)} by {metric}")
+        label = vm.metric_info(metric).label
+        return viz.gallery(rows, title=f"{'worst' if worst else 'best'} {len(rows)} by {label}: "
+                                       "one frame per sequence first, patients in turn")
+
+    def gallery_section(self, worst: bool = True) -> Any:
+        """The saved worst (or best) gallery with how its frames were picked."""
+        which = "worst" if worst else "best"
+        chosen = self.spread(worst=worst)
+        patients = chosen["patient"].nunique() if len(chosen) else 0
+        sequences = len(chosen.groupby(["patient", "sequence"])) if len(chosen) else 0
+        caption = (f"The {len(chosen)} {which} frames by Dice, spread out: the {which} frame of each sequence "
+                   "before any second frame of one, and patients in turn, because neighbouring frames of a "
+                   f"sequence are near-duplicates ({len(chosen)} frames from {sequences} sequences of {patients} "
+                   "patients). Colours: ground truth red, prediction green; errors TP white, FP magenta "
+                   "(predicted, not in the ground truth), FN cyan (missed).")
+        return _section(_figure_html(self.figures.get(f"{which}_k"), caption))
 
     def show_figure(self, name: str) -> None:
         """Display a figure saved under ``analysis/figures`` (rendered once by the stage, not again here)."""
@@ -739,7 +1115,8 @@ class AnalysisReport:
 
 
 def headline(table: pd.DataFrame) -> dict[str, float]:
-    """The index page's numbers: macro Dice / clDice / IoU / NSD, median HD95, Sa2VA's cIoU and gIoU."""
+    """The index page's numbers: macro Dice / clDice / IoU / NSD, median HD95, Sa2VA's cIoU and gIoU (what each one
+    is, for every place that prints it: :data:`vesselnb.headline.HEADLINE`)."""
     scored = table[table["has_gt"]]
 
     def finite_mean(metric: str) -> float:
@@ -846,10 +1223,12 @@ def analyze_stage(params: RunParams, run_dir: str | Path, workers: int = 0,
         "ground_truth": gt.report.as_dict(),
         "frames_without_prediction": len(not_predicted),
         "scoring": scoring_record(params, store, scored),
+        "metric_settings": {"nsd_tolerance_px": scoring.nsd_tolerance_px, "width_bins_px": list(scoring.width_bins_px)},
     }
     report = AnalysisReport(params.run_name, run_dir, table, summary, flags, frame, sweep, gt,
                             settings.threshold, settings.gallery_k, threshold_cv=choice, calibration=calibration,
-                            min_patients=settings.min_patients, names=names)
+                            min_patients=settings.min_patients, names=names,
+                            nsd_tolerance_px=scoring.nsd_tolerance_px, width_bins_px=scoring.width_bins_px)
     report.temporal = temporal_consistency(rows)
     if report.temporal is not None:
         summary["temporal_consistency"] = {"pred_iou": float(report.temporal["pred_iou"].mean()),

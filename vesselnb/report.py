@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import jinja2
 
 from vesselnb.errors import VesselnbError
+from vesselnb.htmlrepr import number
 from vesselnb.run_folder import (
     ANALYSIS_DIR,
     COMPARISON_FILE,
@@ -256,9 +257,18 @@ def write_index(outputs_dir: Path) -> Path:
                              undefined=jinja2.StrictUndefined)
     page = env.get_template("index_page.html").render(
         runs=runs, comparisons=comparisons, run_names={r["name"] for r in runs}, generated=now_iso(),
-        outputs_dir=str(outputs), layout=_LAYOUT,
+        outputs_dir=str(outputs), layout=_LAYOUT, metric_columns=index_metric_columns(),
     )
     return atomic_write_text(outputs / INDEX_FILE, page)
+
+
+def index_metric_columns() -> list[dict[str, str]]:
+    """The index's metric columns: summary.json's headline key, the heading naming its statistic, unit and direction
+    (``HD95 (px, median per frame, ↓ better)``), and what it is (the header's tooltip)."""
+    from vesselnb import headline  # the metric vocabulary imports scipy: not for `vesselnb --help`
+
+    return [{"key": key, "heading": headline.heading(key), "title": headline.number(key).info.description}
+            for key in _INDEX_METRICS]
 
 
 def _run_row(folder: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -290,7 +300,7 @@ def _run_row(folder: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:
         "fingerprint": manifest.get("weights_fingerprint"),
         "stages": stages,
         "status": manifest.get("status", "incomplete"),
-        "metrics": {k: _fmt(headline.get(k)) for k in _INDEX_METRICS},
+        "metrics": {k: _metric(headline.get(k)) for k in _INDEX_METRICS},
         "sort": {k: _sort_key(headline.get(k)) for k in _INDEX_METRICS},
         "n_samples": summary.get("n_samples", ""),
         "n_error": counts.get("error", ""),
@@ -323,13 +333,23 @@ def _pseudonymised_row(row: dict[str, Any], names: Pseudonyms | None | Literal[F
     return {**row, **scrubbed, "names": f"hidden ({len(names)} patients)"}
 
 
+def _metric(value: Any) -> str:
+    """A headline number in an index cell (``htmlrepr.number``: 3 decimals for ratios); "" for none."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "" if value is None else str(value)
+    return number(value)
+
+
 def _last_good_line(last_good: dict[str, Any] | None) -> str:
-    """``last good 2026-12-03T12:00:00+00:00: Dice 0.712 (iter_50.pth)`` — or "" when there never was one."""
+    """``last good 2026-12-03T12:00:00+00:00: Dice 0.712 (mean per frame), ... (iter_50.pth)`` — or "" when there
+    never was one."""
+    from vesselnb import headline as vocabulary  # the metric vocabulary imports scipy: not for `vesselnb --help`
+
     if not last_good:
         return ""
     headline = last_good.get("headline") or {}
-    metrics = ", ".join(f"{name} {_fmt(headline.get(key))}" for key, name in
-                        (("dice", "Dice"), ("cldice", "clDice"), ("hd95", "HD95")) if headline.get(key) is not None)
+    metrics = ", ".join(vocabulary.text(key, headline[key]) for key in ("dice", "cldice", "hd95")
+                        if headline.get(key) is not None)
     checkpoint = Path(str(last_good.get("checkpoint"))).name if last_good.get("checkpoint") else ""
     return f"last good {last_good.get('at') or '?'}: {metrics or 'no metrics'}" + (
         f" ({checkpoint})" if checkpoint else "")

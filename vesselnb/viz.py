@@ -8,7 +8,6 @@ under papermill) and closes it.
 from __future__ import annotations
 
 import io
-import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image
 
 from vesselnb.errors import DataError
 from vesselnb.fonts import configure_matplotlib_fonts, displayable
 from vesselnb.frames import open_frame_rgb
+from vesselnb.htmlrepr import number
 from vesselnb.masks import resize_mask
 
 if TYPE_CHECKING:  # pseudonym imports the data stack; viz only calls the object it is given
@@ -171,13 +172,25 @@ def prediction_panels(store: Any, sample_ids: Iterable[str], columns: int = 4,
 
 
 def sample_title(row: Any, names: Pseudonyms | None = None) -> str:
-    """The metrics a gallery panel shows in its title (its sample id pseudonymised when ``names`` is given)."""
-    def fmt(value: Any) -> str:
-        return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+    """One line naming a sample and its per-frame metrics, units included (gallery rows, the browser's caption).
 
-    return (f"{shown_id(row['sample_id'], names)} [{row['status']}]  Dice {fmt(row['dice'])}  "
-            f"clDice {fmt(row['cldice'])}  HD95 {fmt(row['hd95'])}  NSD {fmt(row['nsd'])}  "
-            f"thin-recall {fmt(row['recall_thin'])}")
+    It starts with the sample id (pseudonymised when ``names`` is given), so a reader can find the frame.
+    """
+    def fmt(key: str) -> str:
+        value = row[key] if key in row else None
+        return number(value)
+
+    return (f"{shown_id(row['sample_id'], names)} [{row['status']}] · Dice {fmt('dice')} · clDice {fmt('cldice')} · "
+            f"HD95 {fmt('hd95')} px · NSD {fmt('nsd')} · thin-vessel recall {fmt('recall_thin')}")
+
+
+def error_legend_handles() -> list[Patch]:
+    """Legend entries for the colours of :func:`tint` and :func:`error_overlay`: one meaning per colour."""
+    def patch(rgb: tuple[int, int, int], label: str) -> Patch:
+        return Patch(facecolor=tuple(c / 255 for c in rgb), edgecolor="#555555", linewidth=0.5, label=label)
+
+    return [patch(GT_RGB, "ground truth"), patch(PRED_RGB, "prediction"), patch(TP_RGB, "TP: both"),
+            patch(FP_RGB, "FP: predicted, not in GT"), patch(FN_RGB, "FN: in GT, missed")]
 
 
 def wrap_id(text: str, width: int = 28) -> str:
@@ -228,34 +241,37 @@ def close(fig: Figure) -> None:
 
 def gallery(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], title: str = "",
             thumbnail: int = 256) -> Figure:
-    """One line per sample: original / GT red / prediction green / overlay / TP-FP-FN, with the metrics as title.
+    """One line per sample: original / GT in red / prediction in green / errors (TP white, FP magenta, FN cyan),
+    the sample's metrics above it and one colour legend for the figure.
 
-    Frames are downsampled to ``thumbnail`` pixels so a report of many galleries stays small.
+    No "GT + prediction" overlay column: its red-only and green-only pixels are the FN and FP of the errors column in
+    other colours, and a colour keeps one meaning per figure. Frames are downsampled to ``thumbnail`` pixels so a
+    report of many galleries stays small.
     """
     n = max(len(rows), 1)
-    row_inches, title_inches = 2.55, 0.35
-    height = row_inches * n + title_inches
-    fig = Figure(figsize=(11.0, height))  # axes placed by hand: a layout engine costs seconds on 30 images
+    row_inches, head_inches, width = 2.75, 0.75, 11.0
+    height = row_inches * n + head_inches
+    fig = Figure(figsize=(width, height))  # axes placed by hand: a layout engine costs seconds on 30 images
     if title:
-        fig.text(0.5, 1 - 0.12 / height, displayable(title), ha="center", va="top", fontsize=10)
+        fig.text(0.5, 1 - 0.1 / height, displayable(title), ha="center", va="top", fontsize=10)
     if not rows:
         fig.text(0.5, 0.5, "no scored samples", ha="center", va="center")
         return fig
-    labels = ("original", "GT (red)", "prediction (green)", "overlay", "TP white/FP magenta/FN cyan")
-    cell_w, cell_h = 1.0 / 5, 2.05 / height
+    fig.legend(handles=error_legend_handles(), loc="upper center", bbox_to_anchor=(0.5, 1 - 0.38 / height),
+               ncols=5, fontsize=7.5, frameon=False, handlelength=1.2)
+    labels = ("original", "ground truth (red)", "prediction (green)", "errors: TP white, FP magenta, FN cyan")
+    columns = len(labels)
+    cell_h = 2.2 / height
+    cell_w = min(1.0 / columns, cell_h * height / width)  # square cells
+    left = (1.0 - columns * cell_w) / 2
     for index, (image, gt, pred, caption) in enumerate(rows):
         rgb, gt_small, pred_small = _thumbnail(image, gt, pred, thumbnail)
-        pictures = (
-            rgb,
-            tint(rgb, gt_small, GT_RGB),
-            tint(rgb, pred_small, PRED_RGB),
-            tint(tint(rgb, gt_small, GT_RGB, 0.5), pred_small, PRED_RGB, 0.5),
-            error_overlay(rgb, gt_small, pred_small),
-        )
-        top = 1 - (title_inches + index * row_inches) / height
-        fig.text(0.01, top - 0.08 / height, displayable(caption), ha="left", va="top", fontsize=7.5)
+        pictures = (rgb, tint(rgb, gt_small, GT_RGB), tint(rgb, pred_small, PRED_RGB),
+                    error_overlay(rgb, gt_small, pred_small))
+        top = 1 - (head_inches + index * row_inches) / height
+        fig.text(left, top - 0.06 / height, displayable(caption), ha="left", va="top", fontsize=7.5)
         for column, (picture, label) in enumerate(zip(pictures, labels, strict=True)):
-            ax = fig.add_axes((column * cell_w + 0.005, top - (0.45 / height) - cell_h, cell_w - 0.01, cell_h))
+            ax = fig.add_axes((left + column * cell_w + 0.004, top - (0.45 / height) - cell_h, cell_w - 0.008, cell_h))
             ax.set_axis_off()
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(label, fontsize=7, pad=2)

@@ -18,11 +18,17 @@ import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image as PILImage
 
+from vesselnb import htmlrepr as hr
 from vesselnb import viz
 from vesselnb.run_folder import RunFolder
 from vesselnb.store import PredictionStore
 
-BROWSER_COLUMNS = ["sample_id", "status", "dice", "cldice", "hd95", "nsd", "recall_thin", "betti0_error"]
+METRIC_COLUMNS = ["dice", "cldice", "hd95", "nsd", "recall_thin", "betti0_error"]
+BROWSER_COLUMNS = ["sample_id", "patient", "sequence", "frame", "status", *METRIC_COLUMNS]
+
+
+LEGEND_ERRORS = "colours: TP white (both), FP magenta (predicted, not in GT), FN cyan (in GT, missed)"
+LEGEND_TINTS = "colours: ground truth red, prediction green, both olive"
 
 
 def widget_frontend_available() -> bool:
@@ -79,35 +85,67 @@ class SampleBrowser:
         return self.report.ranked(metric, worst=True)[columns].head(self.static_rows).reset_index(drop=True)
 
     def static_table(self, metric: str = "dice") -> pd.DataFrame:
-        """The worst ``static_rows`` samples by ``metric`` (what a reader of the HTML report can still browse)."""
+        """The worst ``static_rows`` samples by ``metric`` (what a reader of the HTML report can still browse).
+
+        Patient, sequence and frame have columns of their own, so no frame number is lost to a cut id.
+        """
         table = self._worst(metric)
         table["sample_id"] = [viz.shown_id(sample_id, self.names) for sample_id in table["sample_id"]]
+        if self.names is not None:
+            table["patient"] = [self.names.patient(p) for p in table["patient"]]
         return table
 
+    def static_display(self, metric: str = "dice") -> pd.DataFrame:
+        """:meth:`static_table` as the report shows it: metric headings with unit and direction, numbers formatted."""
+        table = self.static_table(metric).drop(columns=["sample_id"])
+        for column in METRIC_COLUMNS:
+            if column in table.columns:
+                table[column] = table[column].map(hr.number)
+        return table.rename(columns={c: self.report.heading(c) for c in METRIC_COLUMNS})
+
+    def static_html(self) -> str:
+        """The static fallback as HTML: a note, the sorted table and a few samples spread over sequences."""
+        ids = list(self.report.spread("dice", worst=True, k=self.static_samples)["sample_id"])
+        parts = [hr.muted("Sample browser: no interactive widget frontend here (e.g. papermill / HTML report); "
+                          f"showing the {self.static_rows} worst frames by Dice statically. Open the notebook in "
+                          "JupyterLab to browse."),
+                 self.report.table_html(self.static_display())]
+        if ids:
+            fig = self.static_grid(ids)
+            parts.append(hr.figure(fig, caption=f"The worst frame of {len(ids)} different sequences (patients in "
+                                                "turn), errors coloured as in the legend."))
+            viz.close(fig)
+        return hr.join(*parts)
+
     def show_static(self) -> None:
-        """Display the static fallback: a note, the sorted table and a few samples' overlays."""
+        """Display the static fallback (:meth:`static_html`)."""
         from IPython.display import HTML, display
 
-        display(HTML("<p><i>Sample browser: no interactive widget frontend here (e.g. papermill / HTML report); "
-                     "showing the worst samples statically. Open the notebook in JupyterLab to browse.</i></p>"))
-        display(self.static_table())
-        ids = list(self._worst("dice")["sample_id"].head(self.static_samples))
-        if ids:
-            viz.show(self.static_grid(ids))
+        display(HTML(self.static_html()))
 
     def static_grid(self, ids: list[str]) -> Figure:
-        """The overlays of ``ids`` in a grid, titled by (pseudonymised) sample id."""
-        pictures = [self.render(sample_id) for sample_id in ids]
-        titles = [viz.shown_id(sample_id, self.names) for sample_id in ids]
-        return viz.image_grid(pictures, titles, columns=min(3, len(ids)), cell_inches=3.0)
+        """The error overlays of ``ids`` in a grid with a colour legend, titled on two lines by (pseudonymised)
+        patient · sequence and frame · Dice, so titles stay inside their cell."""
+        rows = self.table.set_index("sample_id")
+        pictures, titles = [], []
+        for sample_id in ids:
+            row = rows.loc[sample_id]
+            patient = row["patient"] if self.names is None else self.names.patient(row["patient"])
+            pictures.append(self.render(sample_id))
+            titles.append(f"{patient} · {row['sequence']}\nframe {int(row['frame'])} · Dice {hr.number(row['dice'])}")
+        fig = viz.image_grid(pictures, titles, columns=min(3, len(ids)), cell_inches=3.0)
+        fig.legend(handles=viz.error_legend_handles()[2:], loc="outside lower center", ncols=3, fontsize=7.5,
+                   frameon=False)
+        return fig
 
     # -- widgets --
     def widget(self) -> Any:
         """The ipywidgets UI (VBox)."""
         import ipywidgets as w
 
-        numeric = [c for c in BROWSER_COLUMNS[2:] if c in self.table.columns]
-        sort_by = w.Dropdown(options=numeric, value="dice", description="sort by")
+        numeric = [(self.report.heading(c), c) for c in METRIC_COLUMNS if c in self.table.columns]
+        sort_by = w.Dropdown(options=numeric, value="dice", description="sort by",
+                             layout=w.Layout(width="auto"))
         order = w.ToggleButtons(options=["worst first", "best first"], value="worst first")
         index = w.IntSlider(min=0, max=max(len(self.table) - 1, 0), value=0, description="sample",
                             continuous_update=False)
@@ -132,12 +170,13 @@ class SampleBrowser:
             t = threshold.value if has_probability and not np.isclose(threshold.value, self.report.threshold) else None
             picture = self.render(row["sample_id"], show_gt.value, show_pred.value, errors.value, t)
 
-
             buffer = io.BytesIO()
             PILImage.fromarray(picture).save(buffer, format="png")
             image.value = buffer.getvalue()
 
-            caption.value = f"<code>{html.escape(viz.sample_title(row, self.names))}</code>"
+            colours = (LEGEND_ERRORS if errors.value else LEGEND_TINTS)
+            caption.value = (f"<code>{html.escape(viz.sample_title(row, self.names))}</code>"
+                             f"<div style='font-size:12px;color:#555'>{html.escape(colours)}</div>")
 
         for control in (sort_by, order, index, show_gt, show_pred, errors, threshold):
             control.observe(refresh, names="value")

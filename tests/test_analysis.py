@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 from _analysis_fixtures import make_dataset, run_params, thin_branch_mask, write_store
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from vesselnb.analysis import analyze_stage
+from vesselnb import headline as hl
+from vesselnb.analysis import analyze_stage, histogram_bins, histograms, spread_ranked, sweep_figure
 from vesselnb.errors import StageError
 
 CONTRACT_COLUMNS = [
@@ -151,6 +155,21 @@ def test_threshold_sweep_finds_the_threshold_that_recovers_thin_vessels(dataset)
     assert report.summary["temporal_consistency"]["sequences"] == 6
     assert sweep["cldice"].notna().sum() >= 5
     assert (root / "runs_prob" / "with_probabilities" / "analysis" / "figures" / "threshold_sweep.png").is_file()
+    # the sweep as shown: no NaN cell; clDice blank exactly where it was not computed, and one line says why
+    shown = report.sweep_display()
+    assert not shown.isin(["n/a", "nan", "NaN"]).any().any()
+    cldice_column = next(c for c in shown.columns if c.startswith("clDice"))
+    assert [cell == "" for cell in shown[cldice_column]] == list(sweep["cldice"].isna())
+    assert "the thresholds between have no clDice" in report.threshold_section().data
+    calibration = report.calibration_section().data
+    assert "ECE, ↓ better" in calibration and not re.findall(r"<td[^>]*>-?\d*\.\d{4,}</td>", calibration)
+    # the legend sits below the axes: no curve can be drawn over its labels
+    fig = sweep_figure(sweep, report.threshold, report.threshold_cv)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    (axes,), (legend,) = fig.axes, fig.legends
+    assert axes.get_legend() is None
+    assert legend.get_window_extent(canvas.get_renderer()).y1 <= axes.get_window_extent().y0
     lower = analyze_stage(run_params(root, threshold=0.2), run_dir)
     assert lower.summary["headline"]["dice"] == 1.0  # re-binarised at 0.2 the faint vessels are back
 
@@ -233,3 +252,104 @@ def test_each_gt_mask_is_read_once_per_stage(tmp_path: Path, monkeypatch: pytest
         np.testing.assert_array_equal(report.gt.mask(sample_id), expected)
     report.gallery(worst=True)
     assert reads == []
+
+
+STATISTICS = (hl.MEAN, hl.MEDIAN, hl.POOLED)
+
+
+def test_report_names_each_numbers_statistic_and_unit_and_explains_every_gap(dataset) -> None:
+    root, gts = dataset
+    run_dir = root / "runs_read" / "read"
+    ids = sorted(gts)
+    statuses = {ids[0]: "no_seg", ids[1]: "error"}  # empty predictions: NaN precision, infinite HD95
+    write_store(run_dir, root / "images", _thin_missed(gts), status=lambda sample_id: statuses.get(sample_id, "ok"))
+    report = analyze_stage(run_params(root, width_bins_px=[1.5, 4.0], nsd_tolerance_px=3.0), run_dir)
+    page = report._repr_html_()
+    # the headline: every number names its statistic and direction; HD95 its unit and that it is a median
+    rows = dict(report.headline_rows())
+    assert all(any(stat in label for stat in STATISTICS) and "better" in label for label in rows), rows
+    hd95 = next(label for label in rows if label.startswith("HD95"))
+    assert "px" in hd95 and hl.MEDIAN in hd95
+    assert "hd95 71" not in page.lower() and not re.search(r"\bhd95 \d", page)  # no bare "hd95 71.1986"
+    # gIoU equals the mean IoU here (no empty ground truth): shown once, with what it is
+    assert report.summary["headline"]["giou"] == pytest.approx(report.summary["headline"]["iou"])
+    assert sum("gIoU" in label for label in rows) == 1 and "empty prediction scoring 1" in page
+    # the summary table: no bare NaN; a metric without finite values says why in its own row
+    shown = report.summary_display()
+    assert "micro (pooled)" not in shown.columns and not shown.isin(["NaN", "nan"]).any().any()
+    for _, row in shown.iterrows():
+        if "n/a" in set(row):
+            assert row["left out (NaN · inf)"] != "0", row
+    precision = shown.set_index("metric (unit, direction)").loc["Precision (↑ better)"]
+    assert precision["left out (NaN · inf)"] == "2 NaN"  # no_seg and error frames: precision of an empty prediction
+    hd95_row = shown.set_index("metric (unit, direction)").loc["HD95 (px, ↓ better)"]
+    assert "2 inf" in hd95_row["left out (NaN · inf)"]
+    # pooled values only where they exist, and a line naming the metrics that have none
+    pooled = report.pooled_html()
+    assert set(report.summary["micro"]) == {"dice", "iou", "precision", "recall", "specificity"}
+    assert "NaN" not in pooled and "n/a" not in pooled and "HD95" in pooled and "no pooled value" in pooled
+    # this run's width-bin limits and NSD tolerance are stated where the metrics are
+    assert "Recall, thin vessels ≤ 1.5 px wide" in page and "Recall, thick vessels &gt; 4 px wide" in page
+    assert "NSD at 3 px" in page and "analysis.width_bins_px = [1.5, 4]" in page
+    assert report.summary["metric_settings"] == {"nsd_tolerance_px": 3.0, "width_bins_px": [1.5, 4.0]}
+    # tables: at most 3 decimals for ratios (no pandas six-decimal cells), here and in the per-patient sections
+    for html in (page, report.per_patient_section().data, report.per_sequence_section().data,
+                 report.temporal_section().data):
+        cells = re.findall(r"<td[^>]*>([^<]*)</td>", html)
+        assert cells and not [c for c in cells if re.fullmatch(r"-?\d*\.\d{4,}", c.strip())], html[:300]
+        assert not re.search(r"<td[^>]*>\s*(NaN|nan)\s*</td>", html)
+    assert "No probability maps" in report.calibration_section().data
+
+
+def test_histogram_bins_come_from_the_data_and_never_outnumber_the_values(dataset) -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 24, 500):
+        values = rng.normal(0.6, 0.1, n)
+        edges = histogram_bins(values)
+        assert 1 <= len(edges) - 1 <= n and edges[0] <= values.min() and edges[-1] >= values.max()
+    counts = np.array([2, 3, 3, 5, 7, 2, 4, 3, 2, 6], dtype=float)  # Betti errors: one bin per integer
+    assert np.array_equal(histogram_bins(counts), np.arange(1.5, 8.0))
+    root, gts = dataset
+    run_dir = root / "runs_hist" / "hist"
+    write_store(run_dir, root / "images", _thin_missed(gts))
+    report = analyze_stage(run_params(root), run_dir)
+    fig = histograms(report.table)
+    n_frames = int(report.table["has_gt"].sum())
+    for ax in fig.axes:
+        if ax.patches:
+            assert len(ax.patches) <= n_frames, ax.get_title()
+            assert any(u in ax.get_title() for u in ("better", "px")), ax.get_title()
+
+
+def test_galleries_spread_over_sequences_then_patients(dataset) -> None:
+    # a ranked list where one sequence holds the four worst frames and another patient only follows them
+    ranked = pd.DataFrame({"sample_id": list("abcdefgh"),
+                           "patient": ["A", "A", "A", "A", "A", "B", "B", "C"],
+                           "sequence": ["1", "1", "1", "1", "2", "1", "1", "1"]})
+    assert list(spread_ranked(ranked, 4)["sample_id"]) == ["a", "f", "h", "e"]  # A1, B1, C1, then A's 2nd sequence
+    assert list(spread_ranked(ranked, 8)["sample_id"]) == ["a", "f", "h", "e", "b", "g", "c", "d"]
+    root, gts = dataset
+    run_dir = root / "runs_gallery" / "gallery"
+    write_store(run_dir, root / "images", _thin_missed(gts))
+    report = analyze_stage(run_params(root, gallery_k=6), run_dir)
+    worst = report.spread(worst=True)
+    n_sequences = len(report.table.groupby(["patient", "sequence"]))
+    assert len(worst) == 6 == n_sequences  # 3 patients x 2 sequences: one frame each
+    assert len(worst.groupby(["patient", "sequence"])) == len(worst)
+    assert worst["patient"].head(3).nunique() == 3  # patients in turn
+    assert worst.iloc[0]["sample_id"] == report.ranked("dice").iloc[0]["sample_id"]  # still the worst first
+    fig = report.gallery(worst=True)
+    captions = [t.get_text() for t in fig.texts if "[ok]" in t.get_text()]
+    assert [c.split(" [")[0] for c in captions] == list(worst["sample_id"])
+    caption = report.gallery_section(worst=True).data
+    assert "6 frames from 6 sequences of 3 patients" in caption and "FN cyan" in caption
+
+
+def test_notebook_03_only_calls_the_report_and_displays() -> None:
+    notebook = nbformat.read(str(Path(__file__).resolve().parents[1] / "notebooks" / "03_error_analysis.ipynb"),
+                             as_version=4)
+    code = [cell.source for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs for cell in notebook.cells if cell.cell_type == "code")  # committed cleared
+    for source in code[2:]:  # after the parameters and the set-up cell
+        for line in source.splitlines():
+            assert re.fullmatch(r"display\(report(\.\w+\([\w=]*\))?\)", line.strip()), line

@@ -15,6 +15,7 @@ from _analysis_fixtures import PATIENTS, make_dataset, run_params, thin_branch_m
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
+from vesselnb import htmlrepr as hr
 from vesselnb import pseudonym, viz
 from vesselnb.analysis import analyze_stage, temporal_figure
 from vesselnb.compare import compare_stage
@@ -90,6 +91,11 @@ def test_gallery_and_tables_of_stage_03_use_pseudonyms(run) -> None:
         texts = figure_texts(fig)
         assert_pseudonymised(texts, names)
         assert sum(text.startswith(pseudonym.PREFIX) for text in (t.get_text() for t in fig.texts)) == 2
+        assert_pseudonymised([report.gallery_section(worst=worst).data], names)
+    for section in (report.per_patient_section(), report.per_sequence_section(), report.temporal_section(),
+                    report.fragments_section(), report.ground_truth_section()):
+        assert_pseudonymised([section.data], names)
+    assert_pseudonymised([report._repr_html_()], names)
     assert set(report.per_patient().index) == set(names.mapping.values())
     assert {p for p, _ in report.per_sequence().index} == set(names.mapping.values())
     assert set(report.patient_values().columns) == set(names.mapping.values())  # one column per patient
@@ -109,10 +115,14 @@ def test_sample_browser_titles_caption_and_table_use_pseudonyms(run) -> None:
     report, names = run["a"]["report"], run["a"]["names"]
     browser = SampleBrowser(report)
     table = browser.static_table()
-    assert_pseudonymised([str(v) for v in table["sample_id"]], names)
+    assert_pseudonymised([str(v) for v in table["sample_id"]] + [str(v) for v in table["patient"]], names)
+    assert_pseudonymised([browser.static_html()], names)
     ids = [row["sample_id"] for _, row in report.ranked("dice").head(2).iterrows()]
     fig = browser.static_grid(ids)
-    assert [names.sample_id(s) for s in ids] == titles(fig)
+    rows = report.table.set_index("sample_id").loc[ids]
+    # two lines: pseudonym · sequence, then the frame number (a cut id used to lose it)
+    assert titles(fig) == [f"{names.patient(r.patient)} · {r.sequence}\nframe {r.frame} · Dice {hr.number(r.dice)}"
+                           for r in rows.itertuples()]
     assert_pseudonymised(figure_texts(fig), names)
     header, index, toggles, caption, image = browser.widget().children
     for position in range(3):

@@ -5,7 +5,9 @@ These run in seconds and do not depend on the real stages; ``test_spine_e2e.py``
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from _spine_fixtures import (
     write_stub_notebooks,
 )
 
+from vesselnb import headline
 from vesselnb.errors import VesselnbError
 from vesselnb.report import write_index
 from vesselnb.runner import RUN_STAGES, Stage, compare_runs, execute_stage, run_params
@@ -178,6 +181,20 @@ def test_compare_refuses_unfinished_runs(tmp_path: Path) -> None:
         compare_runs([params, params], outputs_dir=tmp_path / "outputs")
     with pytest.raises(VesselnbError, match="at least two"):
         compare_runs([params], outputs_dir=tmp_path / "outputs")
+
+
+def test_index_metric_headings_name_statistic_unit_and_direction(stub_outputs: Path) -> None:
+    """The index's metric columns say what each number is: the headline's HD95 is a median, cIoU pooled pixels."""
+    text = (stub_outputs / "index.html").read_text(encoding="utf-8")
+    headers = [html.unescape(h) for h in re.findall(r'<th data-type="num" class="metric"[^>]*>([^<]*)</th>', text)]
+    assert headers == [headline.heading(key) for key in ("dice", "cldice", "hd95", "ciou")]
+    assert all("better" in h and ("per frame" in h or "pooled" in h) for h in headers), headers
+    assert "px" in headers[2] and "median per frame" in headers[2] and "pooled pixels" in headers[3]
+    assert "HD95 (px)</th>" not in text
+    # a cell shows htmlrepr.number's 3 decimals for a ratio; its data-sort keeps the full value for sorting
+    assert re.search(r'data-sort="0\.8123"[^>]*>0\.812</td>', text), "Dice cell of run a"
+    line = headline.text("hd95", 61.234)
+    assert line == "HD95 61.23 px (median per frame)"
 
 
 def test_index_survives_odd_manifests(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from _analysis_fixtures import make_dataset, run_params, thin_branch_mask, write_store
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from vesselnb import viz
 from vesselnb.analysis import analyze_stage
@@ -78,10 +79,60 @@ def test_browser_falls_back_to_static_without_a_frontend(report, monkeypatch, ca
     table = browser.static_table("dice")
     assert list(table["dice"]) == sorted(table["dice"])  # worst first
     browser._ipython_display_()
-    shown = capsys.readouterr().out  # outside IPython, display() prints each object's repr
-    assert "HTML object" in shown and "Image object" in shown and "sample_id" in shown
+    assert "HTML object" in capsys.readouterr().out  # outside IPython, display() prints each object's repr
+    page = browser.static_html()
+    assert "no interactive widget frontend" in page and page.count("data:image/png;base64,") == 1
+    # patient, sequence and frame in columns of their own: every frame number of the table is in the page, uncut
+    assert {"patient", "sequence", "frame"} <= set(table.columns)
+    for _, row in table.iterrows():
+        assert f"<td style=\"white-space:nowrap\">{row['frame']}</td>" in page
+    assert "…" not in page and "Dice (↑ better)" in page and "HD95 (px, ↓ better)" in page
     monkeypatch.setenv("VESSELNB_WIDGETS", "1")
     assert widget_frontend_available()
+
+
+def _pixel_boxes(fig, texts):
+    """Where each text lands in the rendered figure (pixels), after a real Agg draw."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return [t.get_window_extent(canvas.get_renderer()) for t in texts]
+
+
+def test_static_grid_titles_name_the_frame_fit_their_cell_and_come_with_a_legend(report) -> None:
+    browser = SampleBrowser(report)
+    ids = list(report.spread("dice", worst=True, k=3)["sample_id"])
+    fig = browser.static_grid(ids)
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert len(axes) == 3
+    frames = report.table.set_index("sample_id").loc[ids, "frame"]
+    for ax, frame in zip(axes, frames, strict=True):
+        assert f"frame {int(frame)}" in ax.get_title()
+    titles = _pixel_boxes(fig, [ax.title for ax in axes])
+    cells = [ax.get_window_extent() for ax in axes]
+    for title, cell in zip(titles, cells, strict=True):
+        assert title.width <= cell.width + 2, "a title wider than its thumbnail runs into its neighbour"
+    assert not any(a.overlaps(b) for i, a in enumerate(titles) for b in titles[i + 1:])
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert any(label.startswith("FP") for label in labels) and any(label.startswith("FN") for label in labels)
+
+
+def test_gallery_keeps_one_meaning_per_colour_with_a_legend() -> None:
+    image = np.full((40, 40), 120, dtype=np.uint8)
+    gt = np.zeros((40, 40), dtype=bool)
+    gt[5:35, 18:22] = True
+    pred = np.roll(gt, 3, axis=1)
+    fig = viz.gallery([(image, gt, pred, "sample a"), (image, gt, gt, "sample b")], title="worst 2")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 8 and not any("overlay" in t for t in titles)  # 4 panels a row; no second FN/FP colour
+    (legend,) = fig.legends
+    colours = {t.get_text(): tuple(round(c * 255) for c in h.get_facecolor()[:3])
+               for t, h in zip(legend.get_texts(), legend.legend_handles, strict=True)}
+    assert colours == {"ground truth": viz.GT_RGB, "prediction": viz.PRED_RGB, "TP: both": viz.TP_RGB,
+                       "FP: predicted, not in GT": viz.FP_RGB, "FN: in GT, missed": viz.FN_RGB}
+    assert len(set(colours.values())) == len(colours)
+    # the errors panel draws exactly the legend's colours where it says
+    errors = fig.axes[3].get_images()[0].get_array()
+    assert tuple(errors[20, 23]) == viz.FP_RGB and tuple(errors[20, 18]) == viz.FN_RGB
 
 
 def test_browser_widgets_step_sort_and_threshold(report) -> None:

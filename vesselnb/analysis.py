@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from tqdm import tqdm
 
 from vesselnb import headline as hl
@@ -538,6 +539,7 @@ def histograms(table: pd.DataFrame, metrics: Sequence[str] = HISTOGRAM_METRICS,
         ax.set_xlabel((info.unit or "ratio") + f" · {len(finite)} frames"
                       + (f" ({', '.join(left_out)} not shown)" if left_out else ""), fontsize=7)
         ax.set_ylabel("frames", fontsize=7)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of frames: no 2.5 ticks
         ax.tick_params(labelsize=7)
         if not len(finite):
             ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes, fontsize=8)
@@ -1034,7 +1036,7 @@ class AnalysisReport:
         """Frame-to-frame consistency per sequence: the figure and the table (patients pseudonymised)."""
         if self.temporal is None:
             return _section(hr.muted("No sequence has two scored frames: no temporal consistency."))
-        table = pseudonym.frame(self.temporal, self.names).rename(columns={
+        table = pseudonym.frame(self.temporal, self.names).sort_index().rename(columns={
             "frames": "frames", "pred_iou": "prediction (mean IoU)", "gt_iou": "ground truth (mean IoU)",
             "pred - gt": "prediction − ground truth"})
         return _section(_figure_html(self.figures.get("temporal"),

@@ -19,7 +19,7 @@ import yaml
 from _spine_fixtures import load_json, unresolved_refs, write_params, write_stub_notebooks
 from bs4 import BeautifulSoup
 
-from vesselnb import pseudonym
+from vesselnb import headline, pseudonym
 from vesselnb.runner import COMPARE_STAGE, RUN_STAGES, compare_runs, run_params
 
 FRAMES = ("Chen_Fang_0000103366__1-4_1_04B2D3CF_frame_000034", "Chen_Fang_0000103366__1-4_1_04B2D3CF_frame_000035",
@@ -209,10 +209,10 @@ def test_index_is_one_sortable_row_per_run_with_status_and_metrics(site: dict[st
     table = soup.find("table", id="runs")
     assert "sortable" in table["class"]
     headers = [th.get_text(strip=True) for th in table.thead.find_all("th")]
-    assert headers[:2] == ["run", "status"] and "Dice" in headers
+    assert headers[:2] == ["run", "status"] and headline.heading("dice") in headers
     rows = table.tbody.find_all("tr", recursive=False)
     assert [r["id"] for r in rows] == ["run-b", "run-a"]  # by iteration
-    dice = headers.index("Dice")
+    dice = headers.index(headline.heading("dice"))
     for row in rows:
         cells = row.find_all("td", recursive=False)
         assert len(cells) == len(headers)  # no colspan: every column sorts
@@ -258,7 +258,7 @@ def test_index_sorts_in_a_real_browser(site: dict[str, Path]) -> None:
         page.goto(base + "index.html")
         order = "() => [...document.querySelectorAll('#runs tbody tr')].map(r => r.id)"
         assert page.evaluate(order) == ["run-b", "run-a"]
-        dice = page.locator('#runs thead th[title="sort by Dice"]')
+        dice = page.locator(f'#runs thead th[title="sort by {headline.heading("dice")}"]')
         dice.click()  # ascending: b (0.53) before a (0.57)
         assert page.evaluate(order) == ["run-b", "run-a"] and dice.get_attribute("aria-sort") == "ascending"
         dice.click()

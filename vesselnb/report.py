@@ -263,12 +263,11 @@ def write_index(outputs_dir: Path) -> Path:
 
 
 def index_metric_columns() -> list[dict[str, str]]:
-    """The index's metric columns: summary.json's headline key, the heading naming its statistic, unit and direction
-    (``HD95 (px, median per frame, ↓ better)``), and what it is (the header's tooltip)."""
+    """The index's metric columns: summary.json's headline key and the heading naming its statistic, unit and
+    direction (``HD95 (px, median per frame, ↓ better)``)."""
     from vesselnb import headline  # the metric vocabulary imports scipy: not for `vesselnb --help`
 
-    return [{"key": key, "heading": headline.heading(key), "title": headline.number(key).info.description}
-            for key in _INDEX_METRICS]
+    return [{"key": key, "heading": headline.heading(key)} for key in _INDEX_METRICS]
 
 
 def _run_row(folder: RunFolder, manifest: dict[str, Any]) -> dict[str, Any]:

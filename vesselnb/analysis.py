@@ -590,13 +590,14 @@ def calibration_figure(calibration: vm.Calibration) -> Figure:
     fig = Figure(figsize=(8, 3.4), layout="constrained")
     left, right = fig.subplots(1, 2)
     bins = calibration.bins[calibration.bins["n_pixels"] > 0]
-    left.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
-    left.plot(bins["mean_probability"], bins["vessel_fraction"], "o-")
+    left.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfectly calibrated")
+    left.plot(bins["mean_probability"], bins["vessel_fraction"], "o-", color="#4477aa", label="this run (pixels)")
+    left.legend(fontsize=7, loc="upper left")
     left.set_xlabel("mean predicted probability")
     left.set_ylabel("fraction of vessel pixels")
     left.set_title(f"reliability: ECE {hr.number(calibration.ece)}, Brier {hr.number(calibration.brier)} "
                    "(both ↓ better)", fontsize=9)
-    right.plot(calibration.recall, calibration.precision)
+    right.plot(calibration.recall, calibration.precision, color="#4477aa")
     right.set_xlabel("recall")
     right.set_ylabel("precision")
     right.set_xlim(0, 1)

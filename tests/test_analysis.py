@@ -282,9 +282,9 @@ def test_report_names_each_numbers_statistic_and_unit_and_explains_every_gap(dat
     for _, row in shown.iterrows():
         if "n/a" in set(row):
             assert row["left out (NaN · inf)"] != "0", row
-    precision = shown.set_index("metric (unit, direction)").loc["Precision (↑ better)"]
+    precision = shown.loc["Precision (↑ better)"]
     assert precision["left out (NaN · inf)"] == "2 NaN"  # no_seg and error frames: precision of an empty prediction
-    hd95_row = shown.set_index("metric (unit, direction)").loc["HD95 (px, ↓ better)"]
+    hd95_row = shown.loc["HD95 (px, ↓ better)"]
     assert "2 inf" in hd95_row["left out (NaN · inf)"]
     # pooled values only where they exist, and a line naming the metrics that have none
     pooled = report.pooled_html()

@@ -681,11 +681,12 @@ def _cells(frame: pd.DataFrame) -> pd.DataFrame:
 
 def table_html(frame: pd.DataFrame, index: bool = False, caption: str | None = None) -> str:
     """A DataFrame as the report's tables are drawn: ``htmlrepr.table`` with body cells that do not wrap, so a
-    sequence id such as ``1-4_1_CF364A16`` is never broken at its hyphen while long column headings wrap."""
+    sequence id such as ``1-4_1_CF364A16`` is never broken at its hyphen while long column headings wrap, and row
+    labels (the index) aligned left."""
     drawn = hr.table(frame, index=index, caption=caption)
     head, tbody, body = drawn.partition("<tbody>")
-    for tag in ("<th", "<td"):
-        body = body.replace(tag, f'{tag} style="white-space:nowrap"')
+    body = body.replace("<td", '<td style="white-space:nowrap"')
+    body = body.replace("<th", '<th style="white-space:nowrap;text-align:left"')  # row labels (lab CSS: right)
     return head + tbody + body
 
 
@@ -801,8 +802,8 @@ class AnalysisReport:
         return self.summary_frame
 
     def summary_display(self) -> pd.DataFrame:
-        """The summary table as the report shows it: every metric with unit and direction, each column a statistic,
-        numbers formatted; the CI column only when some metric has an interval."""
+        """The summary table as the report shows it: one row per metric (labelled with unit and direction), each
+        column a statistic, numbers formatted; the CI column only when some metric has an interval."""
         frame = self.summary_frame
         any_ci = bool(frame["ci95_low"].notna().any())
         rows = []
@@ -817,7 +818,9 @@ class AnalysisReport:
             row["frames · patients"] = f"{int(r['frames'])} · {int(r['patients'])}"
             row["left out (NaN · inf)"] = _left_out(int(r["n_nan"]), int(r["n_inf"]))
             rows.append(row)
-        return pd.DataFrame(rows)
+        shown = pd.DataFrame(rows).set_index("metric (unit, direction)")
+        shown.index.name, shown.columns.name = None, "metric (unit, direction)"  # one header row, labels at left
+        return shown
 
     def pooled_html(self) -> str:
         """Pooled-pixel (micro) values where they exist, and why the other metrics have none."""
@@ -855,7 +858,7 @@ class AnalysisReport:
 
     def _repr_html_(self) -> str:
         parts = [self.flags_html(), self.headline_html(), self.counts_html(),
-                 table_html(self.summary_display(), caption="Every metric per frame"),
+                 table_html(self.summary_display(), index=True, caption="Every metric per frame"),
                  hr.notes(self.reading_notes(), title="How to read the table"), self.pooled_html()]
         if self.summary["units"]["n_patients"] < self.min_patients:
             parts.append(table_html(self.patient_values_display(), index=True,

@@ -443,13 +443,14 @@ def _paired_view(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def _styled(view: pd.DataFrame) -> Any:
-    """Rows coloured by the significance column: green B better, red B worse."""
+    """Rows coloured by the significance column (green B better, red B worse), every text escaped."""
     def colour(row: pd.Series) -> list[str]:
         style = {"B worse": "background:#fdd;font-weight:bold", "B better": "background:#dfd"}.get(
             row[SIGNIFICANCE], "")
         return [style] * len(row)
 
-    return view.style.apply(colour, axis=1)
+    styler = view.style.format(escape="html").format_index(escape="html", axis=0)
+    return styler.format_index(escape="html", axis=1).apply(colour, axis=1)
 
 
 def _thresholds_view(table: pd.DataFrame) -> pd.DataFrame:

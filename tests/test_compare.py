@@ -425,6 +425,11 @@ def test_disagreement_panels_spread_over_patients_then_sequences() -> None:
     assert len(cfig.largest_delta_ids(pair, 10)) == 10  # then any frame
 
 
+def test_scatter_colours_never_stand_for_two_patients() -> None:
+    assert len(set(cfig.patient_colours(cfig.MAX_PATIENT_COLOURS))) == cfig.MAX_PATIENT_COLOURS
+    assert len(set(cfig.patient_colours(cfig.MAX_PATIENT_COLOURS + 1))) == 1  # too many to tell apart: no meaning
+
+
 def _overlay_colours(picture: np.ndarray, colours: list[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
     """The given colours that occur in an RGB image."""
     flat = picture.reshape(-1, 3)
@@ -486,6 +491,9 @@ def test_the_figures_keep_one_meaning_per_colour_and_label_unit_and_direction(tw
         assert axis.get_title().startswith(metric_info(metric).heading("per frame"))
         assert axis.get_xlabel() == "A: short" and axis.get_ylabel() == "B: long"
     assert shown[1].get_title().endswith("long significantly worse")  # Betti-0 error: the verdict's regression
+    points = [collection.get_facecolor()[0][:3] for collection in shown[0].collections if collection.get_label()]
+    assert len(points) == 12 and len({tuple(c) for c in points}) == 12  # one colour per patient, none repeated
+    assert len(shown[0].get_legend().get_texts()) == 12
 
     ids = cfig.largest_delta_ids(pair, 3)
     truth, note = cfig.ground_truth_reader(run_a, ids)

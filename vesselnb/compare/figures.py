@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
@@ -52,6 +53,7 @@ def save(fig: Figure, path: Path, dpi: int = 100) -> Path:
 
 
 SCATTER_COLUMNS = 3  # panels per row: six in one row shrank to unreadable fonts at a page's width
+MAX_PATIENT_COLOURS = 20  # distinct colours in the scatter's legend (tab20)
 
 
 def scatter_figure(pair: PairedComparison, metrics: list[str], names: Pseudonyms | None = None) -> Figure:
@@ -70,9 +72,10 @@ def scatter_figure(pair: PairedComparison, metrics: list[str], names: Pseudonyms
         x = pair.per_sample[f"{metric}_a"].to_numpy(dtype=float)
         y = pair.per_sample[f"{metric}_b"].to_numpy(dtype=float)
         ok = np.isfinite(x) & np.isfinite(y)
-        for label in sorted(patients):  # by pseudonym, so the legend order does not hint at the names' order
+        for label, colour in zip(sorted(patients), patient_colours(len(patients)), strict=True):
+            # by pseudonym, so the legend order does not hint at the names' order
             mask = ok & (pair.per_sample["patient"] == patients[label]).to_numpy()
-            axis.scatter(x[mask], y[mask], s=18, alpha=0.8, label=label)
+            axis.scatter(x[mask], y[mask], s=18, alpha=0.8, color=colour, label=label)
         if ok.any():
             low, high = float(min(x[ok].min(), y[ok].min())), float(max(x[ok].max(), y[ok].max()))
             axis.plot([low, high], [low, high], color="grey", lw=1, ls="--")
@@ -81,9 +84,18 @@ def scatter_figure(pair: PairedComparison, metrics: list[str], names: Pseudonyms
         axis.set_title(f"{info.heading('per frame')}\n{_test_result(pair, metric)}", fontsize=9)
     for axis in axes[len(metrics):]:
         axis.set_visible(False)
-    if len(patients) <= 12 and axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=7, title="patient", title_fontsize=7)
+    if len(patients) <= MAX_PATIENT_COLOURS and axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, title="patient", title_fontsize=7, ncols=1 if len(patients) <= 10 else 2)
     return fig
+
+
+def patient_colours(n_patients: int) -> list[Any]:
+    """One distinct colour per patient (matplotlib's tab20, dark shades first) while a legend can tell them apart;
+    beyond that one colour for all, so no colour ever stands for two patients."""
+    if n_patients > MAX_PATIENT_COLOURS:
+        return ["#1f77b4"] * n_patients
+    palette = list(colormaps["tab20"].colors)
+    return (palette[0::2] + palette[1::2])[:n_patients]
 
 
 def _test_result(pair: PairedComparison, metric: str) -> str:
@@ -190,7 +202,7 @@ def disagreement_figure(
             axis.axis("off")
     handles = [Patch(facecolor=np.asarray(rgb) / 255.0, edgecolor="#555555", label=text)
                for rgb, text in overlay_legend(run_a.label, run_b.label, any_truth)]
-    fig.legend(handles=handles, loc="outside upper center", ncols=3, fontsize=10, frameon=False)
+    fig.legend(handles=handles, loc="outside upper center", ncols=4, fontsize=10, frameon=False)
     return fig
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from vesselnb import htmlrepr as hr
 from vesselnb import pseudonym
+from vesselnb.compare.figures import MAX_PATIENT_COLOURS
 from vesselnb.compare.paired import PairedComparison, interval_text, p_text, signed
 from vesselnb.compare.runs import IDENTITY_KEYS, NEAR_ZERO_REL_CHANGE, Problem, RunInputs
 from vesselnb.errors import StageError
@@ -193,9 +194,10 @@ class ComparisonReport:
                 f"(ratios), 0.5 px (distances) or 0 (counts and areas)."))
             parts.append(hr.table(_styled(_paired_view(rows))))
             if "scatter" in pair.figures:
+                coloured = ", coloured by patient" if pair.counts.n_patients <= MAX_PATIENT_COLOURS else ""
                 parts.append(hr.figure(pair.figures["scatter"].read_bytes(), caption=(
-                    "One point per frame, coloured by patient; dashed line: A = B. Above the line B's value is "
-                    "higher, which is better for ↑ metrics and worse for ↓ metrics.")))
+                    f"One point per frame{coloured}; dashed line: A = B. Above the line B's value is higher, which "
+                    "is better for ↑ metrics and worse for ↓ metrics.")))
         return Section("".join(parts))
 
     def thresholds(self) -> Section:

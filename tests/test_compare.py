@@ -464,6 +464,7 @@ def test_the_report_states_statistic_unit_and_direction_and_names_no_absolute_pa
     for column in ("A, mean", "B, mean", "Δ = B − A, mean", "95% CI of Δ", "p, Holm-adjusted", "(of 12)"):
         assert column in table
     assert "HD95 (px, ↓ better)" in table and "Spurious area (px², ↓ better)" in table
+    assert f"HD95: {metric_info('hd95').description}" in table and "(2 px, analysis.nsd_tolerance_px)" in table
     width_html = report.width_bins().html
     assert "thin vessels (width ≤ 2 px)" in width_html and "thick vessels (width &gt; 5 px)" in width_html
     assert "Recall (↑ better)" in width_html

@@ -193,12 +193,25 @@ class ComparisonReport:
                 f"significantly better; red: significantly worse. A frame or patient is tied when |Δ| ≤ 0.001 "
                 f"(ratios), 0.5 px (distances) or 0 (counts and areas)."))
             parts.append(hr.table(_styled(_paired_view(rows))))
+            parts.append(hr.muted(self._glossary(pair, list(rows.index))))
             if "scatter" in pair.figures:
                 coloured = ", coloured by patient" if pair.counts.n_patients <= MAX_PATIENT_COLOURS else ""
                 parts.append(hr.figure(pair.figures["scatter"].read_bytes(), caption=(
                     f"One point per frame{coloured}; dashed line: A = B. Above the line B's value is higher, which "
                     "is better for ↑ metrics and worse for ↓ metrics.")))
         return Section("".join(parts))
+
+    def _glossary(self, pair: PairedComparison, metrics: list[str]) -> str:
+        """What the abbreviated metric names stand for (a reviewer should not need the docs for "NSD")."""
+        by_label = {run.label: run for run in self.runs}
+        tolerance = by_label[pair.a].analysis_params.nsd_tolerance_px
+        entries = []
+        for metric in metrics:
+            if metric in ABBREVIATED:
+                info = metric_info(metric)
+                extra = f" ({tolerance:g} px, analysis.nsd_tolerance_px)" if metric == "nsd" else ""
+                entries.append(f"{info.label}: {info.description}{extra}")
+        return ("Abbreviations (P: prediction, G: ground truth) — " + "; ".join(entries) + ".") if entries else ""
 
     def thresholds(self) -> Section:
         """ΔDice at the common threshold and at each run's cross-validated threshold."""
@@ -418,6 +431,8 @@ def _interval_cell(interval: dict[str, Any]) -> str:
 
 
 SIGNIFICANCE = "significant?"
+# Metrics whose label is an abbreviation: the paired table explains them under it.
+ABBREVIATED = ("iou", "cldice", "nsd", "hd95", "assd", "betti0_error", "betti1_error", "brier", "hd95_mm", "assd_mm")
 
 
 def _paired_view(rows: pd.DataFrame) -> pd.DataFrame:

@@ -98,6 +98,7 @@ def test_too_few_patients_give_no_interval_and_no_winner() -> None:
     assert row["p"] == pytest.approx(0.25)  # Wilcoxon on 3 patient means: 3 of 3 positive, the smallest p possible
     assert pair.better is None and pair.verdict.startswith("No significant difference on Dice")
     assert any("only 3 patients" in line for line in pair.details) and len(pair.per_patient()) == 3
+    assert ", no CI (only 3 patients (a CI needs at least 10)), Holm p = " in pair.details[0]  # said once, plainly
 
 
 def test_a_run_against_itself_has_zero_delta_and_no_winner() -> None:

@@ -247,8 +247,10 @@ def _metric_line(row: pd.Series, metric: str, a: str, b: str) -> str:
         row["frames_better"], row["patients_better"])
     who = f"{b} worse" if b_worse else f"{b} better"
     n_frames = int(row["frames_better"] + row["frames_worse"] + row["frames_tied"])
+    interval = interval_text(row, metric)
+    interval = interval if interval.startswith("no CI") else f"95% CI {interval} (bootstrap over patients)"
     return (f"{metric_info(metric).heading()}: mean Δ {with_unit(row['delta'], metric)} ({b} − {a}), "
-            f"95% CI {interval_text(row, metric)} (bootstrap over patients), Holm p {_p_clause(row['p_holm'])}; "
+            f"{interval}, Holm p {_p_clause(row['p_holm'])}; "
             f"{who} on {int(frames)}/{n_frames} frames and {int(patients)}/{int(row['n_patients'])} patients")
 
 

@@ -12,11 +12,15 @@ import pandas as pd
 import pytest
 from _compare_fixtures import build_run, configured_copy, copy_hf_folder, nudged_copy
 
+from vesselnb import viz
 from vesselnb.compare import NEAR_ZERO_REL_CHANGE, CompareSettings, compare_stage, paired_comparison
+from vesselnb.compare import figures as cfig
 from vesselnb.compare.runs import unique_labels
 from vesselnb.demo import DemoSettings, ensure_demo_assets
 from vesselnb.errors import StageError, VesselnbError
+from vesselnb.htmlrepr import number
 from vesselnb.jsonable import strict_json
+from vesselnb.metrics import metric_info
 
 SUBSET = 6  # frames in the subset run (the small test demo has 12)
 FAST = CompareSettings(n_boot=300)
@@ -59,7 +63,9 @@ def test_better_run_wins_with_the_expected_sign() -> None:
     assert hd["delta"] < 0 and hd["frames_better"] > hd["frames_worse"] and hd["direction"] == "better"
     assert backward.stats.loc["dice", "delta"] == pytest.approx(-row["delta"])
     assert backward.stats.loc["dice", "frames_worse"] == row["frames_better"]
-    assert forward.verdict.startswith("long is better than short on dice; no metric significantly worse")
+    assert forward.verdict.startswith("long is better than short on Dice (mean Δ +")
+    assert "no metric significantly worse" in forward.verdict
+    assert forward.verdict.endswith("— on 12 patients, 72 frames")  # what the verdict rests on, also on the index
     assert "12 patients · 24 sequences · 72 frames" in forward.details[0]
     assert list(forward.stats.index) == ["dice", "cldice", "hd95"]  # every metric both tables hold, report order
 
@@ -72,11 +78,15 @@ def test_the_verdict_names_every_metric_that_got_worse() -> None:
     better["betti0_error"] = worse["betti0_error"] + 6 + rng.poisson(1, len(worse))
     pair = paired_comparison(worse, better, "A", "B", FAST)
     assert pair.better == "B" and list(pair.worse.index) == ["betti0_error"]
-    assert pair.verdict.startswith("B is better than A on dice, worse on betti0_error (+")
+    assert pair.verdict.startswith("B is better than A on Dice (mean Δ +")
+    assert "; B is worse on Betti-0 error (mean Δ +" in pair.verdict and " components, worse on " in pair.verdict
     assert f"{len(worse)}/{len(worse)} frames" in pair.verdict
-    assert any(line.startswith("betti0_error: Δ +") and "B worse" in line for line in pair.details)
+    assert any(line.startswith("Betti-0 error (components, ↓ better): mean Δ +") and "B worse" in line
+               for line in pair.details)
+    assert pair.regressions == ["betti0_error"] and pair.focus_metrics() == ["dice", "betti0_error"]
     primary_cldice = paired_comparison(worse, better, "A", "B", CompareSettings(n_boot=300, primary_metric="hd95"))
-    assert "on hd95" in primary_cldice.verdict and "betti0_error" in primary_cldice.verdict
+    assert "on HD95 (mean Δ " in primary_cldice.verdict and " px, B − A)" in primary_cldice.verdict
+    assert "Betti-0 error" in primary_cldice.verdict
 
 
 def test_too_few_patients_give_no_interval_and_no_winner() -> None:
@@ -86,8 +96,9 @@ def test_too_few_patients_give_no_interval_and_no_winner() -> None:
     row = pair.stats.loc["dice"]
     assert math.isnan(row["ci_low"]) and row["ci_withheld"] == "only 3 patients (a CI needs at least 10)"
     assert row["p"] == pytest.approx(0.25)  # Wilcoxon on 3 patient means: 3 of 3 positive, the smallest p possible
-    assert pair.better is None and pair.verdict.startswith("No significant difference on dice")
+    assert pair.better is None and pair.verdict.startswith("No significant difference on Dice")
     assert any("only 3 patients" in line for line in pair.details) and len(pair.per_patient()) == 3
+    assert ", no CI (only 3 patients (a CI needs at least 10)), Holm p = " in pair.details[0]  # said once, plainly
 
 
 def test_a_run_against_itself_has_zero_delta_and_no_winner() -> None:
@@ -184,7 +195,7 @@ def test_demo_checkpoints_two_patients_are_too_few_for_a_verdict(demo_runs, tmp_
     assert row["delta"] > 0 and row["frames_better"] > row["frames_worse"] and row["patients_better"] == 2
     # the small test demo has 2 patients: no interval, no significance, and the report says why
     assert pair.better is None and row["ci_withheld"].startswith("only 2 patients")
-    assert pair.verdict.startswith("No significant difference on dice") and pair.too_few_patients
+    assert pair.verdict.startswith("No significant difference on Dice") and pair.too_few_patients
     assert {"betti0_error", "spurious_components", "recall_thin", "nsd"} <= set(pair.stats.index)
     assert "average_precision" not in pair.stats.index  # these runs keep no probability maps
     assert pair.n_common == len(pair.per_sample) and pair.n_left_out == 0
@@ -202,7 +213,7 @@ def test_demo_checkpoints_two_patients_are_too_few_for_a_verdict(demo_runs, tmp_
     page = report._repr_html_()
     assert "Same model?" not in page and "data:image/png;base64," in page and "only 2 patients" in page
     # the runs' own intervals are stage 03's, read, not recomputed
-    assert "no CI: only 2 patients" in report.runs_table().loc["short", "dice 95% CI (stage 03)"]
+    assert "no CI: only 2 patients" in report.runs_table().loc["short", "Dice 95% CI (bootstrap over patients)"]
 
 
 @pytest.mark.slow
@@ -383,9 +394,10 @@ def test_the_demo_comparison_reports_the_topology_regression(twelve_patient_demo
     assert report.comparable and pair.counts.n_patients == 12 and not pair.too_few_patients
     assert pair.better == "long" and pair.stats.loc["dice", "ci_low"] > 0
     assert {"betti0_error", "spurious_components"} <= set(pair.worse.index)
-    assert pair.verdict.startswith("long is better than short on dice, worse on ")
-    assert "betti0_error (+" in pair.verdict and "spurious_components (+" in pair.verdict
-    assert any(line.startswith("betti0_error: Δ +") for line in pair.details)
+    assert pair.verdict.startswith("long is better than short on Dice (mean Δ +")
+    assert "Betti-0 error (mean Δ +" in pair.verdict and "Spurious components (mean Δ +" in pair.verdict
+    assert pair.verdict.endswith("— on 12 patients, 24 frames")
+    assert any(line.startswith("Betti-0 error (components, ↓ better): mean Δ +") for line in pair.details)
     written = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert "betti0_error" in written["headline"]["significantly_worse"]
     # stage 03 of each run: intervals shown (12 patients), fragments counted; 04 shows 03's interval, not its own
@@ -393,4 +405,119 @@ def test_the_demo_comparison_reports_the_topology_regression(twelve_patient_demo
     assert summary["intervals"]["dice"]["low"] is not None and summary["units"]["n_patients"] == 12
     assert summary["fragments"]["spurious_components"] > 0
     low, high = summary["intervals"]["dice"]["low"], summary["intervals"]["dice"]["high"]
-    assert report.runs_table().loc["long", "dice 95% CI (stage 03)"] == f"[{low:.4f}, {high:.4f}]"
+    assert report.runs_table().loc["long", "Dice 95% CI (bootstrap over patients)"] == \
+        f"[{number(low)}, {number(high)}]"
+
+
+# --- the report as a reviewer reads it: statistic, unit and direction everywhere, no raw dict or absolute path ----
+
+
+def test_disagreement_panels_spread_over_patients_then_sequences() -> None:
+    a = _metrics_table(seed=7, n_patients=3, frames=6)
+    b = _metrics_table(seed=8, n_patients=3, frames=6, shift=0.1)
+    pair = paired_comparison(a, b, "a", "b", FAST)
+    by_id = pair.per_sample.set_index("sample_id")
+    first = cfig.largest_delta_ids(pair, 3)
+    assert sorted(by_id.loc[first, "patient"]) == ["P0", "P1", "P2"]  # one frame per patient first
+    six = cfig.largest_delta_ids(pair, 6)
+    assert len(set(zip(by_id.loc[six, "patient"], by_id.loc[six, "sequence"], strict=True))) == 6  # then sequences
+    deltas = by_id["dice_delta"].abs()
+    assert deltas[six[0]] == deltas.max()  # ordered by |Δ|, the largest first
+    assert len(cfig.largest_delta_ids(pair, 10)) == 10  # then any frame
+
+
+def test_scatter_colours_never_stand_for_two_patients() -> None:
+    assert len(set(cfig.patient_colours(cfig.MAX_PATIENT_COLOURS))) == cfig.MAX_PATIENT_COLOURS
+    assert len(set(cfig.patient_colours(cfig.MAX_PATIENT_COLOURS + 1))) == 1  # too many to tell apart: no meaning
+
+
+def _overlay_colours(picture: np.ndarray, colours: list[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
+    """The given colours that occur in an RGB image."""
+    flat = picture.reshape(-1, 3)
+    return {c for c in colours if (flat == np.asarray(c, dtype=flat.dtype)).all(axis=1).any()}
+
+
+@pytest.mark.slow
+def test_the_report_states_statistic_unit_and_direction_and_names_no_absolute_path(twelve_patient_demo,
+                                                                                   tmp_path) -> None:
+    out = twelve_patient_demo[0].parent / f"compare_{tmp_path.name}"  # beside the runs, as `vesselnb compare` puts it
+    report = compare_stage(list(twelve_patient_demo), out)
+    pair = report.pairs[0]
+    page = report._repr_html_()
+    # no raw Python dict, no absolute path: files are named relative to the outputs folder; comparison.json keeps all
+    assert "{'" not in page and "{&#x27;" not in page and "Written to" not in page
+    for path in (out, *(run.run_dir for run in report.runs), *(run.hf_dir for run in report.runs)):
+        assert str(path) not in page and str(path.resolve()) not in page
+    assert f"{out.name}/comparison.json" in report.files().html
+    assert f"{out.name}/figures/short_vs_long_panels.png" in page
+    written = json.loads((out / "comparison.json").read_text())
+    assert written["run_dirs"] == [str(run.run_dir) for run in report.runs]  # the full paths stay in the JSON
+    # the verdict names the primary metric with its direction and says what it rests on
+    verdict = report.verdict().html
+    assert "Dice (↑ better): mean Δ +" in verdict and "— on 12 patients, 24 frames" in verdict
+    assert "Wilcoxon signed-rank test on the per-patient mean Δ" in verdict
+    assert "vesselnb-warning" in verdict  # better on Dice, worse on topology: orange, red is kept for "same model"
+    # the paired table: every metric with unit and direction, each column with its statistic; widths only below
+    table = report.metrics().html
+    widths = list(pair.width_bins().index)
+    for metric in pair.stats.index:
+        assert (metric_info(metric).heading() in table) == (metric not in widths), metric
+    for column in ("A, mean", "B, mean", "Δ = B − A, mean", "95% CI of Δ", "p, Holm-adjusted", "(of 12)"):
+        assert column in table
+    assert "HD95 (px, ↓ better)" in table and "Spurious area (px², ↓ better)" in table
+    assert f"HD95: {metric_info('hd95').description}" in table and "(2 px, analysis.nsd_tolerance_px)" in table
+    width_html = report.width_bins().html
+    assert "thin vessels (width ≤ 2 px)" in width_html and "thick vessels (width &gt; 5 px)" in width_html
+    assert "Recall (↑ better)" in width_html
+    # per patient: the primary metric and the ones the verdict warns about, each headed with statistic and unit
+    per_patient = report.per_patient().html
+    assert metric_info("dice").heading("mean") in per_patient
+    assert metric_info("betti0_error").heading("mean") in per_patient
+    for metric in set(pair.stats.index) - set(pair.focus_metrics()):  # the rest are in comparison.json
+        assert metric_info(metric).heading("mean") not in per_patient, metric
+    assert report.per_patient().html.count("<tr") <= 2 + 1 + 12  # two header rows, the index names, 12 patients
+    runs = report.runs_table()
+    assert runs.loc["long", "run folder"] == "long/" and "/" not in runs.loc["long", "checkpoint"]
+    assert {"Dice (mean over frames, ↑ better)", "HD95 (px, median over frames, ↓ better)"} <= set(runs.columns)
+
+
+@pytest.mark.slow
+def test_the_figures_keep_one_meaning_per_colour_and_label_unit_and_direction(twelve_patient_demo, tmp_path) -> None:
+    report = compare_stage(list(twelve_patient_demo), tmp_path / "cmp")
+    pair, run_a, run_b = report.pairs[0], *report.runs
+    metrics = pair.key_metrics()[:4]
+    scatter = cfig.scatter_figure(pair, metrics)
+    shown = [axis for axis in scatter.axes if axis.get_visible()]
+    assert len(scatter.axes) % cfig.SCATTER_COLUMNS == 0 and len(shown) == len(metrics)
+    for axis, metric in zip(shown, metrics, strict=True):
+        assert axis.get_title().startswith(metric_info(metric).heading("per frame"))
+        assert axis.get_xlabel() == "A: short" and axis.get_ylabel() == "B: long"
+    assert shown[1].get_title().endswith("long significantly worse")  # Betti-0 error: the verdict's regression
+    points = [collection.get_facecolor()[0][:3] for collection in shown[0].collections if collection.get_label()]
+    assert len(points) == 12 and len({tuple(c) for c in points}) == 12  # one colour per patient, none repeated
+    assert len(shown[0].get_legend().get_texts()) == 12
+
+    ids = cfig.largest_delta_ids(pair, 3)
+    truth, note = cfig.ground_truth_reader(run_a, ids)
+    assert truth is not None and note == ""
+    panels = cfig.disagreement_figure(pair, run_a, run_b, ids, truth)
+    (legend,) = panels.legends
+    entries = [text.get_text() for text in legend.get_texts()]
+    colours = [tuple(int(round(255 * c)) for c in patch.get_facecolor()[:3]) for patch in legend.get_patches()]
+    expected = cfig.overlay_legend("short", "long", with_ground_truth=True)
+    assert list(zip(colours, entries, strict=True)) == [(tuple(rgb), text) for rgb, text in expected]
+    assert len(set(colours)) == len(colours)  # one meaning per colour
+    against_truth = [viz.TP_RGB, viz.FP_RGB, viz.FN_RGB]
+    agreement = [cfig.BOTH_RGB, cfig.ONLY_A_RGB, cfig.ONLY_B_RGB]
+    axes = np.asarray(panels.axes).reshape(len(ids), 4)
+    for sample_id, row in zip(ids, axes, strict=True):
+        for axis in row[1:3]:  # A and B against ground truth: the error colours only
+            picture = axis.get_images()[0].get_array()
+            assert _overlay_colours(picture, agreement) == set() and _overlay_colours(picture, against_truth)
+        picture = np.asarray(row[3].get_images()[0].get_array())  # A against B: its own colours only
+        assert _overlay_colours(picture, against_truth) == set()
+        mask_a, mask_b = run_a.store.mask(sample_id), run_b.store.mask(sample_id)
+        only_b = (picture.reshape(-1, 3) == np.asarray(cfig.ONLY_B_RGB)).all(axis=1).sum()
+        assert only_b == int((mask_b & ~mask_a).sum()) > 0  # the frames were chosen for their difference
+        assert row[3].get_title().startswith("A against B\nΔ Dice (B − A) ")
+    assert len({pair.per_sample.set_index("sample_id").loc[s, "patient"] for s in ids}) == 3

@@ -16,14 +16,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vesselnb import htmlrepr as hr
 from vesselnb import stats
 from vesselnb.compare.runs import Problem, RunInputs
-from vesselnb.metrics import HIGHER_IS_BETTER, WIDTH_BIN_NAMES
+from vesselnb.metrics import HIGHER_IS_BETTER, WIDTH_BIN_NAMES, metric_info
 from vesselnb.params import AnalysisParams
 
 # |Δ| at or below this counts as a tie in the frame/patient counts (Dice 0.001 is below any meaningful change).
 DISTANCE_METRICS = ("hd95", "assd", "hd95_mm", "assd_mm")
 COUNT_METRICS = ("betti0_error", "betti1_error", "spurious_components", "largest_spurious_px", "spurious_area_px")
+
+
+# Per-patient and per-sequence tables show this many metrics at most: a page's width.
+FOCUS_LIMIT = 5
 
 
 def tie_tolerance(metric: str) -> float:
@@ -94,21 +99,32 @@ class PairedComparison:
         return self.stats[self.stats["direction"] == "worse"]
 
     @property
+    def regressions(self) -> list[str]:
+        """Metrics significantly worse for the winner of the primary metric (for B when there is none)."""
+        loser_direction = "better" if self.better == self.a else "worse"
+        return [m for m in self.stats.index if self.stats.loc[m, "direction"] == loser_direction
+                and m != self.settings.primary_metric]
+
+    @property
     def too_few_patients(self) -> bool:
         return self.counts.n_patients < self.settings.min_patients
 
     def per_patient(self, metrics: list[str] | None = None) -> pd.DataFrame:
-        """Per-patient mean of A, B and Δ for the primary metric and every significant one."""
-        return _grouped(self.per_sample, ["patient"], metrics or self.key_metrics())
+        """Per-patient mean of A, B and Δ for the primary metric and the ones the verdict warns about."""
+        return _grouped(self.per_sample, ["patient"], metrics or self.focus_metrics())
 
     def per_sequence(self, metrics: list[str] | None = None) -> pd.DataFrame:
-        """Per-(patient, sequence) mean Δ of the primary metric and every significant one."""
-        return _grouped(self.per_sample, ["patient", "sequence"], metrics or self.key_metrics(), deltas_only=True)
+        """Per-(patient, sequence) mean Δ of the primary metric and the ones the verdict warns about."""
+        return _grouped(self.per_sample, ["patient", "sequence"], metrics or self.focus_metrics(), deltas_only=True)
+
+    def focus_metrics(self, limit: int = FOCUS_LIMIT) -> list[str]:
+        """The primary metric and the metrics the verdict warns about (:func:`focus_metrics`), at most ``limit``."""
+        return focus_metrics(self.stats, self.settings.primary_metric)[:limit]
 
     def key_metrics(self) -> list[str]:
-        """The primary metric, then the significant ones, in report order."""
+        """The focus metrics, then every other significant one, in report order (the scatter's panels)."""
         significant = [m for m in self.stats.index if self.stats.loc[m, "significant"]]
-        return [self.settings.primary_metric] + [m for m in significant if m != self.settings.primary_metric]
+        return list(dict.fromkeys([*focus_metrics(self.stats, self.settings.primary_metric), *significant]))
 
     def width_bins(self) -> pd.DataFrame:
         """The paired rows of recall by vessel width (thin, medium, thick)."""
@@ -194,22 +210,67 @@ def paired_comparison(
     )
 
 
+def signed(value: float) -> str:
+    """A difference with its sign (``+0.190``, ``-26.96``), in :func:`htmlrepr.number`'s digits."""
+    text = hr.number(value)
+    return f"+{text}" if isinstance(value, (int, float)) and value > 0 and math.isfinite(value) else text
+
+
+def with_unit(value: float, metric: str, sign: bool = True) -> str:
+    """``+4.917 components``: a value of ``metric`` with its unit (ratios have none)."""
+    unit = metric_info(metric).unit
+    text = signed(value) if sign else hr.number(value)
+    return f"{text} {unit}" if unit else text
+
+
+def p_text(value: float) -> str:
+    """A p-value for a reader: three decimals, ``< 0.001`` below that, ``n/a`` when there is none."""
+    if value is None or not math.isfinite(float(value)):
+        return "n/a"
+    return "< 0.001" if value < 1e-3 else f"{value:.3f}"
+
+
+def interval_text(row: pd.Series, metric: str = "") -> str:
+    """``[+0.174, +0.213]`` (with the metric's unit when given), or why there is no interval."""
+    if row["ci_withheld"]:
+        return f"no CI ({row['ci_withheld']})"
+    if not (math.isfinite(row["ci_low"]) and math.isfinite(row["ci_high"])):
+        return "no CI"
+    unit = f" {metric_info(metric).unit}" if metric and metric_info(metric).unit else ""
+    return f"[{signed(row['ci_low'])}, {signed(row['ci_high'])}]{unit}"
+
+
 def _metric_line(row: pd.Series, metric: str, a: str, b: str) -> str:
-    """``betti0_error: Δ +6.375 (b − a; lower is better), b worse on 96/96 frames and 12/12 patients, ...``."""
+    """``Betti-0 error (components, ↓ better): mean Δ +4.917 components (B − A), 95% CI ..., B worse on ...``."""
     b_worse = row["direction"] == "worse"
     frames, patients = (row["frames_worse"], row["patients_worse"]) if b_worse else (
         row["frames_better"], row["patients_better"])
     who = f"{b} worse" if b_worse else f"{b} better"
     n_frames = int(row["frames_better"] + row["frames_worse"] + row["frames_tied"])
-    return (f"{metric}: Δ {row['delta']:+.4g} ({b} − {a}; {row['better_when']} is better), {who} on "
-            f"{int(frames)}/{n_frames} frames and {int(patients)}/{int(row['n_patients'])} patients, "
-            f"{_interval_text(row)}, Holm p = {row['p_holm']:.3g}")
+    interval = interval_text(row, metric)
+    interval = interval if interval.startswith("no CI") else f"95% CI {interval} (bootstrap over patients)"
+    return (f"{metric_info(metric).heading()}: mean Δ {with_unit(row['delta'], metric)} ({b} − {a}), "
+            f"{interval}, Holm p {_p_clause(row['p_holm'])}; "
+            f"{who} on {int(frames)}/{n_frames} frames and {int(patients)}/{int(row['n_patients'])} patients")
 
 
-def _interval_text(row: pd.Series) -> str:
-    if row["ci_withheld"]:
-        return f"no CI ({row['ci_withheld']})"
-    return f"95% CI [{row['ci_low']:+.4g}, {row['ci_high']:+.4g}] by patient"
+def _p_clause(value: float) -> str:
+    text = p_text(value)
+    return text if text.startswith("<") else f"= {text}"
+
+
+def focus_metrics(table: pd.DataFrame, primary: str) -> list[str]:
+    """The primary metric, then the metrics a verdict warns about: significantly worse for the primary's winner
+    (for B when there is none), then, without a winner, those significantly better for B."""
+    significant = table[table["significant"]]
+    row = table.loc[primary] if primary in table.index else None
+    winner_is_a = row is not None and bool(row["significant"]) and row["direction"] == "worse"
+    worse_side = "better" if winner_is_a else "worse"
+    worse = [m for m in significant.index if significant.loc[m, "direction"] == worse_side and m != primary]
+    named = [primary, *worse]
+    if row is None or not row["significant"]:
+        named += [m for m in significant.index if significant.loc[m, "direction"] == "better" and m != primary]
+    return named
 
 
 def make_verdict(table: pd.DataFrame, a: str, b: str, settings: CompareSettings,
@@ -217,11 +278,14 @@ def make_verdict(table: pd.DataFrame, a: str, b: str, settings: CompareSettings,
     """(winner or None, one-line verdict, detail lines).
 
     The winner is decided by the primary metric alone (Holm p < alpha and a patient CI excluding 0); the line then
-    names every metric on which the winner is significantly worse, as prominently as the primary metric.
+    names every metric on which the winner is significantly worse, as prominently as the primary metric, and ends
+    with the patients and frames it rests on (the index shows this line alone).
     """
     primary = settings.primary_metric
+    rests_on = f" — on {counts.n_patients} patients, {counts.n_frames} frames"
+    name = metric_info(primary).label
     if primary not in table.index or not math.isfinite(table.loc[primary, "delta"]):
-        return None, f"{primary} could not be compared (no finite pairs)", []
+        return None, f"{name} could not be compared (no finite pairs)", []
     row = table.loc[primary]
     details = [_metric_line(row, primary, a, b) + f" ({counts.text()})"]
     if counts.n_patients < settings.min_patients:
@@ -231,32 +295,37 @@ def make_verdict(table: pd.DataFrame, a: str, b: str, settings: CompareSettings,
     b_worse = [m for m in significant.index if significant.loc[m, "direction"] == "worse" and m != primary]
     b_better = [m for m in significant.index if significant.loc[m, "direction"] == "better" and m != primary]
     if not row["significant"]:
-        text = f"No significant difference on {primary} between {a} and {b}"
+        text = f"No significant difference on {name} between {a} and {b}"
         if b_worse:
-            text += f"; {b} is significantly worse on " + ", ".join(_short_effect(table, m, b, True) for m in b_worse)
+            text += f"; {b} is significantly worse on " + ", ".join(_short_effect(table, m, True) for m in b_worse)
         if b_better:
-            text += f"; {b} is significantly better on " + ", ".join(b_better)
-        return None, text, details + [_metric_line(table.loc[m], m, a, b) for m in b_worse + b_better]
+            text += f"; {b} is significantly better on " + ", ".join(_labels(b_better))
+        return None, text + rests_on, details + [_metric_line(table.loc[m], m, a, b) for m in b_worse + b_better]
     winner, loser = (b, a) if row["direction"] == "better" else (a, b)
     winner_worse = b_worse if winner == b else b_better
     winner_better = b_better if winner == b else b_worse
-    text = f"{winner} is better than {loser} on {primary}"
+    text = f"{winner} is better than {loser} on {name} (mean Δ {with_unit(row['delta'], primary)}, {b} − {a})"
     if winner_worse:
-        text += ", worse on " + ", ".join(_short_effect(table, m, b, winner == b) for m in winner_worse)
+        text += f"; {winner} is worse on " + ", ".join(_short_effect(table, m, winner == b) for m in winner_worse)
     else:
         text += "; no metric significantly worse"
     lines = [_metric_line(table.loc[m], m, a, b) for m in winner_worse]
     if winner_better:
-        lines.append(f"also better on: {', '.join(winner_better)}")
-    return winner, text, details + lines
+        lines.append(f"{winner} also significantly better on: {', '.join(_labels(winner_better))}")
+    return winner, text + rests_on, details + lines
 
 
-def _short_effect(table: pd.DataFrame, metric: str, b: str, b_is_worse: bool) -> str:
-    """``betti0_error (+6.38, 96/96 frames)`` from the point of view of the run that got worse."""
+def _labels(metrics: list[str]) -> list[str]:
+    return [metric_info(m).label for m in metrics]
+
+
+def _short_effect(table: pd.DataFrame, metric: str, b_is_worse: bool) -> str:
+    """``Betti-0 error (mean Δ +4.917 components, worse on 84/96 frames)`` for the run that got worse (Δ = B − A)."""
     row = table.loc[metric]
     frames = row["frames_worse"] if b_is_worse else row["frames_better"]
     n_frames = int(row["frames_better"] + row["frames_worse"] + row["frames_tied"])
-    return f"{metric} ({row['delta']:+.3g}, {int(frames)}/{n_frames} frames)"
+    return (f"{metric_info(metric).label} (mean Δ {with_unit(row['delta'], metric)}, worse on "
+            f"{int(frames)}/{n_frames} frames)")
 
 
 def _status_changes(joined: pd.DataFrame) -> pd.DataFrame:

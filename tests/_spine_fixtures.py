@@ -57,7 +57,8 @@ display(fig); plt.close(fig)
 import json, pathlib
 out = pathlib.Path(out_dir); out.mkdir(parents=True, exist_ok=True)
 names = [pathlib.Path(d).name for d in run_dirs]
-headline = {"text": "b is better on dice", "dice_delta": 0.05, "ci95": [0.01, 0.09], "p_value": 0.01}
+headline = {"text": "b is better on dice", "metric": "dice", "delta_mean": 0.05, "ci95": [0.01, 0.09], "p_holm": 0.01,
+            "n_patients": 12, "n_common": 40, "n_left_out": 0, "identity_alert": False, "comparable": True}
 (out / "comparison.json").write_text(json.dumps({"runs": names, "headline": headline}))
 print("compared", names)
 """,

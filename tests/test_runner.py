@@ -97,7 +97,10 @@ def test_index_lists_runs_comparison_and_not_demo_assets(stub_outputs: Path) -> 
             assert f"{run}/{stage.stem}.html" in refs
     assert "compare_a_vs_b/04_compare_checkpoints.html" in refs
     assert "compare_a_vs_b/comparison.json" in refs
-    assert "b is better on dice" in text and "ci95: [0.01, 0.09]" in text  # the comparison's headline
+    assert "b is better on dice" in text  # the comparison's verdict, then its primary metric in a sentence
+    assert "Δ = B − A (mean per frame) +0.050, 95 % CI [+0.010, +0.090] resampling 12 patients" in text
+    assert "Holm p 0.010" in text and "40 shared frames" in text
+    assert "identity_alert" not in text and "comparable:" not in text  # no key: value dump
     assert "0.8123" in text and "iter_7.pth" in text and "no_seg_rate" in text
     assert "_demo_assets" not in text
     assert unresolved_refs(index, stub_outputs) == []

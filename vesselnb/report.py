@@ -392,36 +392,58 @@ def _comparison_names(folder: RunFolder, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _headline_lines(headline: Any) -> list[str]:
-    """Readable lines from comparison.json's ``headline``, whatever its nesting (the compare stage owns it).
+    """Readable lines from comparison.json's ``headline`` (the compare stage owns it): the verdict as it is, then one
+    sentence of the primary metric's Δ, interval, p and counts, then the alerts; never a dump of keys and values.
 
-    A ``text`` entry (the verdict) comes first as it is; other entries become ``key: value``.
+    Keys this page does not know are left to ``comparison.json`` (linked beside), so a new key never reads as noise.
     """
     if headline is None:
         return []
-    if isinstance(headline, dict):
-        lines = [str(headline["text"])] if headline.get("text") else []
-        details = []
-        for key, value in headline.items():
-            if key == "text":
-                continue
-            if isinstance(value, dict):
-                inner = ", ".join(f"{k}={_fmt(v)}" for k, v in value.items() if not isinstance(v, (dict, list)))
-                details.append(f"{key}: {inner}")
-            elif isinstance(value, list):
-                details.append(f"{key}: [{', '.join(_fmt(v) for v in value)}]")
-            else:
-                details.append(f"{key}: {_fmt(value)}")
-        return lines + ([" · ".join(details)] if details else [])
     if isinstance(headline, list):
         return [str(item) for item in headline[:14]]
-    return [str(headline)]
+    if not isinstance(headline, dict):
+        return [str(headline)]
+    lines = [str(headline["text"])] if headline.get("text") else []
+    detail = _delta_sentence(headline)
+    if detail:
+        lines.append(detail)
+    if headline.get("identity_alert"):
+        lines.append("ALERT: the two runs look like the same model (identical weights or predictions)")
+    if headline.get("comparable") is False:
+        lines.append("NOT COMPARABLE as run: too few shared frames or scored differently (see the report)")
+    return lines
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
+def _delta_sentence(headline: dict[str, Any]) -> str:
+    """``Dice: Δ = B − A (mean per frame) +0.190, 95 % CI [+0.174, +0.213] resampling 12 patients; Holm p 0.009;
+    96 shared frames`` from the keys the compare stage writes (``metric``, ``delta_mean``, ``ci95``, ``p_holm``,
+    ``n_patients``, ``n_common``, ``n_left_out``)."""
+    from vesselnb.metrics import metric_info  # numpy/pandas: not for `vesselnb --help`
+
+    delta = headline.get("delta_mean")
+    if not isinstance(delta, (int, float)) or isinstance(delta, bool):
         return ""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    metric = str(headline.get("metric") or "primary metric")
+    parts = [f"{metric_info(metric).heading()}: Δ = B − A (mean per frame) {_signed(delta)}"]
+    ci = headline.get("ci95")
+    n_patients = headline.get("n_patients")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        parts[0] += f", 95 % CI [{_signed(ci[0])}, {_signed(ci[1])}]"
+        if n_patients:
+            parts[0] += f" resampling {n_patients} patients"
+    elif n_patients:
+        parts[0] += f" (no CI: {n_patients} patients)"
+    p = headline.get("p_holm")
+    if isinstance(p, (int, float)) and not isinstance(p, bool):
+        parts.append("Holm p < 0.001" if p < 0.001 else f"Holm p {p:.3f}")
+    if headline.get("n_common") is not None:
+        left_out = headline.get("n_left_out") or 0
+        parts.append(f"{headline['n_common']} shared frames" + (f", {left_out} left out" if left_out else ""))
+    return "; ".join(parts)
+
+
+def _signed(value: float) -> str:
+    from vesselnb.htmlrepr import number
+
+    text = number(value)
+    return text if text.startswith(("-", "n/a", "inf")) else f"+{text}"

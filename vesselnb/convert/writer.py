@@ -1,17 +1,15 @@
 """Sharded safetensors writing that cannot leave a half folder behind.
 
 Shards are written into a hidden temp folder beside the target (``.<name>.partial-<input key>``), each one
-atomically (``*.tmp`` then ``os.replace``) with its XXH3-128 digest and per-tensor XXH3-64 recorded in
-``progress.json``.
-An interrupted run with the same inputs resumes from the shards already done, after re-hashing them. When every
-shard is written, each is reopened and every key's dtype, shape and checksum is checked against what was meant to
-be written; the index goes in last and the folder is renamed into place in one step.
+atomically (``*.tmp``, fsync, ``os.replace``) with its XXH3-128 digest, taken from the bytes as they are written,
+recorded in ``progress.json``. An interrupted run with the same inputs resumes from the shards already done, after
+re-hashing them from disk. When every shard is written, each is reopened with ``safe_open`` and every key's dtype
+and shape checked against the plan; the index goes in last and the folder is renamed into place in one step.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import shutil
@@ -24,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from vesselnb.convert.timing import PhaseClock
 from vesselnb.errors import ConversionError
 from vesselnb.fingerprint import INDEX_NAME, SHARD_HASHES_KEY, file_digest, new_file_digest
 
@@ -186,87 +184,43 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
     return header_bytes + b" " * (-len(header_bytes) % 8)
 
 
-# While a shard is written, its first bytes are flushed to disk every this many bytes, by the writer thread: the
+# While a shard is written, its first bytes are flushed to disk every this many bytes, by a flusher thread: the
 # disk works while the next tensors are computed, instead of all at once in the final fsync.
 _FLUSH_EVERY = 256 << 20
-_READ_CHUNK = 64 << 20  # read-back window: memory stays flat whatever the tensor size
-
-
-class ReadBack:
-    """Reads a shard's bytes back from the file itself and hashes them: what is in the file, not in memory.
-
-    Used while a shard is written: each tensor is read back, in a thread, as soon as it is written, so the check
-    costs no extra pass at the end. Bytes are hashed through short-lived read-only memory maps of 64 MB windows
-    (2.5x cheaper than copying them out with ``read``; RSS stays flat). Problems are collected, not raised, so one
-    report names every damaged tensor.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        self.digest = new_file_digest()
-        self.problems: list[str] = []
-
-    def read(self, offset: int, length: int, what: str) -> str | None:
-        """XXH3-64 of ``length`` bytes at ``offset`` (also fed to the whole-file digest, so read in file order);
-        None, with a problem recorded, if the file is too short."""
-        tensor_hash = xxhash.xxh3_64()
-        end = offset + length
-        size = os.fstat(self.fd).st_size
-        if size < end:  # mapping past the end of a file would crash the process with SIGBUS
-            self.problems.append(f"{self.path.name}:{what}: the file ends at byte {size}, {end - size} bytes short")
-            return None
-        for start in range(offset, end, _READ_CHUNK):
-            stop = min(start + _READ_CHUNK, end)
-            map_start = start - start % mmap.ALLOCATIONGRANULARITY
-            with mmap.mmap(self.fd, stop - map_start, prot=mmap.PROT_READ, offset=map_start) as window:
-                with memoryview(window) as view:
-                    chunk = view[start - map_start :]
-                    tensor_hash.update(chunk)
-                    self.digest.update(chunk)
-                    chunk.release()
-        return tensor_hash.hexdigest()
-
-    def check(self, key: str, offset: int, length: int, meant: str) -> None:
-        found = self.read(offset, length, key)
-        if found is not None and found != meant:
-            self.problems.append(f"{self.path.name}:{key}: bytes in the file differ from what was written")
-
-    def close(self) -> None:
-        os.close(self.fd)
+# Bytes are hashed and written in slices of this size: the hash reads a slice, the write reads it again while it is
+# still in the CPU cache (a second pass over a whole 1 GB tensor would come from RAM again).
+_SLICE = 8 << 20
 
 
 class _ShardSink:
-    """Writes tensors' bytes to one open file and hands each written range to the read-back.
+    """Hashes and writes one file's bytes in order; every ``_FLUSH_EVERY`` bytes asks the flusher for an
+    ``fdatasync`` (only one outstanding, nobody waits for it)."""
 
-    Every ``_FLUSH_EVERY`` bytes it asks a flusher thread for an ``fdatasync``, so the disk works while the next
-    tensors are computed and written, instead of all at once in the final ``fsync`` (and nobody waits for it).
-    """
-
-    def __init__(
-        self, handle: Any, read_back: ReadBack, reader: ThreadPoolExecutor, flusher: ThreadPoolExecutor
-    ) -> None:
-        self.handle, self.read_back, self.reader, self.flusher = handle, read_back, reader, flusher
-        self.position = 0
+    def __init__(self, handle: Any, flusher: ThreadPoolExecutor, clock: PhaseClock) -> None:
+        self.handle, self.flusher, self.clock = handle, flusher, clock
+        self.digest = new_file_digest()
         self.unflushed = 0
         self.flushing: Any = None
-        self.checks: list[Any] = []
 
-    def put(self, key: str, data: memoryview | bytes, owner: Any = None) -> str:
-        """Write one range (``owner`` keeps its memory alive until done), queue its read-back; its XXH3-64."""
-        offset = self.position
+    def put(self, data: memoryview | bytes, owner: Any = None) -> None:
+        """Hash and write ``data`` (``owner`` keeps its memory alive until then)."""
         view = memoryview(data).cast("B")
-        while view:  # a raw file may take fewer bytes than offered
-            view = view[self.handle.write(view) :]
-        meant = xxhash.xxh3_64_hexdigest(data)
+        for start in range(0, len(view), _SLICE):
+            piece = view[start : start + _SLICE]
+            with self.clock.phase("hash (XXH3-128)"):
+                self.digest.update(piece)
+            with self.clock.phase("write"):
+                while piece:  # a raw file may take fewer bytes than offered
+                    piece = piece[self.handle.write(piece) :]
         del owner
-        self.position += len(data)
-        self.checks.append(self.reader.submit(self.read_back.check, key, offset, len(data), meant))
-        self.unflushed += len(data)
+        self.unflushed += len(view)
         if self.unflushed >= _FLUSH_EVERY and (self.flushing is None or self.flushing.done()):
-            self.flushing = self.flusher.submit(os.fdatasync, self.handle.fileno())
+            self.flushing = self.flusher.submit(self._flush)
             self.unflushed = 0
-        return meant
+
+    def _flush(self) -> None:
+        with self.clock.phase("fsync"):
+            os.fdatasync(self.handle.fileno())
 
 
 def write_safetensors(
@@ -274,21 +228,23 @@ def write_safetensors(
     specs: list[TensorSpec],
     tensors: Iterable[tuple[str, torch.Tensor]],
     metadata: dict[str, str],
+    clock: PhaseClock | None = None,
 ) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Write a safetensors file tensor by tensor as they are produced, and read every byte back.
+    """Write a safetensors file tensor by tensor as they are produced, hashing each byte once, from memory.
 
     The header is written first from ``specs`` (shapes and dtypes are known from the plan), so no more than two
     tensors are ever held: memory stays near the largest tensor whatever the shard size. ``safetensors``' own
-    ``save_file`` needs every tensor of the shard at once and copies each into a Python ``bytes``, and we would then
-    read the file back to hash it. The format is a little-endian u64 header length, a JSON header padded to 8
-    bytes, then the tensors back to back; every shard is reopened with ``safe_open`` afterwards
-    (:meth:`ShardedWriter.verify`), so the library itself checks what we wrote.
+    ``save_file`` needs every tensor of the shard at once and copies each into a Python ``bytes``. The format is a
+    little-endian u64 header length, a JSON header padded to 8 bytes, then the tensors back to back; every shard is
+    reopened with ``safe_open`` afterwards (:meth:`ShardedWriter.verify`), so the library itself checks the layout.
 
-    Three stages overlap: the caller produces tensor k+1 (LoRA merge), a writer thread writes tensor k and hashes
-    it from memory, a reader thread reads tensor k-1 back from the file and compares. The file's XXH3-128 is taken
-    from the bytes read back, which all matched what was meant. Raises :class:`ConversionError` naming the tensors
-    whose bytes do not read back as written. Returns the file's XXH3-128 and ``{key: {dtype, shape, xxh3_64}}``.
+    Two stages overlap: the caller produces tensor k+1 (LoRA merge) while a writer thread hashes and writes tensor k
+    (torch, ``xxhash`` and ``write`` release the GIL). The file's XXH3-128 is taken from the very bytes handed to
+    ``write``, all of which the file accepted, so it is the digest of the file (a test recomputes it from disk);
+    reading the file back through the page cache would only re-read the same memory. Returns the XXH3-128 and
+    ``{key: {dtype, shape}}``.
     """
+    clock = clock or PhaseClock()
     header_bytes = _header(specs, metadata)
     expected = {key: (dtype, tuple(shape)) for key, dtype, shape in specs}
     order = [key for key, _, _ in specs]
@@ -296,18 +252,14 @@ def write_safetensors(
     with (
         open(path, "wb", buffering=0) as handle,
         ThreadPoolExecutor(max_workers=1) as writer,
-        ThreadPoolExecutor(max_workers=1) as reader,
         ThreadPoolExecutor(max_workers=1) as flusher,
     ):
-        read_back = ReadBack(path)
+        sink = _ShardSink(handle, flusher, clock)
         try:
-            sink = _ShardSink(handle, read_back, reader, flusher)
-            sink.put("header", struct.pack("<Q", len(header_bytes)) + header_bytes)
-            written: list[str] = []
-            hashes: dict[str, Any] = {}
+            sink.put(struct.pack("<Q", len(header_bytes)) + header_bytes)
             pending = None
             for key, tensor in tensors:
-                if len(written) >= len(order) or key != order[len(written)]:
+                if len(keys) >= len(order) or key != order[len(keys)]:
                     raise ConversionError(f"{path}: tensor {key} produced out of the planned order")
                 if (tensor.dtype, tuple(tensor.shape)) != expected[key]:
                     raise ConversionError(
@@ -316,28 +268,19 @@ def write_safetensors(
                 flat = tensor.detach().contiguous().reshape(-1)
                 data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
                 if pending is not None:
-                    pending.result()  # keeps file order and bounds memory
-                pending = hashes[key] = writer.submit(sink.put, key, data, flat)
+                    pending.result()  # keeps file order and bounds memory; raises the writer's OSError here
+                pending = writer.submit(sink.put, data, flat)
                 keys[key] = {"dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape)}
-                written.append(key)
-            for key, tensor_hash in hashes.items():
-                keys[key]["xxh3_64"] = tensor_hash.result()
-            if written != order:
-                raise ConversionError(f"{path}: {len(order) - len(written)} planned tensors were not produced")
-            for check in sink.checks:
-                check.result()
+            if pending is not None:
+                pending.result()
+            if list(keys) != order:
+                raise ConversionError(f"{path}: {len(order) - len(keys)} planned tensors were not produced")
         finally:
-            writer.shutdown(wait=True)  # its tasks hand ranges to the reader and the flusher: stop it first
-            reader.shutdown(wait=True)
+            writer.shutdown(wait=True)  # its tasks hand flushes to the flusher: stop it first
             flusher.shutdown(wait=True)
-            read_back.close()
-        os.fsync(handle.fileno())
-    if read_back.problems:
-        raise ConversionError(
-            f"{path}: the shard does not read back as written ({len(read_back.problems)} problems, e.g. "
-            f"{read_back.problems[:3]}); the disk may be failing. Nothing was moved into place."
-        )
-    return read_back.digest.hexdigest(), keys
+        with clock.phase("fsync"):
+            os.fsync(handle.fileno())
+    return sink.digest.hexdigest(), keys
 
 
 @dataclass
@@ -354,8 +297,9 @@ class ShardRecord:
 class ShardedWriter:
     """Writes one HF folder's shards into a resumable temp folder beside ``target``."""
 
-    def __init__(self, target: Path, input_key: str) -> None:
+    def __init__(self, target: Path, input_key: str, clock: PhaseClock | None = None) -> None:
         self.target = Path(target)
+        self.clock = clock or PhaseClock()
         self.temp = self.target.parent / f".{self.target.name}.partial-{input_key}"
         self.progress_path = self.temp / PROGRESS_NAME
         self.records: dict[str, ShardRecord] = {}
@@ -405,7 +349,7 @@ class ShardedWriter:
         """Write one shard atomically (``.tmp`` + fsync + ``os.replace``) and record it with ``stats()``."""
         final = self.temp / name
         tmp = final.with_name(name + ".tmp")
-        digest, keys = write_safetensors(tmp, specs, tensors, {"format": "pt"})
+        digest, keys = write_safetensors(tmp, specs, tensors, {"format": "pt"}, self.clock)
         os.replace(tmp, final)
         record = ShardRecord(name, digest, final.stat().st_size, keys, stats())
         self.records[name] = record
@@ -426,9 +370,8 @@ class ShardedWriter:
     def verify(self, shard_names: list[str]) -> None:
         """Reopen every shard with ``safe_open``: every key with the dtype and shape meant to be written.
 
-        The bytes were already read back and hash-checked while each shard was written (:func:`write_safetensors`),
-        and a resumed shard's whole-file digest was re-checked (:meth:`resume`); this is the library's own view of
-        the finished files.
+        Each shard's digest was taken from the bytes the file accepted (:func:`write_safetensors`) and a resumed
+        shard's was re-checked from disk (:meth:`resume`); this is the library's own view of the finished files.
         """
         problems: list[str] = []
         for name in tqdm(shard_names, desc="verify shards", unit="shard", leave=False):

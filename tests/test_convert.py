@@ -441,11 +441,16 @@ def test_lora_merge_rounds_once_from_fp32(
     assert merged.weight_sq == pytest.approx(float((weight.double() ** 2).sum()), rel=1e-5)
 
 
-def test_written_shard_digest_is_the_files_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The digest is taken from the bytes handed to write(), in slices: it must be the XXH3-128 of the file on disk,
-    also for a tensor larger than a slice and an empty one."""
+@pytest.mark.parametrize("direct", [True, False], ids=["direct_io", "page_cache"])
+def test_written_shard_digest_is_the_files_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """The digest is taken from the bytes as they are written, in slices: it must be the XXH3-128 of the file on
+    disk, through direct I/O (aligned buffers in turn, the last one padded, the file cut to size) and through the
+    page cache, also for a tensor spanning several buffers and an empty one."""
     from vesselnb.convert import writer
-    from vesselnb.convert.writer import write_safetensors
+    from vesselnb.convert.timing import PhaseClock
+    from vesselnb.convert.writer import NO_DIRECT_ENV, _open_sink, write_safetensors
 
     tensors = {
         "first": torch.arange(64, dtype=torch.float32),
@@ -455,7 +460,16 @@ def test_written_shard_digest_is_the_files_and_loads(tmp_path: Path, monkeypatch
     }
     path = tmp_path / "shard.safetensors"
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    monkeypatch.setattr(writer, "_SLICE", 1 << 16)  # several slices per tensor
+    monkeypatch.setattr(writer, "_SLICE", 1 << 15)  # several slices per tensor
+    monkeypatch.setattr(writer, "_DIRECT_CHUNK", 1 << 16)  # several buffers per tensor
+    if not direct:
+        monkeypatch.setenv(NO_DIRECT_ENV, "1")
+    sink = _open_sink(tmp_path / "probe", PhaseClock())
+    sink.close()
+    os.close(sink.fd)
+    if direct and type(sink).__name__ != "_DirectSink":
+        pytest.skip("this filesystem refuses O_DIRECT; the page-cache route is the one taken here")
+    assert type(sink).__name__ == ("_DirectSink" if direct else "_BufferedSink")
     digest, keys = write_safetensors(path, specs, iter(tensors.items()), {"format": "pt"})
     assert digest == xxhash.xxh3_128_hexdigest(path.read_bytes()) == file_digest(path)
     loaded = load_file(path)

@@ -441,25 +441,45 @@ def test_lora_merge_rounds_once_from_fp32(
     assert merged.weight_sq == pytest.approx(float((weight.double() ** 2).sum()), rel=1e-5)
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct_io", "page_cache"])
+@pytest.mark.parametrize(
+    ("direct", "placed"), [(True, False), (True, True), (False, False)], ids=["direct_io", "zero_copy", "page_cache"]
+)
 def test_written_shard_digest_is_the_files_and_loads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, placed: bool
 ) -> None:
     """The digest is taken from the bytes as they are written, in slices: it must be the XXH3-128 of the file on
-    disk, through direct I/O (aligned buffers in turn, the last one padded, the file cut to size) and through the
-    page cache, also for a tensor spanning several buffers and an empty one."""
+    disk, through direct I/O (aligned buffers in turn, the last one padded, the file cut to size; or, for memory
+    placed by ``aligned_empty``, whole blocks straight from it and only its ends copied) and through the page
+    cache, also for tensors spanning several buffers and an empty one."""
     from vesselnb.convert import writer
     from vesselnb.convert.timing import PhaseClock
-    from vesselnb.convert.writer import NO_DIRECT_ENV, _open_sink, write_safetensors
+    from vesselnb.convert.writer import (
+        NO_DIRECT_ENV,
+        SHARD_METADATA,
+        _DirectSink,
+        _open_sink,
+        aligned_empty,
+        data_offsets,
+        write_safetensors,
+    )
 
+    generator = torch.Generator().manual_seed(0)
     tensors = {
-        "first": torch.arange(64, dtype=torch.float32),
+        "first": torch.arange(63, dtype=torch.float32),  # the next tensor starts mid-block
         "empty": torch.zeros(0, 3),
-        "big": torch.randn(3 << 16, generator=torch.Generator().manual_seed(0)).bfloat16(),  # 384 KB
+        "big": torch.randn(3 << 16, generator=generator).bfloat16(),  # 384 KB
+        "odd": torch.randn(100_001, generator=generator).bfloat16(),  # ends mid-block
         "last": torch.ones(4, 8, dtype=torch.bfloat16),
     }
     path = tmp_path / "shard.safetensors"
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    if placed:  # as the converter's merge outputs are: at their file offset's place within a block
+        for (key, tensor), offset in zip(list(tensors.items()), data_offsets(specs, SHARD_METADATA), strict=True):
+            memory, _ = aligned_empty(tensor.numel() * tensor.element_size(), offset)
+            tensors[key] = memory.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+    staged: list[int] = []
+    stage = _DirectSink._stage
+    monkeypatch.setattr(_DirectSink, "_stage", lambda self, flat: (staged.append(flat.numel()), stage(self, flat)))
     monkeypatch.setattr(writer, "_SLICE", 1 << 15)  # several slices per tensor
     monkeypatch.setattr(writer, "_DIRECT_CHUNK", 1 << 16)  # several buffers per tensor
     if not direct:
@@ -467,14 +487,16 @@ def test_written_shard_digest_is_the_files_and_loads(
     sink = _open_sink(tmp_path / "probe", PhaseClock())
     sink.close()
     os.close(sink.fd)
-    if direct and type(sink).__name__ != "_DirectSink":
+    if direct and not isinstance(sink, _DirectSink):
         pytest.skip("this filesystem refuses O_DIRECT; the page-cache route is the one taken here")
-    assert type(sink).__name__ == ("_DirectSink" if direct else "_BufferedSink")
-    digest, keys = write_safetensors(path, specs, iter(tensors.items()), {"format": "pt"})
+    assert isinstance(sink, _DirectSink) == direct
+    digest, keys = write_safetensors(path, specs, iter(tensors.items()), SHARD_METADATA)
     assert digest == xxhash.xxh3_128_hexdigest(path.read_bytes()) == file_digest(path)
     loaded = load_file(path)
     assert all(loaded[k].equal(v) for k, v in tensors.items())
     assert keys["big"] == {"dtype": "bfloat16", "shape": [3 << 16]}
+    if direct:  # placed memory is written from where it is: only the ends of "big" and "odd" were copied
+        assert (sum(staged) < path.stat().st_size / 4) == placed
 
 
 def test_fingerprint_equals_a_fresh_recomputation_from_disk(

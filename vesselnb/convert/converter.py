@@ -42,9 +42,12 @@ from vesselnb.convert.keymap import BLOCKING_MISSING, MergePlan, TensorPlan, bui
 from vesselnb.convert.timing import PhaseClock
 from vesselnb.convert.training_config import TrainingConfig, read_training_config
 from vesselnb.convert.writer import (
+    SHARD_METADATA,
     ShardedWriter,
     ShardRecord,
+    aligned_empty,
     block_size,
+    data_offsets,
     disk_upper_bound,
     free_bytes,
     parse_size,
@@ -179,13 +182,16 @@ class _ScratchRing:
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._turn = 0
 
-    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    def take(
+        self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, file_offset: int | None = None
+    ) -> torch.Tensor:
+        """Memory for one tensor; placed for a zero-copy direct write when its ``file_offset`` is known."""
         nbytes = tensor_nbytes(shape, dtype)
         slot, self._turn = self._turn, (self._turn + 1) % len(self._buffers)
-        buffer = self._buffers[slot]
-        if buffer is None or buffer.numel() < nbytes:
-            buffer = self._buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        return buffer[:nbytes].view(dtype).view(shape)
+        element = torch.empty((), dtype=dtype).element_size()
+        offset = file_offset if file_offset is not None and file_offset % element == 0 else 0
+        memory, self._buffers[slot] = aligned_empty(nbytes, offset, self._buffers[slot])
+        return memory.view(dtype).view(shape)
 
 
 _MERGE_PHASE = "LoRA merge (+ |W|^2 in the same pass)"
@@ -213,7 +219,9 @@ class _Producer:
     def _out_dtype(self, reference: torch.Tensor) -> torch.dtype:
         return self.dtype if reference.is_floating_point() else reference.dtype
 
-    def produce(self, plan: TensorPlan) -> tuple[torch.Tensor, dict[str, Any]]:
+    def produce(self, plan: TensorPlan, file_offset: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The output tensor for ``plan`` (new memory placed for ``file_offset`` when it is computed here) and its
+        provenance row."""
         shard = self.base.key_to_file[plan.hf_key]
         if self._current_shard not in (None, shard):
             self.base.release(self._current_shard)  # keys come in base-shard order: done with that one
@@ -230,7 +238,7 @@ class _Producer:
         floating = base_tensor.is_floating_point()
         if plan.lora is not None:
             a, b = self.checkpoint[plan.lora.a_key], self.checkpoint[plan.lora.b_key]
-            out = self._ring.take(weight.shape, out_dtype)
+            out = self._ring.take(weight.shape, out_dtype, file_offset)
             with self.clock.phase(_MERGE_PHASE):
                 merge = _merge_lora(weight, a, b, float(self.scale), plan.lora.embedding, out, self.helpers, self.clock)
             row.update(input_key=plan.lora.a_key.replace(".lora_A", ".lora_{A,B}"), shape=list(out.shape))
@@ -247,7 +255,7 @@ class _Producer:
             return out, row
         if weight.dtype != out_dtype:
             with self.clock.phase("dtype cast"):
-                out = self._ring.take(weight.shape, out_dtype).copy_(weight)
+                out = self._ring.take(weight.shape, out_dtype, file_offset).copy_(weight)
         else:
             out = weight.contiguous()
         row.update(input_key=input_key, shape=list(out.shape))
@@ -411,14 +419,16 @@ def _write_shard(
         return record
     rows: list[dict[str, Any]] = []
 
+    specs = [(k, out_dtypes[k], shapes[k]) for k in shard_keys]
+    offsets = data_offsets(specs, SHARD_METADATA)
+
     def produced() -> Iterator[tuple[str, torch.Tensor]]:
-        for key in shard_keys:
-            tensor, row = producer.produce(plan.tensors[key])
+        for key, offset in zip(shard_keys, offsets, strict=True):
+            tensor, row = producer.produce(plan.tensors[key], offset)
             rows.append(row)
             yield key, tensor
             progress.update(tensor_nbytes(shapes[key], out_dtypes[key]))
 
-    specs = [(k, out_dtypes[k], shapes[k]) for k in shard_keys]
     return writer.write(name, specs, produced(), lambda: {"rows": rows})
 
 

@@ -31,6 +31,7 @@ from vesselnb.errors import ConversionError
 from vesselnb.fingerprint import INDEX_NAME, SHARD_HASHES_KEY, file_digest, new_file_digest
 
 PROGRESS_NAME = "progress.json"
+SHARD_METADATA = {"format": "pt"}  # every shard's safetensors metadata, as transformers writes it
 # Tests: cap the free space the preflight sees (bytes), to simulate a full disk without filling one.
 FREE_BYTES_ENV = "VESSELNB_FREE_BYTES_LIMIT"
 # Tests: SIGKILL this process right after N shards are finished, to simulate an interrupted conversion.
@@ -191,7 +192,7 @@ _SLICE = 8 << 20
 # Direct I/O: the file is written from two page-aligned buffers of this size in turn, one filled while the other is
 # on its way to the disk. Direct I/O needs offsets and lengths in whole blocks; 4096 covers every common device.
 _DIRECT_CHUNK = 8 << 20
-_DIRECT_ALIGN = 4096
+DIRECT_ALIGN = 4096
 # Buffered fallback: the first bytes are flushed every this many bytes by a flusher thread, then dropped from the
 # page cache.
 _FLUSH_EVERY = 256 << 20
@@ -234,7 +235,32 @@ class _DirectSink:
         self._current = self._fill = self._offset = 0
 
     def put(self, data: torch.Tensor | bytes) -> None:
+        """Hash ``data`` and write it; returns when its memory may be reused.
+
+        Memory placed at the file position's offset within a block (``aligned_empty``: the converter's merge outputs)
+        goes to the disk straight from where it is, in whole blocks; only its unaligned ends are copied.
+        """
         flat = _as_bytes(data)
+        head = -(self._offset + self._fill) % DIRECT_ALIGN
+        middle = (flat.numel() - head) // DIRECT_ALIGN * DIRECT_ALIGN
+        if middle >= _DIRECT_CHUNK and (flat.data_ptr() + head) % DIRECT_ALIGN == 0:
+            self._stage(flat[:head])
+            if self._fill:
+                self._submit(self._fill)  # ends on a block boundary now
+            writes = []
+            for start in range(head, head + middle, _SLICE):
+                piece = flat[start : min(start + _SLICE, head + middle)]
+                with self.clock.phase("hash (XXH3-128)"):
+                    self.digest.update(_view(piece))
+                writes.append(self._io.submit(self._write_view, _view(piece), self._offset))
+                self._offset += piece.numel()
+            for write in writes:
+                write.result()  # the caller reuses this memory once we return
+            flat = flat[head + middle :]
+        self._stage(flat)
+
+    def _stage(self, flat: torch.Tensor) -> None:
+        """Hash and copy into the aligned buffers, handing each full one to the I/O thread."""
         position = 0
         while position < flat.numel():
             count = min(flat.numel() - position, _DIRECT_CHUNK - self._fill, _SLICE)
@@ -258,8 +284,10 @@ class _DirectSink:
             previous.result()  # raises that write's OSError (ENOSPC...) here
 
     def _write(self, index: int, length: int, offset: int) -> None:
+        self._write_view(memoryview(self._maps[index])[:length], offset)
+
+    def _write_view(self, view: memoryview, offset: int) -> None:
         with self.clock.phase("write (direct I/O)"):
-            view = memoryview(self._maps[index])[:length]
             while view:  # a write may take fewer bytes than offered (whole blocks)
                 written = os.pwrite(self.fd, view, offset)
                 view, offset = view[written:], offset + written
@@ -268,7 +296,7 @@ class _DirectSink:
         """Write the last bytes (padded to a block), cut the file to its size, fsync; the file's XXH3-128."""
         size = self._offset + self._fill
         if self._fill:
-            padded = -(-self._fill // _DIRECT_ALIGN) * _DIRECT_ALIGN
+            padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
             self._buffers[self._current][self._fill : padded].zero_()
             self._submit(padded)
         self.close()
@@ -332,6 +360,26 @@ class _BufferedSink:
 
     def close(self) -> None:
         self._flusher.shutdown(wait=True)
+
+
+def aligned_empty(
+    nbytes: int, file_offset: int, reuse: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nbytes`` of memory placed at ``file_offset``'s offset within a block, so :class:`_DirectSink` writes it to
+    the disk from where it is instead of copying it: (the bytes, the allocation to keep for ``reuse`` next time)."""
+    if reuse is None or reuse.numel() < nbytes + DIRECT_ALIGN:
+        reuse = torch.empty(nbytes + DIRECT_ALIGN, dtype=torch.uint8)
+    start = (file_offset - reuse.data_ptr()) % DIRECT_ALIGN
+    return reuse[start : start + nbytes], reuse
+
+
+def data_offsets(specs: list[TensorSpec], metadata: dict[str, str]) -> list[int]:
+    """Where each tensor's bytes start in the safetensors file :func:`write_safetensors` writes for ``specs``."""
+    offsets, position = [], 8 + len(_header(specs, metadata))
+    for _, dtype, shape in specs:
+        offsets.append(position)
+        position += tensor_nbytes(shape, dtype)
+    return offsets
 
 
 def _open_sink(path: Path, clock: PhaseClock) -> _DirectSink | _BufferedSink:
@@ -471,7 +519,7 @@ class ShardedWriter:
         """Write one shard atomically (``.tmp`` + fsync + ``os.replace``) and record it with ``stats()``."""
         final = self.temp / name
         tmp = final.with_name(name + ".tmp")
-        digest, keys = write_safetensors(tmp, specs, tensors, {"format": "pt"}, self.clock)
+        digest, keys = write_safetensors(tmp, specs, tensors, SHARD_METADATA, self.clock)
         os.replace(tmp, final)
         record = ShardRecord(name, digest, final.stat().st_size, keys, stats())
         self.records[name] = record

@@ -8,11 +8,11 @@ copies (0.42 GB), in a temp folder under --workdir (default the repo root, a rea
 - reference: ``cp -r base`` + ``cp ckpt`` + ``sync`` (the same input bytes read and written, made durable);
 - ours: ``convert_checkpoint`` (bf16), timed around the call (imports excluded), with its CPU seconds per phase.
 
-Every timed run starts from the same state (see bench/README.md): inputs in the page cache (read once before), the
-previous run's output deleted just before the start, so both sides write into the same recycled memory. Prints
-every round, then one JSON line per figure: ``ratio`` = ours / reference (lower is better), of the minima over the
-rounds (the medians beside them).
-Run: ``.venv/bin/python bench/bench_convert.py [--rounds 4] [--data DIR] [--settle S]``
+Every timed run starts from the same state (see bench/README.md): inputs in the page cache (read once before), and
+an untimed copy of them deleted just before the start, so both sides find the same just-freed memory. Prints every
+round (seconds and CPU seconds) and ours' CPU seconds per phase, then one JSON line per figure: ``ratio`` = ours /
+reference (lower is better), of the minima over the rounds (the medians beside them).
+Run: ``.venv/bin/python bench/bench_convert.py [--rounds 3] [--data DIR] [--settle S] [--fp32]``
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--workdir", default=str(Path(__file__).resolve().parent.parent))
     parser.add_argument("--data", help="keep the generated inputs in this folder and reuse them next time")
-    parser.add_argument("--rounds", type=int, default=4, help="cp / convert pairs, order alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="cp / convert pairs, order alternating")
     parser.add_argument(
         "--settle",
         type=float,

@@ -455,7 +455,7 @@ def write_safetensors(
 
 @dataclass
 class ShardRecord:
-    """What was written into one shard: its XXH3-128 and, per key, dtype / shape / XXH3-64, plus caller stats."""
+    """What was written into one shard: its XXH3-128 and, per key, dtype and shape, plus caller stats."""
 
     name: str
     digest: str

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -284,6 +285,7 @@ def _row_blocks(tensor: torch.Tensor) -> int:
     return max(1, _BLOCK_ELEMENTS // max(1, math.prod(tensor.shape[1:])))
 
 
+_PARTS_PER_THREAD = 4
 _SCRATCH = threading.local()  # each thread's fp32 block buffer, reused: fresh memory costs page faults
 
 
@@ -367,18 +369,23 @@ def _merge_lora(
         low, high = (a.T, b.T) if embedding else (b, a)
         torch.addmm(weight, low, high, alpha=scale, out=out)
         return _Merged(delta_sq, _sq_norm(weight))
-    rows = weight.shape[0]
-    shares = 1 + (helpers._max_workers if helpers is not None and rows >= 2 * _row_blocks(weight) else 0)
-    bounds = [rows * i // shares for i in range(shares + 1)]
+    # Parts taken in turn by whichever thread is free (the writer thread and other processes share the cores, so
+    # fixed halves would leave one thread waiting for the other).
+    rows, block = weight.shape[0], _row_blocks(weight)
+    threads = 1 + (helpers._max_workers if helpers is not None and rows >= 2 * block else 0)
+    parts = min(_PARTS_PER_THREAD * threads, -(-rows // block))
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    taken = itertools.count()  # next() on it is atomic under the GIL
+
+    def work() -> float:
+        weight_sq = 0.0
+        while (part := next(taken)) < parts:
+            weight_sq += _merge_rows(weight, left, right, out, bounds[part], bounds[part + 1])
+        return weight_sq
+
     clock = clock or PhaseClock()
-    others = [
-        helpers.submit(  # type: ignore[union-attr]
-            clock.timed, _MERGE_PHASE, _merge_rows, weight, left, right, out, bounds[i], bounds[i + 1]
-        )
-        for i in range(1, shares)
-    ]
-    weight_sq = _merge_rows(weight, left, right, out, bounds[0], bounds[1])
-    return _Merged(delta_sq, weight_sq + sum(other.result() for other in others))
+    others = [helpers.submit(clock.timed, _MERGE_PHASE, work) for _ in range(threads - 1)]  # type: ignore[union-attr]
+    return _Merged(delta_sq, work() + sum(other.result() for other in others))
 
 
 def _merge_rows(

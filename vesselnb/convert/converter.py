@@ -189,7 +189,7 @@ class _ScratchRing:
         """Memory for one tensor; placed for a zero-copy direct write when its ``file_offset`` is known."""
         nbytes = tensor_nbytes(shape, dtype)
         slot, self._turn = self._turn, (self._turn + 1) % len(self._buffers)
-        element = torch.empty((), dtype=dtype).element_size()
+        element = dtype.itemsize
         offset = file_offset if file_offset is not None and file_offset % element == 0 else 0
         memory, self._buffers[slot] = aligned_empty(nbytes, offset, self._buffers[slot])
         return memory.view(dtype).view(shape)

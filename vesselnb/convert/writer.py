@@ -71,7 +71,7 @@ def tensor_nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
     count = 1
     for dim in shape:
         count *= int(dim)
-    return count * torch.empty((), dtype=dtype).element_size()
+    return count * dtype.itemsize
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:

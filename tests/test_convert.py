@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -397,20 +398,25 @@ def test_embedding_lora_merge_matches_peft() -> None:
     torch.testing.assert_close(ours, merged)
 
 
-@pytest.mark.parametrize("native_bf16", [True, False], ids=["fused_bf16_addmm", "chunked_fp32"])
+@pytest.mark.parametrize(
+    ("native_bf16", "helpers"), [(True, 0), (False, 0), (False, 2)], ids=["fused_bf16_addmm", "blocked_fp32", "split"]
+)
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_lora_merge_rounds_once_from_fp32(
-    out_dtype: torch.dtype, native_bf16: bool, monkeypatch: pytest.MonkeyPatch
+    out_dtype: torch.dtype, native_bf16: bool, helpers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both merge routes (fused bf16 addmm where the CPU has bf16 units, chunked fp32 otherwise: the switch is
-    flipped here so both run on this machine) equal the fp32 merge rounded once, up to one unit in the last place
-    from the order of accumulation."""
+    """Every merge route (fused bf16 addmm where the CPU has bf16 units; fp32 row blocks otherwise, alone or split
+    over helper threads) equals the fp32 merge rounded once, up to one unit in the last place from the order of
+    accumulation, and measures |W|^2 and |scale B A|^2."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from vesselnb.convert import converter
     from vesselnb.convert.converter import _merge_lora
 
     if native_bf16 and not converter._native_bf16_matmul():
         pytest.skip("this CPU has no native bf16 matmul; the fused route is never taken here")
     monkeypatch.setattr(converter, "_NATIVE_BF16", native_bf16)
+    monkeypatch.setattr(converter, "_BLOCK_ELEMENTS", 96 * 7)  # several row blocks per share, one of them short
 
     generator = torch.Generator().manual_seed(3)
     weight = (torch.randn(300, 96, generator=generator) * 0.02).bfloat16()
@@ -418,7 +424,12 @@ def test_lora_merge_rounds_once_from_fp32(
     b = (torch.randn(300, 8, generator=generator) * 0.02).bfloat16()
     exact = weight.double() + 2.5 * (b.double() @ a.double())
     out = torch.empty(weight.shape, dtype=out_dtype)
-    delta_sq = _merge_lora(weight, a, b, 2.5, False, out)
+    pool = ThreadPoolExecutor(max_workers=helpers) if helpers else None
+    try:
+        merged = _merge_lora(weight, a, b, 2.5, False, out, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     reference = exact.to(out_dtype)
     if out_dtype == torch.bfloat16:  # fp32 accumulation error is far below a bf16 ulp: at most one ulp off
         ulp = torch.finfo(out_dtype).eps * reference.abs().double()
@@ -426,32 +437,80 @@ def test_lora_merge_rounds_once_from_fp32(
         assert (out != reference).float().mean() < 0.01
     else:
         torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-7)
-    assert delta_sq == pytest.approx(float(((exact - weight.double()) ** 2).sum()), rel=1e-5)
+    assert merged.delta_sq == pytest.approx(float(((exact - weight.double()) ** 2).sum()), rel=1e-5)
+    assert merged.weight_sq == pytest.approx(float((weight.double() ** 2).sum()), rel=1e-5)
 
 
-def test_read_back_names_the_tensor_whose_bytes_changed_on_disk(tmp_path: Path) -> None:
-    from vesselnb.convert.writer import ReadBack, write_safetensors
+@pytest.mark.parametrize(
+    ("direct", "placed"), [(True, False), (True, True), (False, False)], ids=["direct_io", "zero_copy", "page_cache"]
+)
+def test_written_shard_digest_is_the_files_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, placed: bool
+) -> None:
+    """The digest is taken from the bytes as they are written, in slices: it must be the XXH3-128 of the file on
+    disk, through direct I/O (aligned buffers in turn, the last one padded, the file cut to size; or, for memory
+    placed by ``aligned_empty``, whole blocks straight from it and only its ends copied) and through the page
+    cache, also for tensors spanning several buffers and an empty one."""
+    from vesselnb.convert import writer
+    from vesselnb.convert.timing import PhaseClock
+    from vesselnb.convert.writer import (
+        NO_DIRECT_ENV,
+        SHARD_METADATA,
+        _DirectSink,
+        _open_sink,
+        aligned_empty,
+        data_offsets,
+        write_safetensors,
+    )
 
-    tensors = {"first": torch.arange(64, dtype=torch.float32), "second": torch.ones(4, 8, dtype=torch.bfloat16)}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "first": torch.arange(63, dtype=torch.float32),  # the next tensor starts mid-block
+        "empty": torch.zeros(0, 3),
+        "big": torch.randn(3 << 16, generator=generator).bfloat16(),  # 384 KB
+        "odd": torch.randn(100_001, generator=generator).bfloat16(),  # ends mid-block
+        "last": torch.ones(4, 8, dtype=torch.bfloat16),
+    }
     path = tmp_path / "shard.safetensors"
     specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    digest, keys = write_safetensors(path, specs, iter(tensors.items()), {"format": "pt"})
-    assert digest == xxhash.xxh3_128_hexdigest(path.read_bytes())
-    assert load_file(path)["second"].equal(tensors["second"])
-    raw = bytearray(path.read_bytes())
-    raw[-3] ^= 0xFF  # a byte of "second", the last tensor
-    path.write_bytes(bytes(raw))
-    header = 8 + int.from_bytes(raw[:8], "little")
-    read_back = ReadBack(path)
-    try:
-        read_back.check("first", header, 256, keys["first"]["xxh3_64"])
-        read_back.check("second", header + 256, 64, keys["second"]["xxh3_64"])
-        read_back.check("beyond", header + 320, 64, "0")
-    finally:
-        read_back.close()
-    assert len(read_back.problems) == 2
-    assert "second" in read_back.problems[0] and "first" not in " ".join(read_back.problems)
-    assert "bytes short" in read_back.problems[1]
+    if placed:  # as the converter's merge outputs are: at their file offset's place within a block
+        for (key, tensor), offset in zip(list(tensors.items()), data_offsets(specs, SHARD_METADATA), strict=True):
+            memory, _ = aligned_empty(tensor.numel() * tensor.element_size(), offset)
+            tensors[key] = memory.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+    staged: list[int] = []
+    stage = _DirectSink._stage
+    monkeypatch.setattr(_DirectSink, "_stage", lambda self, flat: (staged.append(flat.numel()), stage(self, flat)))
+    monkeypatch.setattr(writer, "_SLICE", 1 << 15)  # several slices per tensor
+    monkeypatch.setattr(writer, "_DIRECT_CHUNK", 1 << 16)  # several buffers per tensor
+    if not direct:
+        monkeypatch.setenv(NO_DIRECT_ENV, "1")
+    sink = _open_sink(tmp_path / "probe", PhaseClock())
+    sink.close()
+    os.close(sink.fd)
+    if direct and not isinstance(sink, _DirectSink):
+        pytest.skip("this filesystem refuses O_DIRECT; the page-cache route is the one taken here")
+    assert isinstance(sink, _DirectSink) == direct
+    digest, keys = write_safetensors(path, specs, iter(tensors.items()), SHARD_METADATA)
+    assert digest == xxhash.xxh3_128_hexdigest(path.read_bytes()) == file_digest(path)
+    loaded = load_file(path)
+    assert all(loaded[k].equal(v) for k, v in tensors.items())
+    assert keys["big"] == {"dtype": "bfloat16", "shape": [3 << 16]}
+    if direct:  # placed memory is written from where it is: only the ends of "big" and "odd" were copied
+        assert (sum(staged) < path.stat().st_size / 4) == placed
+
+
+def test_fingerprint_equals_a_fresh_recomputation_from_disk(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fingerprint recorded while converting (digests taken as the bytes were written) equals the one computed
+    from the finished files alone: a copy of the folder whose index lost the recorded digests is hashed from disk."""
+    copy = tmp_path / "copy"
+    shutil.copytree(world["out_a"], copy)
+    index = json.loads((copy / INDEX_NAME).read_text())
+    del index["metadata"][SHARD_HASHES_KEY]
+    (copy / INDEX_NAME).write_text(json.dumps(index))
+    monkeypatch.setenv("VESSELNB_CACHE_DIR", str(tmp_path / "cache"))  # no digest remembered from an earlier run
+    assert weights_fingerprint(copy) == world["report_a"].fingerprint == weights_fingerprint(world["out_a"])
 
 
 def test_writer_refuses_a_tensor_out_of_plan(tmp_path: Path) -> None:

@@ -403,11 +403,33 @@ def _open_sink(path: Path, clock: PhaseClock) -> _DirectSink | _BufferedSink:
     direct = getattr(os, "O_DIRECT", 0)
     if direct and not os.environ.get(NO_DIRECT_ENV):
         try:
-            return _DirectSink(os.open(path, flags | direct, 0o666), clock)
+            fd = os.open(path, flags | direct, 0o666)
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: this filesystem does not do O_DIRECT
                 raise
+        else:
+            if _direct_write_works(fd):
+                return _DirectSink(fd, clock)
+            os.close(fd)
     return _BufferedSink(os.open(path, flags, 0o666), clock)
+
+
+def _direct_write_works(fd: int) -> bool:
+    """Whether one aligned block can be written through ``fd``: some filesystems accept ``O_DIRECT`` at open and
+    refuse the writes (EINVAL: a larger block size, a journalled-data mount), which must not fail the conversion."""
+    import mmap
+
+    block = mmap.mmap(-1, DIRECT_ALIGN)  # page-aligned zeros; the real bytes overwrite them
+    try:
+        os.pwrite(fd, block, 0)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    finally:
+        block.close()
+    os.ftruncate(fd, 0)
+    return True
 
 
 def write_safetensors(

@@ -393,6 +393,29 @@ def test_flash_attn_import_check_is_handled_with_a_warning(model_dir, tmp_path) 
         assert dmu.get_imports.__name__ == "get_imports"  # the import-check patch was undone
 
 
+def test_doctor_builds_code_that_reads_tensor_values_in_init(model_dir, tmp_path) -> None:
+    """Upstream Sa2VA's InternViT and SAM2 call ``torch.linspace(...)[i].item()`` in ``__init__`` (drop-path
+    schedules): the doctor's key check must build such code (it reported upstream folders as not importable)."""
+    from transformers import AutoConfig, AutoModel
+
+    from vesselnb import doctor
+
+    folder = copy_model(model_dir, tmp_path / "item_model")
+    modeling = folder / "modeling_sa2va_demo.py"
+    source = modeling.read_text()
+    anchor = "        super().__init__(config)\n        vision = config.vision_config\n"
+    assert anchor in source
+    modeling.write_text(source.replace(anchor, anchor.replace(
+        "        vision =", "        self.drop_path_rates = [x.item() for x in torch.linspace(0, 0.1, 2)]\n"
+                           "        vision =")))
+    with pytest.raises(RuntimeError, match="meta"), torch.device("meta"):  # what the check used to do
+        AutoModel.from_config(AutoConfig.from_pretrained(str(folder), trust_remote_code=True),
+                              trust_remote_code=True)
+    checks = {check.name: check for check in doctor.diagnose(folder, device="cpu", scan_values=False).checks}
+    assert checks["remote code importable"].status == "ok", checks["remote code importable"].detail
+    assert checks["weights complete"].status == "ok", checks["weights complete"].detail
+
+
 def test_every_model_call_runs_without_autograd(model_dir, frames) -> None:
     """The demo model guards only generation, as upstream does: a bare call builds SAM2's graph, ours never does."""
     loaded = load_model(model_dir, device="cpu")

@@ -132,11 +132,17 @@ def check_files(folder: Path) -> dict[str, Any]:
 
 
 def expected_tensors(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes the folder's code builds from its config, on the ``meta`` device (no memory, no weights)."""
+    """Keys and shapes the folder's code builds from its config, parameters on the ``meta`` device (no weights).
+
+    accelerate's ``init_empty_weights`` (what transformers itself loads under), not ``with torch.device("meta")``:
+    upstream Sa2VA's InternViT and SAM2 build their drop-path schedules with ``torch.linspace(...)[i].item()``
+    in ``__init__``, which a meta default device turns into "Tensor.item() cannot be called on meta tensors".
+    """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel  # ~2 s to import: only when a folder is examined
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
-    with torch.device("meta"):
+    with init_empty_weights():
         model = AutoModel.from_config(config, trust_remote_code=True)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 

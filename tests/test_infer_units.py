@@ -325,3 +325,29 @@ def test_each_frame_is_owned_by_exactly_one_window_the_nearest_centre() -> None:
     # frame 2: centres 1.5 (distance 0.5) and 3.5 (1.5) -> window 0; frame 3: 1.5 (1.5) vs 3.5 (0.5) -> window 1
     assert [owners[f"f{i}"] for i in range(10)] == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
     assert video_windows(sequence, 4, 2) == windows  # deterministic
+
+
+def test_default_video_window_is_the_largest_that_fits_the_memory_budget() -> None:
+    from vesselnb.infer import (
+        DEFAULT_VIDEO_WINDOW,
+        VIDEO_WINDOW_BUDGET_BYTES,
+        video_frame_bytes,
+        window_for_budget,
+    )
+
+    per_frame = video_frame_bytes(torch.bfloat16)
+    assert video_frame_bytes(torch.float32) == 2 * per_frame  # fp32 on a CPU: twice the bf16 cost
+    assert DEFAULT_VIDEO_WINDOW * per_frame <= VIDEO_WINDOW_BUDGET_BYTES < (DEFAULT_VIDEO_WINDOW + 1) * per_frame
+    assert window_for_budget(VIDEO_WINDOW_BUDGET_BYTES, torch.float32) == VIDEO_WINDOW_BUDGET_BYTES // (2 * per_frame)
+    assert window_for_budget(0) == 1  # always at least one frame per call
+
+
+def test_a_window_that_does_not_fit_the_free_memory_is_named_with_the_window_that_would() -> None:
+    from vesselnb.infer import video_frame_bytes, video_window_note
+
+    plan = plan_device("cpu", "fp32")
+    per_frame = video_frame_bytes(torch.float32)
+    assert video_window_note(plan, 8, 8 * per_frame) is None
+    assert video_window_note(plan, 8, None) is None  # free memory unknown: nothing to say
+    note = video_window_note(plan, 8, 3 * per_frame + 1)
+    assert note is not None and "inference.video_window 8" in note and "at most 3" in note

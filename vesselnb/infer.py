@@ -455,19 +455,57 @@ def predict_image(
 
 
 UPSTREAM_LLM_FRAMES = 5  # upstream predict_forward: `if frame_idx < 5` -> only these frames reach the LLM
-# Memory model of a video call (no-grad, upstream code, SAM2 Hiera-L at 1024², fp32 on a CPU; sa2va_facts.md §7 and
-# issue 13): 2.3 GB for 1 frame, 2.8 GB for 4 frames -> about 170 MB per extra frame (images, features and memory
-# bank SAM2 keeps for propagation), half that in bf16. DEFAULT_VIDEO_WINDOW frames then cost ~2.7 GB (fp32) over a
-# single frame: room beside an 8B bf16 model (~16 GB) on a 24 GB card, the users' smallest. Fixed, not measured per
-# machine, so that a run's windows (and so its masks) do not depend on the machine it ran on.
-VIDEO_FRAME_BYTES_FP32 = 170 * 2**20
-DEFAULT_VIDEO_WINDOW = 16
+# Memory model of one video call: peak ≈ fixed + per-frame cost × frames. The per-frame cost is SAM2's: upstream
+# encodes every frame of a call in one Hiera-L batch at 1024² (get_sam2_embeddings) and keeps the features for
+# propagation; the language model sees at most 5 frames, so its share does not grow. Measured with
+# `bench/bench_infer.py --side-by-side --window-sweep 1,2,8` (bare no-grad predict_forward(video=[...]) of upstream
+# bytedance/Sa2VA 9832e1a remote code, tiny random LLM/ViT + the full SAM2 Hiera-L, fp32 on a CPU, one fresh process
+# per point, peak RSS): SWEEP. In bf16 (a GPU) the per-frame cost is taken as half (not measured: no GPU here).
+VIDEO_FRAME_BYTES_FP32 = 173 * 2**20
+# The default window is the most frames whose per-frame memory in bf16 fits VIDEO_WINDOW_BUDGET_BYTES (2 GiB): what
+# stays free, with a margin of about as much again, on the users' smallest card (24 GB) beside an 8B model's bf16
+# weights (16.4 GB), CUDA's context and the single-frame peak. On a CPU in fp32 the same window costs twice that.
+# A constant, not measured per machine, so that a run's windows (and so its masks) do not depend on the machine.
+VIDEO_WINDOW_BUDGET_BYTES = 2 * 2**30
 VIDEO_PLAN_TOLERANCE = 1.10  # a window's peak above 1.1x its plan is reported (allocator and RSS noise stay below)
 
 
 def video_frame_bytes(dtype: torch.dtype) -> int:
     """The memory model's cost of one more frame in a video call, for the model's dtype."""
     return VIDEO_FRAME_BYTES_FP32 if dtype == torch.float32 else VIDEO_FRAME_BYTES_FP32 // 2
+
+
+def window_for_budget(budget_bytes: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """The most frames per video call whose per-frame memory (the memory model's) fits ``budget_bytes``; at least 1."""
+    return max(1, budget_bytes // video_frame_bytes(dtype))
+
+
+DEFAULT_VIDEO_WINDOW = window_for_budget(VIDEO_WINDOW_BUDGET_BYTES)
+
+
+def _free_memory_bytes(plan: DevicePlan) -> int | None:
+    """Memory free for activations now (after the model is loaded): the GPU's free bytes, or the kernel's
+    MemAvailable on a CPU; None when it cannot be read."""
+    if not plan.is_cpu and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(plan.device))[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def video_window_note(plan: DevicePlan, window: int, free_bytes: int | None) -> str | None:
+    """A warning when the memory model's cost of ``window`` frames does not fit the memory free after loading."""
+    need = window * video_frame_bytes(plan.dtype)
+    if free_bytes is None or need <= free_bytes:
+        return None
+    fits = free_bytes // video_frame_bytes(plan.dtype)
+    return (f"inference.video_window {window}: the memory model plans {need / 2**30:.1f} GiB for a window's frames "
+            f"({plan.dtype_name}) but {free_bytes / 2**30:.1f} GiB is free on {plan.device} after loading the model; "
+            f"set inference.video_window to at most {max(fits, 1)} if a window runs out of memory")
 
 
 @dataclass(frozen=True)
@@ -1001,6 +1039,10 @@ def _infer_stage(params: RunParams, run_dir: str | Path, shard: tuple[int, int] 
         if meta is not None:
             check_compatible(meta, identity, where=str(predictions))
         store = PredictionStore.create_or_open(target, **identity)
+        window_note = video_window_note(loaded.plan, video_window, _free_memory_bytes(loaded.plan)) \
+            if inf.mode == "video" else None
+        if window_note:
+            loaded.warnings.append(window_note)
         stats = run_inference(loaded, mine, store, prompt, inf.mode, want_probability, already, progress,
                               inf.windowing, video_window, inf.video_overlap)
         stats.n_retried = len(retry)

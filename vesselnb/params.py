@@ -88,7 +88,8 @@ class InferenceParams:
     # How >8-bit frames become 8 bit (vesselnb.frames): "auto" = a DICOM file's window centre/width, else min-max;
     # "minmax" = always min-max. Recorded per sample in the store.
     windowing: Literal["auto", "minmax"] = "auto"
-    # Video mode: frames per model call (None = vesselnb.infer.DEFAULT_VIDEO_WINDOW, from its memory model) and
+    # Video mode: frames per model call (None = vesselnb.infer.DEFAULT_VIDEO_WINDOW: the most frames whose memory,
+    # by the measured memory model in vesselnb.infer, fits 2 GiB in bf16; README "Video mode and memory") and
     # frames shared by consecutive windows.
     video_window: int | None = None
     video_overlap: int = 0

@@ -605,3 +605,23 @@ def test_video_mode_runs_in_windows_stitched_deterministically(model_dir, frames
     heads = [th.get_text(strip=True) for th in windows.find_all("th")]
     assert "peak memory (MB)" in heads and "frames the LLM saw" in heads
     assert len([tr for tr in windows.find_all("tr") if tr.find_all("td")]) == len(summary.stats.windows) > 0
+
+
+def test_a_one_frame_window_does_not_plan_longer_windows(model_dir, frames, tmp_path) -> None:
+    """SAM2 adds memory attention from two frames on (a fixed step): a one-frame sequence's peak cannot plan a
+    longer window, which calibrates the plan again (no plan of its own, no false "above the plan")."""
+    samples = list_samples(frames)
+    sequences: dict[str, list] = {}
+    for sample in samples:
+        sequences.setdefault(sample.video_key, []).append(sample)
+    first, second = list(sequences.values())[:2]
+    assert len(second) >= 2
+    images = tmp_path / "images"
+    images.mkdir()
+    for sample in [first[0], *second]:
+        (images / sample.image_path.name).write_bytes(sample.image_path.read_bytes())
+    params = load_params(write_params(tmp_path / "p.yaml", model_dir, images, mode="video", video_window=8))
+    windows = infer_stage(params, tmp_path / "run", progress=False).stats.windows
+    assert [w["frames"] for w in windows] == [1, len(second)]
+    assert all(w["peak_mb"] is not None for w in windows)
+    assert [w["planned_mb"] for w in windows] == [None, None]

@@ -697,7 +697,9 @@ def run_inference(
     Video mode calls the model once per window of ``video_window`` frames (``video_overlap`` shared with the next)
     and reports each window's peak memory next to the memory model's plan: the first window's measured peak plus
     :func:`video_frame_bytes` per extra frame (the first window calibrates, so it has no plan of its own); a later
-    window above it means memory grows across windows or frames cost more than the model says."""
+    window above it means memory grows across windows or frames cost more than the model says. A one-frame window
+    is no base for longer ones (from two frames on SAM2 adds memory attention, a fixed step of ~0.3 GB measured on
+    the upstream code): the first longer window calibrates again."""
     from tqdm import tqdm
 
     done = set(already_done if already_done is not None else store.sample_ids())
@@ -729,6 +731,8 @@ def run_inference(
                     _reset_peak_memory(loaded.plan)
                     results = predict_sequence(loaded, unit.samples, prompt, want_probability, decoded, unit)
                     peak = _peak_memory_mb(loaded.plan)
+                    if calibration is not None and calibration[1] == 1 < len(unit.samples):
+                        calibration = None  # one frame runs no memory attention: no base for longer windows
                     planned = None if calibration is None else \
                         calibration[0] + per_frame_mb * max(len(unit.samples) - calibration[1], 0)
                     if calibration is None and peak is not None:

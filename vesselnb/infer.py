@@ -455,17 +455,21 @@ def predict_image(
 
 
 UPSTREAM_LLM_FRAMES = 5  # upstream predict_forward: `if frame_idx < 5` -> only these frames reach the LLM
-# Memory model of one video call: peak ≈ fixed + per-frame cost × frames. The per-frame cost is SAM2's: upstream
-# encodes every frame of a call in one Hiera-L batch at 1024² (get_sam2_embeddings) and keeps the features for
-# propagation; the language model sees at most 5 frames, so its share does not grow. Measured with
-# `bench/bench_infer.py --side-by-side --window-sweep 1,2,8` (bare no-grad predict_forward(video=[...]) of upstream
-# bytedance/Sa2VA 9832e1a remote code, tiny random LLM/ViT + the full SAM2 Hiera-L, fp32 on a CPU, one fresh process
-# per point, peak RSS): SWEEP. In bf16 (a GPU) the per-frame cost is taken as half (not measured: no GPU here).
-VIDEO_FRAME_BYTES_FP32 = 173 * 2**20
+# Memory model of one video call: peak ≈ fixed + per-frame cost × frames. Measured on upstream bytedance/Sa2VA
+# 9832e1a remote code (tiny random LLM/ViT + the full SAM2 Hiera-L), fp32 on a CPU, a bare no-grad
+# predict_forward(video=[...]) per fresh process, peak RSS in MiB (`bench/bench_infer.py --side-by-side
+# --window-sweep`): 1 frame 1757; 2 frames 2093; 4 frames 2148, 2228, 2276; 8 frames 2336; 16 frames 2557. Least
+# squares over 2-16 frames: 2079 MiB + 30.6 MiB per frame (residuals within ±75 MiB: RSS noise). From two frames on
+# SAM2 adds memory attention, a fixed step of ~350 MiB over the line at one frame. The per-frame part is small
+# because SAM2 encodes one frame at a time (it keeps only the current frame's features) and keeps per frame the
+# 1024² input, the 1024² fp32 logits and a small memory entry; the language model sees at most 5 frames. In bf16
+# (a GPU) the per-frame cost is taken as half (not measured: no GPU here).
+VIDEO_FRAME_BYTES_FP32 = 32 * 2**20
 # The default window is the most frames whose per-frame memory in bf16 fits VIDEO_WINDOW_BUDGET_BYTES (2 GiB): what
 # stays free, with a margin of about as much again, on the users' smallest card (24 GB) beside an 8B model's bf16
-# weights (16.4 GB), CUDA's context and the single-frame peak. On a CPU in fp32 the same window costs twice that.
-# A constant, not measured per machine, so that a run's windows (and so its masks) do not depend on the machine.
+# weights (16.4 GB), CUDA's context and the single-call fixed part. That is 128 frames: the users' sequences of
+# dozens of frames go to SAM2 whole, as upstream's own video calls do. On a CPU in fp32 the same window costs twice
+# that. A constant, not measured per machine, so that a run's windows (and so its masks) do not depend on it.
 VIDEO_WINDOW_BUDGET_BYTES = 2 * 2**30
 VIDEO_PLAN_TOLERANCE = 1.10  # a window's peak above 1.1x its plan is reported (allocator and RSS noise stay below)
 
@@ -698,7 +702,7 @@ def run_inference(
     and reports each window's peak memory next to the memory model's plan: the first window's measured peak plus
     :func:`video_frame_bytes` per extra frame (the first window calibrates, so it has no plan of its own); a later
     window above it means memory grows across windows or frames cost more than the model says. A one-frame window
-    is no base for longer ones (from two frames on SAM2 adds memory attention, a fixed step of ~0.3 GB measured on
+    is no base for longer ones (from two frames on SAM2 adds memory attention, a fixed step of ~350 MiB measured on
     the upstream code): the first longer window calibrates again."""
     from tqdm import tqdm
 

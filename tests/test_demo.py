@@ -21,6 +21,7 @@ from vesselnb.data import list_samples, parse_sample_name
 from vesselnb.demo import DemoAssets, ensure_demo_assets
 from vesselnb.demo.assets import demo_raster_masks, demo_settings, write_demo_dataset
 from vesselnb.demo.synth import polygons_to_mask
+from vesselnb.device import code_assumes_cuda, cuda_shim
 from vesselnb.errors import VesselnbError
 from vesselnb.params import DEFAULT_NAME_REGEX, DEFAULT_PROMPT
 
@@ -40,6 +41,15 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def upstream_cuda_shim():
+    """The demo model keeps upstream's CUDA idioms (``.cuda()``, ``torch.device("cuda")``, a CUDA autocast), so on
+    a CPU a direct call needs vesselnb's shim, as the real code does (fp32 weights: the autocast stays off). Only
+    around model calls, as vesselnb scopes it: torch's own RNG forking must see the real ``torch.device``."""
+    with cuda_shim(None):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +189,7 @@ def test_hf_folder_loads_with_remote_code_and_has_sa2va_keys(demo_assets: DemoAs
             assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id, token
 
 
+@pytest.mark.usefixtures("upstream_cuda_shim")
 def test_predict_forward_image_contract(demo_model, first_frame: Image.Image) -> None:
     """As upstream: thresholded masks only; the soft map exists only inside (and vesselnb captures it)."""
     from vesselnb.mask_capture import LogitCapture, maps_from_logits
@@ -199,12 +210,14 @@ def test_predict_forward_image_contract(demo_model, first_frame: Image.Image) ->
     assert np.array_equal(plain["prediction_masks"][0], mask)
 
 
+@pytest.mark.usefixtures("upstream_cuda_shim")
 def test_predict_forward_resizes_masks_to_the_input_size(demo_model, first_frame: Image.Image) -> None:
     model, tokenizer = demo_model
     out = model.predict_forward(image=first_frame.resize((300, 200)), text=DEFAULT_PROMPT, tokenizer=tokenizer)
     assert out["prediction_masks"][0].shape == (1, 200, 300)
 
 
+@pytest.mark.usefixtures("upstream_cuda_shim")
 def test_predict_forward_video_gives_one_mask_per_frame(demo_model, demo_assets: DemoAssets) -> None:
     model, tokenizer = demo_model
     frames = [Image.open(p) for p in sorted(demo_assets.images_dir.glob("*.jpg"))[:3]]
@@ -213,18 +226,21 @@ def test_predict_forward_video_gives_one_mask_per_frame(demo_model, demo_assets:
     assert out["prediction_masks"][0].shape == (3, 256, 256) and out["prediction_masks"][0].dtype == bool
 
 
+@pytest.mark.usefixtures("upstream_cuda_shim")
 def test_image_without_image_token_raises_assertion_like_upstream(demo_model, first_frame: Image.Image) -> None:
     model, tokenizer = demo_model
     with pytest.raises(AssertionError):
         model.predict_forward(image=first_frame, text="Please segment the blood vessel.", tokenizer=tokenizer)
 
 
+@pytest.mark.usefixtures("upstream_cuda_shim")
 def test_text_only_prompt_gives_no_masks(demo_model) -> None:
     model, tokenizer = demo_model
     out = model.predict_forward(text="Please segment the blood vessel.", tokenizer=tokenizer)
     assert isinstance(out["prediction"], str) and out["prediction_masks"] == []
 
 
+@pytest.mark.usefixtures("upstream_cuda_shim")
 def test_demo_switches_no_seg_and_fail_on_size(demo_model_dir: Path, first_frame: Image.Image) -> None:
     silent, tokenizer = _load(demo_model_dir, demo_behaviour="no_seg")
     silent.preparing_for_generation(tokenizer, torch_dtype=torch.float32)
@@ -239,15 +255,27 @@ def test_demo_switches_no_seg_and_fail_on_size(demo_model_dir: Path, first_frame
     assert out["prediction_masks"][0].shape == (1, 128, 128)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour of upstream's CUDA idioms")
+def test_demo_model_needs_the_cuda_shim_on_a_cpu_like_upstream(demo_model, first_frame: Image.Image) -> None:
+    """Upstream calls ``torch.tensor(ids).cuda()``: on a CPU-only torch a bare call fails before anything else, and
+    vesselnb's folder scan sees the idiom, so its runs put the shim on (the shim is exercised on every demo run)."""
+    model, tokenizer = demo_model
+    with pytest.raises(AssertionError, match="CUDA"):
+        model.predict_forward(image=first_frame, text=DEFAULT_PROMPT, tokenizer=tokenizer)
+    assert code_assumes_cuda(Path(model.name_or_path))
+
+
 def test_bf16_runs_by_default_and_fp32_needs_preparing_like_upstream(demo_model_dir: Path, first_frame) -> None:
     bf16, tokenizer = _load(demo_model_dir, dtype=torch.bfloat16)
-    out = bf16.predict_forward(image=first_frame, text=DEFAULT_PROMPT, tokenizer=tokenizer)  # prepares bf16 itself
+    with cuda_shim(torch.bfloat16):  # what vesselnb's plan gives bf16 weights on a CPU
+        out = bf16.predict_forward(image=first_frame, text=DEFAULT_PROMPT, tokenizer=tokenizer)  # prepares bf16
     assert out["prediction_masks"][0].shape == (1, 256, 256)
     fp32, tokenizer = _load(demo_model_dir, dtype=torch.float32)
-    with pytest.raises(RuntimeError):  # bf16 pixels into fp32 convolutions, as upstream without preparing
+    with cuda_shim(None), pytest.raises(RuntimeError):  # bf16 pixels into fp32 convolutions, as upstream unprepared
         fp32.predict_forward(image=first_frame, text=DEFAULT_PROMPT, tokenizer=tokenizer)
 
 
+@pytest.mark.usefixtures("upstream_cuda_shim")
 def test_longer_training_segments_better(demo_assets: DemoAssets) -> None:
     truth = _ground_truth(demo_assets)
     dice = {}

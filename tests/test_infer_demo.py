@@ -29,6 +29,7 @@ from bs4 import BeautifulSoup
 from PIL import Image
 
 from vesselnb.data import list_samples
+from vesselnb.device import cuda_shim
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.fingerprint import weights_fingerprint
 from vesselnb.frames import window_to_uint8
@@ -427,7 +428,8 @@ def test_every_model_call_runs_without_autograd(model_dir, frames) -> None:
     try:
         with Image.open(sorted(frames.glob("*.jpg"))[0]) as image:
             frame = image.convert("RGB")
-        bare = loaded.model.predict_forward(image=frame, text=DEFAULT_PROMPT, tokenizer=loaded.tokenizer)
+        with cuda_shim(None):  # the demo keeps upstream's .cuda() idioms: a bare call on a CPU needs the shim too
+            bare = loaded.model.predict_forward(image=frame, text=DEFAULT_PROMPT, tokenizer=loaded.tokenizer)
         assert seen and seen[-1] == (True, True), "the demo model must not hide the cost of an unguarded call"
         seen.clear()
         ours = loaded.predict(image=frame, text=DEFAULT_PROMPT)

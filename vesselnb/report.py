@@ -443,7 +443,5 @@ def _delta_sentence(headline: dict[str, Any]) -> str:
 
 
 def _signed(value: float) -> str:
-    from vesselnb.htmlrepr import number
-
     text = number(value)
     return text if text.startswith(("-", "n/a", "inf")) else f"+{text}"

@@ -140,8 +140,9 @@ class DemoGroundingEncoder(nn.Module):
 
     def get_sam2_embeddings(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """(T, 3, S, S) preprocessed frames -> the inference state (the frozen image features)."""
+        storage_device = torch.device("cuda")  # upstream's init_state names CUDA outright, as here
         low, high = self.sam2_model.encode_image(pixels)
-        return {"low": low, "high": high}
+        return {"low": low.to(storage_device), "high": high.to(storage_device)}
 
     def language_embd_inference(self, state: dict[str, torch.Tensor], language_embd: list) -> torch.Tensor:
         """Mask logits for every frame of ``state``; as upstream, the ``[SEG]`` embedding given for the first

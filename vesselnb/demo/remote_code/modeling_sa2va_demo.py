@@ -218,7 +218,9 @@ class Sa2VADemoChatModel(PreTrainedModel):
             )
             text = text.replace("<image>", block)
         prompt = past_text + self.instruction.format(input=text)
-        input_ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], device=device)
+        # Upstream's idiom, kept on purpose: the ids go to the GPU with a bare ``.cuda()`` (on a CPU a caller needs
+        # vesselnb's CUDA shim, exactly as with the real code).
+        input_ids = torch.tensor(tokenizer.encode(prompt, add_special_tokens=False)).cuda().unsqueeze(0)
         vit_embeds = self.extract_feature(pixel_values) if pixel_values is not None else None
         ids = self._greedy_generate(input_ids, vit_embeds)
         generated = ids[0, input_ids.shape[1] :]
@@ -233,12 +235,14 @@ class Sa2VADemoChatModel(PreTrainedModel):
         ).hidden_states[-1][0, seg_positions]
         seg_embeddings = self.text_hidden_fcs(hidden)
         sam2 = self.grounding_encoder.sam2_model
-        sam_pixels = torch.cat([sam2.preprocess(a[None], self.torch_dtype) for a in arrays]).to(device)
+        sam_pixels = torch.cat([sam2.preprocess(a[None], self.torch_dtype) for a in arrays]).cuda()
         height, width = arrays[0].shape[:2]
         num_frames = len(llm_frames)
         for seg_embedding in seg_embeddings:
-            state = self.grounding_encoder.get_sam2_embeddings(sam_pixels)
-            pred_masks = self.grounding_encoder.language_embd_inference(state, [seg_embedding[None]] * num_frames)
+            # As upstream: SAM2's mask path under a CUDA bf16 autocast (a no-op on a CPU unless a shim maps it).
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                state = self.grounding_encoder.get_sam2_embeddings(sam_pixels)
+                pred_masks = self.grounding_encoder.language_embd_inference(state, [seg_embedding[None]] * num_frames)
             masks = F.interpolate(pred_masks, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
             result["prediction_masks"].append((masks.sigmoid() > 0.5).cpu().numpy())
         return result

@@ -550,6 +550,7 @@ def test_error_records_are_retried_when_their_file_changes(model_dir, frames, tm
     unchanged = infer_stage(params, tmp_path / "run", progress=False)
     assert unchanged.stats.n_run == 0 and unchanged.stats.n_retried == 0
     assert unchanged.stats.n_done_before == 2
+    assert "nothing predicted in this pass" in unchanged.to_text() and "nan" not in unchanged.to_text()
 
     broken.write_bytes(good[1].read_bytes())  # the user re-exports the frame
     fixed = infer_stage(params, tmp_path / "run", progress=False)

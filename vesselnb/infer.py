@@ -928,7 +928,7 @@ class InferenceSummary:
                  f"store: {self.store_path}  (fingerprint {self.fingerprint}, mode {self.mode})",
                  f"device {self.device}, dtype {self.dtype}; this pass: {self.stats.n_run} predicted "
                  f"({self.stats.n_retried} retried error records), {self.stats.n_done_before} already stored, "
-                 f"{self.frames_per_second:.2f} frames/s",
+                 + (f"{self.frames_per_second:.2f} frames/s" if self.stats.n_run else "nothing predicted in this pass"),
                  f"probability maps: {'stored' if self.probability_maps else 'not stored'} ({self.probability_note})"]
         if self.shard:
             lines.append(f"shard {self.shard[0]}/{self.shard[1]}: "

@@ -226,3 +226,14 @@ def maybe_cuda_shim(plan: DevicePlan) -> contextlib.AbstractContextManager[None]
     if not plan.is_cpu or not plan.code_assumes_cuda:
         return contextlib.nullcontext()
     return cuda_shim(None if plan.dtype == torch.float32 else plan.dtype)
+
+
+def available_ram() -> int | None:
+    """The kernel's ``MemAvailable`` in bytes (what a CPU run may still use), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from vesselnb import htmlrepr as hr
 from vesselnb.convert.checks import has_non_finite
 from vesselnb.convert.hf_folder import check_remote_code
-from vesselnb.device import plan_device
+from vesselnb.device import available_ram, plan_device
 from vesselnb.errors import InferenceError
 from vesselnb.fingerprint import INDEX_NAME, SINGLE_NAME
 
@@ -344,7 +344,7 @@ def _memory_check(report: DoctorReport, stored: dict[str, Any], device: str, dty
     weight_bytes = n_params * torch.empty((), dtype=plan.dtype).element_size()
     need = weight_bytes + _RUNTIME_OVERHEAD_BYTES
     if plan.is_cpu:
-        available = _available_ram()
+        available = available_ram()
         where = "RAM available"
     else:
         available = sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
@@ -357,16 +357,6 @@ def _memory_check(report: DoctorReport, stored: dict[str, Any], device: str, dty
         f"{hr.size(weight_bytes)} of weights + ~{_RUNTIME_OVERHEAD_BYTES / 1e9:.0f} GB at run time = "
         f"~{need / 1e9:.1f} GB; " + (f"{where}: {available / 1e9:.1f} GB" if available is not None else where),
     )
-
-
-def _available_ram() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def diagnose(folder: str | Path, device: str = "auto", dtype: str = "auto", scan_values: bool = True) -> DoctorReport:

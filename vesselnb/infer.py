@@ -41,7 +41,14 @@ from PIL import Image
 from vesselnb import doctor, store_writer
 from vesselnb import htmlrepr as hr
 from vesselnb.data import Sample, list_samples
-from vesselnb.device import DevicePlan, code_assumes_cuda, distributed_context, maybe_cuda_shim, plan_device
+from vesselnb.device import (
+    DevicePlan,
+    available_ram,
+    code_assumes_cuda,
+    distributed_context,
+    maybe_cuda_shim,
+    plan_device,
+)
 from vesselnb.errors import InferenceError, StoreError
 from vesselnb.fingerprint import config_fingerprint
 from vesselnb.frames import frame_size, load_frame
@@ -492,13 +499,7 @@ def _free_memory_bytes(plan: DevicePlan) -> int | None:
     MemAvailable on a CPU; None when it cannot be read."""
     if not plan.is_cpu and torch.cuda.is_available():
         return int(torch.cuda.mem_get_info(torch.device(plan.device))[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return available_ram()
 
 
 def video_window_note(plan: DevicePlan, window: int, free_bytes: int | None) -> str | None:

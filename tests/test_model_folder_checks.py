@@ -104,6 +104,8 @@ def test_intact_folder_passes_every_check(demo_model_dir: Path) -> None:
     assert {"remote code importable", "weights complete", "weights finite", "tokenizer tokens",
             "vocab_size vs tokenizer", "transformers version", "device plan and memory", "dtype"} <= names
     assert "Model folder check" in report._repr_html_()
+    files = next(c for c in report.checks if c.name == "remote code files").detail
+    assert "AutoModel → modeling_sa2va_demo." in files and "{" not in files  # read as text, not a Python dict
     loaded = load_model(demo_model_dir, device="cpu")
     assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
 

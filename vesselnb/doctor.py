@@ -371,7 +371,8 @@ def diagnose(folder: str | Path, device: str = "auto", dtype: str = "auto", scan
         report.seconds = time.monotonic() - started
         return report
     code = sorted(p.name for p in folder.glob("*.py"))
-    report.add("remote code files", "ok", f"{len(code)} .py files, auto_map {config['auto_map']}")
+    classes = "; ".join(f"{auto} → {target}" for auto, target in config["auto_map"].items())
+    report.add("remote code files", "ok", f"{len(code)} .py files; auto_map: {classes}")
     stored: dict[str, Any] = {}
     try:
         stored = stored_tensors(folder)

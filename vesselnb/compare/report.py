@@ -230,20 +230,19 @@ class ComparisonReport:
 
     def per_patient(self) -> Section:
         """Per-patient means and Δ (what to read instead of intervals when there are few patients)."""
-        parts = []
-        for pair in self.pairs:
-            parts.append(_pair_heading(pair))
-            parts.append(hr.muted(_grouped_note(pair, "patient")))
-            parts.append(_table(_grouped_view(self._named(pair.per_patient()).sort_index(), pair), index=True))
-        return Section(hr.join(*parts))
+        return self._grouped("patient")
 
     def per_sequence(self) -> Section:
         """Mean Δ per (patient, sequence) of the primary metric and the ones the verdict warns about."""
+        return self._grouped("sequence")
+
+    def _grouped(self, level: str) -> Section:
+        """Each pair's ``per_<level>()`` table (pseudonymised, focus metrics only) under its heading and note."""
         parts = []
         for pair in self.pairs:
-            parts.append(_pair_heading(pair))
-            parts.append(hr.muted(_grouped_note(pair, "sequence")))
-            parts.append(_table(_grouped_view(self._named(pair.per_sequence()).sort_index(), pair), index=True))
+            table = getattr(pair, f"per_{level}")()
+            parts += [_pair_heading(pair), hr.muted(_grouped_note(pair, level)),
+                      _table(_grouped_view(self._named(table).sort_index(), pair), index=True)]
         return Section(hr.join(*parts))
 
     def width_bins(self) -> Section:

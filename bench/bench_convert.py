@@ -8,10 +8,12 @@ copies (0.42 GB), in a temp folder under --workdir (default the repo root, a rea
 - reference: ``cp -r base`` + ``cp ckpt`` + ``sync`` (the same input bytes read and written, made durable);
 - ours: ``convert_checkpoint`` (bf16), timed around the call (imports excluded), with its CPU seconds per phase.
 
-Every timed run starts from the same state (see bench/README.md): inputs in the page cache (read once before), and
-an untimed copy of them deleted just before the start, so both sides find the same just-freed memory. Prints every
-round (seconds and CPU seconds) and ours' CPU seconds per phase, then one JSON line per figure: ``ratio`` = ours /
-reference (lower is better), of the minima over the rounds (the medians beside them).
+Ours is CPU-bound and ``cp`` is not, so a CPU probe (one thread's GFLOPS in the merge's kernel) is printed before
+and after the rounds: the ratio follows it. Every timed run starts from the same state (see bench/README.md): inputs
+in the page cache (read once before), and an untimed copy of them deleted just before the start, so both sides find
+the same just-freed memory. Prints every round (seconds and CPU seconds) and ours' CPU seconds per phase, then one
+JSON line per figure: ``ratio`` = ours / reference (lower is better), of the minima over the rounds (the medians
+beside them).
 Run: ``.venv/bin/python bench/bench_convert.py [--rounds 3] [--data DIR] [--settle S] [--fp32]``
 """
 
@@ -130,6 +132,24 @@ def build(root: Path, layers: int, hidden: int) -> tuple[Path, Path]:
     (root / "cfg.py").write_text(f"model = dict(mllm=dict(llm_lora=dict(r={R}, lora_alpha={ALPHA})))\n")
     (root / "built.json").write_text(json.dumps({"layers": layers, "hidden": hidden}))
     return base, ckpt
+
+
+def cpu_probe(seconds: float = 1.0) -> float:
+    """GFLOPS of one thread in the merge's own kernel (fp32 ``mm`` of a row block by a rank-64 ``A``).
+
+    Ours is CPU-bound and ``cp`` is not, so the ratio follows the speed the host gives this VM, which varies by
+    ~1.5x over minutes on shared machines (measured here: 103-157 GFLOPS within an hour). Printed before and after
+    the rounds so two runs of the bench can be compared with it.
+    """
+    torch.set_num_threads(1)
+    left, right = torch.randn(128, R), torch.randn(R, 2048)
+    out = torch.empty(128, 2048)
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(100):
+            torch.mm(left, right, out=out)
+        calls += 100
+    return 2 * 128 * R * 2048 * calls / elapsed / 1e9
 
 
 def _vm_hwm() -> int:
@@ -297,9 +317,10 @@ def main() -> None:
 
         cp_runs: list[dict] = []
         ours_runs: list[dict] = []
+        probe_before = cpu_probe()
         print(
             f"inputs: {input_bytes / 1e9:.2f} GB (built/reused in {built_seconds:.0f} s); "
-            f"load average {load_before[0]:.2f}",
+            f"load average {load_before[0]:.2f}; CPU probe {probe_before:.0f} GFLOPS (one thread, fp32 mm)",
             flush=True,
         )
         for round_index in range(args.rounds):
@@ -329,6 +350,8 @@ def main() -> None:
         largest = max(VOCAB * args.hidden * 2, int(args.hidden * 2.75) * args.hidden * 2)
         peak_rss = max(r["peak_rss"] for r in ours_runs)
         load_after = os.getloadavg()
+        probe_after = cpu_probe()
+        print(f"CPU probe after the rounds: {probe_after:.0f} GFLOPS")
         print(
             json.dumps(
                 {
@@ -342,6 +365,7 @@ def main() -> None:
                     "cp_cpu": [round(r["cpu"], 2) for r in cp_runs],
                     "convert_cpu": [round(r["cpu"], 2) for r in ours_runs],
                     "load_average": [round(load_before[0], 2), round(load_after[0], 2)],
+                    "cpu_probe_gflops": [round(probe_before), round(probe_after)],
                     "bench_seconds": round(time.perf_counter() - started, 1),
                 }
             )

@@ -7,7 +7,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -398,25 +401,21 @@ def test_embedding_lora_merge_matches_peft() -> None:
     torch.testing.assert_close(ours, merged)
 
 
-@pytest.mark.parametrize(
-    ("native_bf16", "helpers"), [(True, 0), (False, 0), (False, 2)], ids=["fused_bf16_addmm", "blocked_fp32", "split"]
-)
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["fused_bf16_addmm", "blocked_fp32"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_lora_merge_rounds_once_from_fp32(
-    out_dtype: torch.dtype, native_bf16: bool, helpers: int, monkeypatch: pytest.MonkeyPatch
+    out_dtype: torch.dtype, native_bf16: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every merge route (fused bf16 addmm where the CPU has bf16 units; fp32 row blocks otherwise, alone or split
-    over helper threads) equals the fp32 merge rounded once, up to one unit in the last place from the order of
-    accumulation, and measures |W|^2 and |scale B A|^2."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Both merge routes (fused bf16 addmm where the CPU has bf16 units; fp32 row blocks otherwise) equal the fp32
+    merge rounded once, up to one unit in the last place from the order of accumulation, and measure |W|^2 and
+    |scale B A|^2."""
     from vesselnb.convert import converter
     from vesselnb.convert.converter import _merge_lora
 
     if native_bf16 and not converter._native_bf16_matmul():
         pytest.skip("this CPU has no native bf16 matmul; the fused route is never taken here")
     monkeypatch.setattr(converter, "_NATIVE_BF16", native_bf16)
-    monkeypatch.setattr(converter, "_BLOCK_ELEMENTS", 96 * 7)  # several row blocks per share, one of them short
+    monkeypatch.setattr(converter, "_BLOCK_ELEMENTS", 96 * 7)  # several row blocks, the last one short
 
     generator = torch.Generator().manual_seed(3)
     weight = (torch.randn(300, 96, generator=generator) * 0.02).bfloat16()
@@ -424,12 +423,7 @@ def test_lora_merge_rounds_once_from_fp32(
     b = (torch.randn(300, 8, generator=generator) * 0.02).bfloat16()
     exact = weight.double() + 2.5 * (b.double() @ a.double())
     out = torch.empty(weight.shape, dtype=out_dtype)
-    pool = ThreadPoolExecutor(max_workers=helpers) if helpers else None
-    try:
-        merged = _merge_lora(weight, a, b, 2.5, False, out, pool)
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    merged = _merge_lora(weight, a, b, 2.5, False, out)
     reference = exact.to(out_dtype)
     if out_dtype == torch.bfloat16:  # fp32 accumulation error is far below a bf16 ulp: at most one ulp off
         ulp = torch.finfo(out_dtype).eps * reference.abs().double()
@@ -482,6 +476,7 @@ def test_written_shard_digest_is_the_files_and_loads(
     monkeypatch.setattr(_DirectSink, "_stage", lambda self, flat: (staged.append(flat.numel()), stage(self, flat)))
     monkeypatch.setattr(writer, "_SLICE", 1 << 15)  # several slices per tensor
     monkeypatch.setattr(writer, "_DIRECT_CHUNK", 1 << 16)  # several buffers per tensor
+    monkeypatch.setattr(writer, "_MIN_ZERO_COPY", 1 << 16)  # "big" and "odd" are written from where they are
     if not direct:
         monkeypatch.setenv(NO_DIRECT_ENV, "1")
     sink = _open_sink(tmp_path / "probe", PhaseClock())
@@ -497,6 +492,79 @@ def test_written_shard_digest_is_the_files_and_loads(
     assert keys["big"] == {"dtype": "bfloat16", "shape": [3 << 16]}
     if direct:  # placed memory is written from where it is: only the ends of "big" and "odd" were copied
         assert (sum(staged) < path.stat().st_size / 4) == placed
+
+
+def test_writer_is_done_with_a_tensor_before_the_producer_reuses_its_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The producer may be ``WRITE_DEPTH`` tensors ahead of the disk and reuses its output memory in turn
+    (``WRITE_DEPTH + 1`` buffers, as the converter's ring): by the time a buffer comes round again, every byte of
+    the tensor it held must be on the disk. Each write is slowed down, so a writer that let the producer run further
+    ahead would put overwritten bytes into the file (checked: with one buffer fewer, most tensors come out wrong)."""
+    from vesselnb.convert.timing import PhaseClock
+    from vesselnb.convert.writer import (
+        SHARD_METADATA,
+        WRITE_DEPTH,
+        _DirectSink,
+        _open_sink,
+        aligned_empty,
+        data_offsets,
+        write_safetensors,
+    )
+
+    probe = _open_sink(tmp_path / "probe", PhaseClock())
+    probe.close()
+    os.close(probe.fd)
+    if not isinstance(probe, _DirectSink):
+        pytest.skip("this filesystem refuses O_DIRECT: the page-cache writer copies every tensor before returning")
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd: int, data: Any, offset: int) -> int:
+        time.sleep(0.01)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    count, elements = 8, 1 << 18  # 512 KB each: written from where they are, not copied
+    specs = [(f"t{i}", torch.bfloat16, (elements,)) for i in range(count)]
+    ring: list[torch.Tensor | None] = [None] * (WRITE_DEPTH + 1)
+
+    def produced() -> Iterator[tuple[str, torch.Tensor]]:
+        for i, offset in enumerate(data_offsets(specs, SHARD_METADATA)):
+            memory, ring[i % len(ring)] = aligned_empty(elements * 2, offset, ring[i % len(ring)])
+            yield f"t{i}", memory.view(torch.bfloat16).fill_(i)
+
+    path = tmp_path / "shard.safetensors"
+    write_safetensors(path, specs, produced(), SHARD_METADATA)
+    loaded = load_file(path)
+    assert [i for i in range(count) if not loaded[f"t{i}"].eq(i).all()] == []
+
+
+def test_tensors_made_ahead_on_workers_are_written_before_their_memory_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker threads make tensors ahead into output memory reused in turn, while earlier outputs are still on
+    their way to the disk: with every direct write slowed down and every merge output written from where it is,
+    the folder must hold the same tensors as a conversion without either (checked: with the ring one slot short,
+    tensors come out overwritten). In fp32 every tensor is computed (merged or cast) into that memory."""
+    from vesselnb.convert import writer
+
+    base = make_base_folder(tmp_path / "base", hidden=128)  # 64-128 KB fp32 LoRA-merged tensors, 14 of them
+    config = write_training_config(tmp_path / "cfg.py", base)
+    checkpoint = make_training_checkpoint(base, tmp_path / "iter_5.pth", seed=5).path
+    options = {"training_config": config, "shard_size": "1GB", "dtype": "fp32"}
+    convert_checkpoint(checkpoint, base, tmp_path / "reference", **options)
+    real_pwrite = os.pwrite
+
+    def slow_pwrite(fd: int, data: Any, offset: int) -> int:
+        time.sleep(0.005)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    monkeypatch.setattr(writer, "_MIN_ZERO_COPY", writer.DIRECT_ALIGN)
+    convert_checkpoint(checkpoint, base, tmp_path / "slow", **options)
+    reference = load_file(next((tmp_path / "reference").glob("*.safetensors")))
+    written = load_file(next((tmp_path / "slow").glob("*.safetensors")))
+    assert sorted(key for key in reference if not written[key].equal(reference[key])) == []
 
 
 def test_fingerprint_equals_a_fresh_recomputation_from_disk(

@@ -1,23 +1,24 @@
 """Training checkpoint + base HF folder (+ optional pretrained_pth) -> a verified HF folder.
 
 Output = base, overridden by ``pretrained_pth``, overridden by the checkpoint, with LoRA pairs merged as
-W + scale · B·A (scale = alpha / r, from the training config). Tensors are produced one at a time and written one
-shard at a time, so peak memory is about one shard plus the largest tensor whatever the model size.
+W + scale · B·A (scale = alpha / r, from the training config). Tensors are made a few at a time on worker threads
+and written in order one shard at a time, so peak memory is about one shard plus a few tensors whatever the model
+size.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
-import itertools
 import json
 import math
 import os
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from vesselnb.convert.timing import PhaseClock
 from vesselnb.convert.training_config import TrainingConfig, read_training_config
 from vesselnb.convert.writer import (
     SHARD_METADATA,
+    WRITE_DEPTH,
     ShardedWriter,
     ShardRecord,
     aligned_empty,
@@ -97,24 +99,22 @@ def _name_keys(fates: Iterable[Any]) -> str:
 def _refuse_non_finite(
     tensors: Mapping[str, torch.Tensor],
     file: Path,
-    helpers: ThreadPoolExecutor | None = None,
-    clock: PhaseClock | None = None,
+    workers: ThreadPoolExecutor,
+    shares: int,
+    clock: PhaseClock,
 ) -> None:
     """Refuse a checkpoint holding NaN/inf weights before anything is written.
 
     A diverged run saves NaN weights without complaint; merged into the base they give a model that answers with
     empty masks, which inference would record as ``ok``. One pass over the (memory-mapped) tensors
-    (:func:`~vesselnb.convert.checks.has_non_finite`), shared with the ``helpers`` threads.
+    (:func:`~vesselnb.convert.checks.has_non_finite`), in ``shares`` shares taken by the ``workers`` threads.
     """
     keys = sorted(tensors, key=lambda k: -tensors[k].numel())
-    shares = 1 + (helpers._max_workers if helpers is not None else 0)
 
     def scan(share: int) -> list[str]:
-        return [key for key in keys[share::shares] if checks.has_non_finite(tensors[key])]
+        return clock.timed(_SCAN_PHASE, lambda: [k for k in keys[share::shares] if checks.has_non_finite(tensors[k])])
 
-    clock = clock or PhaseClock()
-    others = [helpers.submit(clock.timed, _SCAN_PHASE, scan, share) for share in range(1, shares)] if helpers else []
-    found = set(scan(0)).union(*(other.result() for other in others))
+    found = set().union(*workers.map(scan, range(shares)))
     bad = [key for key in tensors if key in found]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -173,13 +173,14 @@ def _lora_scale(plan: MergePlan, config: TrainingConfig) -> float | None:
 
 
 class _ScratchRing:
-    """Output memory reused in turn: two slots, because the writer is done with tensor k before it asks for k+2.
+    """Output memory reused in turn, by as many slots as tensors may be alive at once: in the making
+    (``_Producer.ahead``) or still held by the writer (``WRITE_DEPTH``).
 
     Fresh memory is expensive to touch for the first time (page faults; on a VM up to several times the cost of a
     copy), and a conversion produces gigabytes of merged tensors that each live only until they are written.
     """
 
-    def __init__(self, slots: int = 2) -> None:
+    def __init__(self, slots: int) -> None:
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._turn = 0
 
@@ -199,8 +200,26 @@ _MERGE_PHASE = "LoRA merge (+ |W|^2 in the same pass)"
 _SCAN_PHASE = "NaN/inf scan"
 
 
+@dataclass
+class _Job:
+    """What one output tensor is made from, gathered in the calling thread (the base folder's handles are not
+    shared between threads) for :meth:`_Producer.make` on a worker thread."""
+
+    plan: TensorPlan
+    base_tensor: torch.Tensor
+    weight: torch.Tensor  # the tensor the output starts from: the checkpoint's, pretrained_pth's or the base's
+    input_key: str | None
+    out: torch.Tensor | None  # output memory when the output is computed (merge, cast), placed for its file offset
+    lora: tuple[torch.Tensor, torch.Tensor] | None  # (A, B)
+
+
+# Tensors in the making per worker thread: a worker that finishes one finds the next already queued.
+_AHEAD_PER_WORKER = 2
+
+
 class _Producer:
-    """Builds each output tensor from its plan and accumulates provenance statistics, each input byte read once."""
+    """Builds each output tensor from its plan and its provenance statistics, each input byte read once: inputs
+    gathered in order by :meth:`prepare`, the work done by :meth:`make` on ``workers`` threads at once."""
 
     def __init__(
         self,
@@ -210,38 +229,43 @@ class _Producer:
         scale: float | None,
         dtype: torch.dtype,
         clock: PhaseClock,
-        helpers: ThreadPoolExecutor | None = None,
+        workers: int,
     ) -> None:
         self.base, self.checkpoint, self.pretrained = base, checkpoint, pretrained
-        self.scale, self.dtype, self.clock, self.helpers = scale, dtype, clock, helpers
+        self.scale, self.dtype, self.clock = scale, dtype, clock
         self._current_shard: str | None = None
-        self._ring = _ScratchRing()
+        self.ahead = workers * _AHEAD_PER_WORKER  # tensors in the making at once
+        self._ring = _ScratchRing(WRITE_DEPTH + self.ahead)
 
-    def _out_dtype(self, reference: torch.Tensor) -> torch.dtype:
-        return self.dtype if reference.is_floating_point() else reference.dtype
-
-    def produce(self, plan: TensorPlan, file_offset: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The output tensor for ``plan`` (new memory placed for ``file_offset`` when it is computed here) and its
-        provenance row."""
+    def prepare(self, plan: TensorPlan, file_offset: int | None = None) -> _Job:
+        """The inputs of ``plan``'s output and, when it is computed, its memory (placed for ``file_offset``)."""
         shard = self.base.key_to_file[plan.hf_key]
         if self._current_shard not in (None, shard):
             self.base.release(self._current_shard)  # keys come in base-shard order: done with that one
         self._current_shard = shard
         base_tensor = self.base.get_tensor(plan.hf_key)
-        out_dtype = self._out_dtype(base_tensor)
+        out_dtype = self.dtype if base_tensor.is_floating_point() else base_tensor.dtype
         if plan.checkpoint_key is not None:
             weight, input_key = self.checkpoint[plan.checkpoint_key], plan.checkpoint_key
         elif plan.pretrained_key is not None:
             weight, input_key = self.pretrained[plan.pretrained_key], plan.pretrained_key
         else:
             weight, input_key = base_tensor, None
+        lora = (self.checkpoint[plan.lora.a_key], self.checkpoint[plan.lora.b_key]) if plan.lora else None
+        computed = lora is not None or weight.dtype != out_dtype
+        out = self._ring.take(weight.shape, out_dtype, file_offset) if computed else None
+        return _Job(plan, base_tensor, weight, input_key, out, lora)
+
+    def make(self, job: _Job) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The output tensor of ``job`` and its provenance row (thread-safe: each job has its own memory)."""
+        plan, base_tensor, weight = job.plan, job.base_tensor, job.weight
         row: dict[str, Any] = {"hf_key": plan.hf_key, "component": plan.component, "source": plan.source}
         floating = base_tensor.is_floating_point()
-        if plan.lora is not None:
-            a, b = self.checkpoint[plan.lora.a_key], self.checkpoint[plan.lora.b_key]
-            out = self._ring.take(weight.shape, out_dtype, file_offset)
+        if job.lora is not None:
+            (a, b), out = job.lora, job.out
+            assert out is not None and plan.lora is not None  # prepare takes memory for every merge
             with self.clock.phase(_MERGE_PHASE):
-                merge = _merge_lora(weight, a, b, float(self.scale), plan.lora.embedding, out, self.helpers, self.clock)
+                merge = _merge_lora(weight, a, b, float(self.scale), plan.lora.embedding, out)
             row.update(input_key=plan.lora.a_key.replace(".lora_A", ".lora_{A,B}"), shape=list(out.shape))
             with self.clock.phase("statistics"):
                 if weight is base_tensor:
@@ -254,12 +278,12 @@ class _Producer:
                 else:  # the merge started from another weight: measure against the base
                     row.update(_change(*_sq_norm_and_diff(out, base_tensor)))
             return out, row
-        if weight.dtype != out_dtype:
+        if job.out is not None:
             with self.clock.phase("dtype cast"):
-                out = self._ring.take(weight.shape, out_dtype, file_offset).copy_(weight)
+                out = job.out.copy_(weight)
         else:
             out = weight.contiguous()
-        row.update(input_key=input_key, shape=list(out.shape))
+        row.update(input_key=job.input_key, shape=list(out.shape))
         with self.clock.phase("statistics"):
             if plan.source == "base" or not floating:
                 base_sq = _sq_norm(base_tensor) if floating else 0.0
@@ -285,7 +309,6 @@ def _row_blocks(tensor: torch.Tensor) -> int:
     return max(1, _BLOCK_ELEMENTS // max(1, math.prod(tensor.shape[1:])))
 
 
-_PARTS_PER_THREAD = 4
 _SCRATCH = threading.local()  # each thread's fp32 block buffer, reused: fresh memory costs page faults
 
 
@@ -347,14 +370,12 @@ def _merge_lora(
     scale: float,
     embedding: bool,
     out: torch.Tensor,
-    helpers: ThreadPoolExecutor | None = None,
-    clock: PhaseClock | None = None,
 ) -> _Merged:
     """``out`` = W + scale * B @ A with fp32 accumulation, rounded once to ``out``'s dtype (peft rounds twice).
 
     peft stores an embedding's LoRA transposed: delta = (B @ A).T. |scale * B @ A|^2 comes exactly from r x r
-    products (|BA|^2 = trace((B^T B)(A A^T))), and |W|^2 from the blocks the merge reads anyway. ``helpers`` threads
-    (torch releases the GIL) each take a share of the rows.
+    products (|BA|^2 = trace((B^T B)(A A^T))), and |W|^2 from the blocks the merge reads anyway. One thread: the
+    converter merges one tensor per worker thread at a time.
     """
     a32 = a.float()
     b32 = b.float()
@@ -369,23 +390,7 @@ def _merge_lora(
         low, high = (a.T, b.T) if embedding else (b, a)
         torch.addmm(weight, low, high, alpha=scale, out=out)
         return _Merged(delta_sq, _sq_norm(weight))
-    # Parts taken in turn by whichever thread is free (the writer thread and other processes share the cores, so
-    # fixed halves would leave one thread waiting for the other).
-    rows, block = weight.shape[0], _row_blocks(weight)
-    threads = 1 + (helpers._max_workers if helpers is not None and rows >= 2 * block else 0)
-    parts = min(_PARTS_PER_THREAD * threads, -(-rows // block))
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    taken = itertools.count()  # next() on it is atomic under the GIL
-
-    def work() -> float:
-        weight_sq = 0.0
-        while (part := next(taken)) < parts:
-            weight_sq += _merge_rows(weight, left, right, out, bounds[part], bounds[part + 1])
-        return weight_sq
-
-    clock = clock or PhaseClock()
-    others = [helpers.submit(clock.timed, _MERGE_PHASE, work) for _ in range(threads - 1)]  # type: ignore[union-attr]
-    return _Merged(delta_sq, work() + sum(other.result() for other in others))
+    return _Merged(delta_sq, _merge_rows(weight, left, right, out, 0, weight.shape[0]))
 
 
 def _merge_rows(
@@ -412,6 +417,7 @@ def _merge_rows(
 def _write_shard(
     writer: ShardedWriter,
     producer: _Producer,
+    workers: ThreadPoolExecutor,
     plan: MergePlan,
     name: str,
     shard_keys: list[str],
@@ -430,38 +436,53 @@ def _write_shard(
     offsets = data_offsets(specs, SHARD_METADATA)
 
     def produced() -> Iterator[tuple[str, torch.Tensor]]:
-        for key, offset in zip(shard_keys, offsets, strict=True):
-            tensor, row = producer.produce(plan.tensors[key], offset)
+        """Tensors in file order, ``producer.ahead`` in the making at once on the worker threads. Each worker makes
+        whole tensors: splitting each tensor's rows among them made every worker wait for the others at every
+        tensor's end (a core idle a quarter of the time in the bench)."""
+        ahead: deque[tuple[str, Future[tuple[torch.Tensor, dict[str, Any]]]]] = deque()
+
+        def finish_oldest() -> tuple[str, torch.Tensor]:
+            key, making = ahead.popleft()
+            tensor, row = making.result()
             rows.append(row)
-            yield key, tensor
             progress.update(tensor_nbytes(shapes[key], out_dtypes[key]))
+            return key, tensor
+
+        for key, offset in zip(shard_keys, offsets, strict=True):
+            ahead.append((key, workers.submit(producer.make, producer.prepare(plan.tensors[key], offset))))
+            if len(ahead) >= producer.ahead:
+                yield finish_oldest()
+        while ahead:
+            yield finish_oldest()
 
     return writer.write(name, specs, produced(), lambda: {"rows": rows})
 
 
-_MAX_HELPER_THREADS = 8  # beyond this the Python between torch calls (under the GIL) stops scaling
+_MAX_WORKER_THREADS = 8  # beyond this the Python between torch calls (under the GIL) stops scaling
+
+
+def _worker_count() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, _MAX_WORKER_THREADS)
 
 
 @contextmanager
-def _helper_threads() -> Iterator[ThreadPoolExecutor | None]:
-    """Helper threads (one per core beside the calling thread) for the NaN scan and the LoRA merges, torch
+def _worker_threads(count: int) -> Iterator[ThreadPoolExecutor]:
+    """``count`` worker threads (one per core) for the NaN scan and for making the output tensors, torch
     single-threaded meanwhile.
 
     Torch's OpenMP workers spin and wait for each other at every op; when one shares its core with the writer thread
     or another process, every parallel op waits for it (on 2 shared cores a 0.4 GB NaN scan took 5 s of wall for
-    1.4 s of CPU). Plain threads that each take a share of the work (torch releases the GIL) use every core and
-    yield to the writer when it needs one.
+    1.4 s of CPU). Plain threads that each take their own work (torch releases the GIL) use every core and yield to
+    the writer when it needs one.
     """
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    helpers = min(cores, _MAX_HELPER_THREADS) - 1
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="helper") if helpers > 0 else None
+    pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="worker")
     try:
         yield pool
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error, tensors queued ahead are not made
         torch.set_num_threads(before)
 
 
@@ -651,9 +672,9 @@ def convert_checkpoint(
         _check_output_free(output_dir, base.path, overwrite)
         with clock.phase("load checkpoint (torch.load, mmap)"):
             ckpt_tensors, source = load_training_state_dict(checkpoint, trust_pickle)
-        helpers = threads.enter_context(_helper_threads())
-        with clock.phase(_SCAN_PHASE):
-            _refuse_non_finite(ckpt_tensors, source.file, helpers, clock)
+        n_workers = _worker_count()
+        workers = threads.enter_context(_worker_threads(n_workers))
+        _refuse_non_finite(ckpt_tensors, source.file, workers, n_workers, clock)
         pretrained = load_flat_state_dict(pretrained_path, trust_pickle) if pretrained_path else {}
         plan = build_merge_plan(
             {k: tuple(v.shape) for k, v in ckpt_tensors.items()},
@@ -710,9 +731,9 @@ def convert_checkpoint(
             writer.prepare()
             provenance: list[dict[str, Any]] = []
             progress = tqdm(total=sum(n for _, n in sizes), unit="B", unit_scale=True, desc="convert")
-            producer = _Producer(base, ckpt_tensors, pretrained, scale, out_dtype, clock, helpers)
+            producer = _Producer(base, ckpt_tensors, pretrained, scale, out_dtype, clock, n_workers)
             records = [
-                _write_shard(writer, producer, plan, name, shard_keys, out_dtypes, base.shapes, progress)
+                _write_shard(writer, producer, workers, plan, name, shard_keys, out_dtypes, base.shapes, progress)
                 for name, shard_keys in zip(names, shards, strict=True)
             ]
             threads.close()

@@ -2,7 +2,7 @@
 
 Output = base, overridden by ``pretrained_pth``, overridden by the checkpoint, with LoRA pairs merged as
 W + scale · B·A (scale = alpha / r, from the training config). Tensors are made a few at a time on worker threads
-and written in order one shard at a time, so peak memory is about one shard plus a few tensors whatever the model
+and written in order one shard at a time, so peak memory is about one shard plus eight tensors whatever the model
 size.
 """
 
@@ -213,8 +213,11 @@ class _Job:
     lora: tuple[torch.Tensor, torch.Tensor] | None  # (A, B)
 
 
-# Tensors in the making per worker thread: a worker that finishes one finds the next already queued.
+# Tensors in the making per worker thread (a worker that finishes one finds the next already queued), and at most
+# in all: each one in the making or in flight holds an output buffer (up to WRITE_DEPTH + _MAX_AHEAD of them, each
+# the size of a merged or cast tensor), and beyond a few workers the disk, not the merge, sets the pace.
 _AHEAD_PER_WORKER = 2
+_MAX_AHEAD = 6
 
 
 class _Producer:
@@ -234,7 +237,7 @@ class _Producer:
         self.base, self.checkpoint, self.pretrained = base, checkpoint, pretrained
         self.scale, self.dtype, self.clock = scale, dtype, clock
         self._current_shard: str | None = None
-        self.ahead = workers * _AHEAD_PER_WORKER  # tensors in the making at once
+        self.ahead = min(workers * _AHEAD_PER_WORKER, _MAX_AHEAD)  # tensors in the making at once
         self._ring = _ScratchRing(WRITE_DEPTH + self.ahead)
 
     def prepare(self, plan: TensorPlan, file_offset: int | None = None) -> _Job:

@@ -147,3 +147,12 @@ def test_mapping_tables_align_values_left() -> None:
     page = hr.table({"store": "/a/b", "speed": "1.5 frames/s"})
     cells = re.findall(r"<td style='([^']*)'", page)
     assert len(cells) == 2 and all("text-align:left" in style for style in cells)
+
+
+def test_doctests() -> None:
+    import doctest
+
+    from vesselnb import htmlrepr
+
+    result = doctest.testmod(htmlrepr)
+    assert result.attempted > 0 and result.failed == 0

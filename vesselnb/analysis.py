@@ -669,16 +669,6 @@ def _section(*parts: str) -> Any:
     return HTML(hr.join(*parts))
 
 
-def _cells(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with every float written as ``htmlrepr.number`` writes it (3 decimals for ratios, else 4 significant
-    digits, NaN ``n/a``): what a report table shows instead of pandas' six decimals."""
-    out = frame.copy()
-    for column in out.columns:
-        if pd.api.types.is_float_dtype(out[column]):
-            out[column] = out[column].map(hr.number).astype(object)
-    return out
-
-
 def table_html(frame: pd.DataFrame, index: bool = False, caption: str | None = None) -> str:
     """A DataFrame as the report's tables are drawn: ``htmlrepr.table`` with body cells that do not wrap, so a
     sequence id such as ``1-4_1_CF364A16`` is never broken at its hyphen while long column headings wrap, and row
@@ -913,7 +903,7 @@ class AnalysisReport:
         columns = {"frames": "frames", "scored": "scored", "no_seg": "no_seg", "error": "error",
                    "hd95 (median)": self.heading("hd95", "median"), "hd95 inf": "HD95 = inf (frames)"}
         columns.update({m: self.heading(m, "mean") for m in GROUP_METRICS})
-        return _cells(frame).rename(columns=columns)
+        return hr.numbers(frame).rename(columns=columns)
 
     def per_patient_section(self) -> Any:
         """:meth:`per_patient` as the report shows it (headings with statistic and unit, 3 decimals for ratios)."""
@@ -985,7 +975,7 @@ class AnalysisReport:
                    "are slow): the thresholds between have no clDice." if n_cl else
                    "No clDice sweep: no frame had a probability map.")
         return _section(
-            table_html(_cells(table), index=True) if table is not None else "",
+            table_html(hr.numbers(table), index=True) if table is not None else "",
             _figure_html(self.figures.get("threshold_sweep"),
                          "Scores against the threshold applied to the probability maps (in-sample)."),
             table_html(self.sweep_display(), caption=f"Sweep over {int(self.sweep['n_samples'].iloc[0])} frames"),
@@ -1047,7 +1037,7 @@ class AnalysisReport:
                                      "Mean IoU (ratio) of each frame with the next stored frame of its sequence. "
                                      "No better direction: a prediction should be about as steady as the ground "
                                      "truth; much less steady flickers, much steadier may miss real motion."),
-                        table_html(_cells(table), index=True))
+                        table_html(hr.numbers(table), index=True))
 
     # -- samples --
     def ranked(self, metric: str = "dice", worst: bool = True) -> pd.DataFrame:

@@ -97,10 +97,7 @@ class SampleBrowser:
 
     def static_display(self, metric: str = "dice") -> pd.DataFrame:
         """:meth:`static_table` as the report shows it: metric headings with unit and direction, numbers formatted."""
-        table = self.static_table(metric).drop(columns=["sample_id"])
-        for column in METRIC_COLUMNS:
-            if column in table.columns:
-                table[column] = table[column].map(hr.number)
+        table = hr.numbers(self.static_table(metric).drop(columns=["sample_id"]), METRIC_COLUMNS)
         return table.rename(columns={c: self.report.heading(c) for c in METRIC_COLUMNS})
 
     def static_html(self) -> str:

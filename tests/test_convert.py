@@ -25,6 +25,7 @@ from _convert_fixtures import (
 from safetensors.torch import load_file
 
 from vesselnb.convert import convert_checkpoint, convert_stage, diff_weights
+from vesselnb.convert.hf_folder import declared_dtypes
 from vesselnb.convert.training_config import read_training_config
 from vesselnb.convert.writer import FREE_BYTES_ENV, KILL_AFTER_ENV
 from vesselnb.errors import CheckpointError, ConversionError
@@ -114,6 +115,12 @@ def test_fp32_on_request(world: dict, tmp_path: Path) -> None:
 
     assert total(tmp_path / "fp32") == 2 * total(world["out_a"])  # every tensor here is floating point
     assert report.output_bytes > world["report_a"].output_bytes
+    # Every place the base's config states a dtype (transformers >= 4.56 writes "dtype" and reads it first) now says
+    # float32, so torch_dtype="auto" loads the weights as they are stored, not in the base's bf16.
+    base_places = declared_dtypes(json.loads((world["base"] / "config.json").read_text()))
+    places = declared_dtypes(json.loads((tmp_path / "fp32" / "config.json").read_text()))
+    assert set(base_places) <= set(places) and set(places.values()) == {"float32"}
+    assert {p.dtype for p in load_hf(tmp_path / "fp32", "auto").parameters()} == {torch.float32}
 
 
 def test_same_checkpoint_twice_same_fingerprint_other_checkpoint_differs(world: dict, tmp_path: Path) -> None:
@@ -682,3 +689,12 @@ def test_components_section_flags_a_part_the_config_froze_but_the_checkpoint_hol
     held = report.components["sam2"]["sources"]["checkpoint"]
     assert held > 0 and "frozen_sam2_decoder=True" in sam2[1]
     assert sam2[-1] == f"! frozen in the config, yet the checkpoint holds {held} of its tensors"
+
+
+def test_hf_folder_doctests() -> None:
+    import doctest
+
+    from vesselnb.convert import hf_folder
+
+    result = doctest.testmod(hf_folder)
+    assert result.attempted > 0 and result.failed == 0

@@ -110,6 +110,20 @@ def test_intact_folder_passes_every_check(demo_model_dir: Path) -> None:
     assert all(torch.isfinite(p).all() for p in loaded.model.parameters())
 
 
+def test_doctor_warns_when_config_dtype_is_not_what_is_stored(demo_model_dir: Path, tmp_path: Path) -> None:
+    """``torch_dtype="auto"`` loads weights in the dtype config.json states: a config saying another dtype than the
+    shards hold (an edit, or a converter rewriting only one of "dtype" / "torch_dtype") is named with the fix."""
+    intact = next(c for c in diagnose(demo_model_dir, device="cpu").checks if c.name == "dtype")
+    assert intact.status == "ok", intact.detail
+    edited = _copy(demo_model_dir, tmp_path / "model")
+    stored = {t.dtype for t in load_file(_first_shard(edited)).values()}
+    claimed = "float16" if torch.float16 not in stored else "bfloat16"
+    _edit_config(edited, lambda c: c.update(dtype=claimed))
+    check = next(c for c in diagnose(edited, device="cpu").checks if c.name == "dtype")
+    assert check.status == "warn"
+    assert f"loads these weights as {claimed}" in check.detail and "Set every one of dtype" in check.detail
+
+
 def test_doctor_cli_exit_codes(demo_model_dir: Path, tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "vesselnb.cli", "doctor", str(demo_model_dir), "--device", "cpu"],
                         capture_output=True, text=True, timeout=300)

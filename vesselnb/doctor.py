@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from vesselnb import htmlrepr as hr
 from vesselnb.convert.checks import has_non_finite
-from vesselnb.convert.hf_folder import check_remote_code
+from vesselnb.convert.hf_folder import check_remote_code, declared_dtypes
 from vesselnb.device import available_ram, plan_device
 from vesselnb.errors import InferenceError
 from vesselnb.fingerprint import INDEX_NAME, SINGLE_NAME
@@ -334,6 +334,33 @@ def _tokenizer_check(report: DoctorReport, folder: Path, config: dict[str, Any],
     )
 
 
+_FLOAT_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}  # safetensors -> torch
+
+
+def _dtype_check(report: DoctorReport, config: dict[str, Any], stored: dict[str, Any]) -> None:
+    """The dtype config.json states (every place it states one) against the floating dtypes stored.
+
+    ``from_pretrained(..., torch_dtype="auto")`` loads the weights in the dtype the config states, whatever is
+    stored: a config saying bf16 beside fp32 shards silently halves the precision, a sign of an edited config or of
+    a converter that rewrote one of the two keys transformers reads.
+    """
+    dtypes: dict[str, int] = {}
+    for meta in stored.values():
+        dtypes[meta["dtype"]] = dtypes.get(meta["dtype"], 0) + 1
+    floats = {_FLOAT_NAMES[name] for name in dtypes if name in _FLOAT_NAMES}
+    declared = declared_dtypes(config)
+    stated = ", ".join(f"{place} {value}" for place, value in declared.items()) or "no dtype"
+    detail = f"config.json: {stated}; stored {dtypes}"
+    disagree = len(set(declared.values())) > 1 or bool(floats and set(declared.values()) - floats)
+    if disagree:
+        detail += (
+            f". torch_dtype='auto' loads these weights as {next(iter(declared.values()))} (transformers >= 4.56 "
+            f"reads 'dtype' first). Set every one of {', '.join(declared)} to what is stored "
+            f"({', '.join(sorted(floats))}), or convert again."
+        )
+    report.add("dtype", "warn" if disagree else "ok", detail)
+
+
 def _memory_check(report: DoctorReport, stored: dict[str, Any], device: str, dtype: str) -> None:
     try:
         plan = plan_device(device, dtype)
@@ -389,10 +416,7 @@ def diagnose(folder: str | Path, device: str = "auto", dtype: str = "auto", scan
         report.add("weights complete", "fail" if message else "ok",
                    message or f"{len(stored)} tensors in {len({m['file'] for m in stored.values()})} shards = config")
     if stored:
-        dtypes: dict[str, int] = {}
-        for meta in stored.values():
-            dtypes[meta["dtype"]] = dtypes.get(meta["dtype"], 0) + 1
-        report.add("dtype", "ok", f"config dtype {config.get('torch_dtype', config.get('dtype'))}; stored {dtypes}")
+        _dtype_check(report, config, stored)
         if scan_values:
             bad = _stored_non_finite(folder, stored)
             report.add("weights finite", "fail" if bad else "ok",

@@ -201,8 +201,32 @@ def build_config(
         config["template"] = template
     if vocab_size is not None:
         set_vocab_size(config, vocab_size)
-    config["torch_dtype"] = str(torch_dtype).replace("torch.", "")
-    for sub in ("llm_config", "text_config", "vision_config"):
-        if isinstance(config.get(sub), dict) and "torch_dtype" in config[sub]:
-            config[sub]["torch_dtype"] = config["torch_dtype"]
+    dtype_name = str(torch_dtype).replace("torch.", "")
+    config["torch_dtype"] = dtype_name
+    for place in declared_dtypes(config):
+        section, _, key = place.rpartition(".")
+        (config[section] if section else config)[key] = dtype_name
     return config
+
+
+# Where a config.json states its dtype: transformers >= 4.56 writes "dtype" and reads it before "torch_dtype".
+DTYPE_KEYS = ("dtype", "torch_dtype")
+_SUB_CONFIGS = ("llm_config", "text_config", "vision_config")
+
+
+def declared_dtypes(config: dict[str, Any]) -> dict[str, str]:
+    """Every dtype a config.json states, by place (``"dtype"``, ``"llm_config.torch_dtype"``...).
+
+    A base saved by transformers >= 4.56 says ``"dtype": "bfloat16"``; rewriting only ``torch_dtype`` for an fp32
+    conversion left a folder that ``torch_dtype="auto"`` loads in bf16. Every place is rewritten, and the doctor
+    compares them all with the stored tensors.
+
+    >>> declared_dtypes({"dtype": "bfloat16", "torch_dtype": "float32", "llm_config": {"torch_dtype": "bfloat16"}})
+    {'dtype': 'bfloat16', 'torch_dtype': 'float32', 'llm_config.torch_dtype': 'bfloat16'}
+    """
+    places = {key: config[key] for key in DTYPE_KEYS if isinstance(config.get(key), str)}
+    for sub in _SUB_CONFIGS:
+        section = config.get(sub)
+        if isinstance(section, dict):
+            places.update({f"{sub}.{key}": section[key] for key in DTYPE_KEYS if isinstance(section.get(key), str)})
+    return places

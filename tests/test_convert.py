@@ -25,6 +25,7 @@ from _convert_fixtures import (
 from safetensors.torch import load_file
 
 from vesselnb.convert import convert_checkpoint, convert_stage, diff_weights
+from vesselnb.convert.coverage import ConversionReport
 from vesselnb.convert.hf_folder import declared_dtypes
 from vesselnb.convert.training_config import read_training_config
 from vesselnb.convert.writer import FREE_BYTES_ENV, KILL_AFTER_ENV
@@ -121,6 +122,19 @@ def test_fp32_on_request(world: dict, tmp_path: Path) -> None:
     places = declared_dtypes(json.loads((tmp_path / "fp32" / "config.json").read_text()))
     assert set(base_places) <= set(places) and set(places.values()) == {"float32"}
     assert {p.dtype for p in load_hf(tmp_path / "fp32", "auto").parameters()} == {torch.float32}
+
+    def again() -> ConversionReport:
+        return convert_checkpoint(
+            world["a"].path, world["base"], tmp_path / "fp32", training_config=world["config"], dtype="fp32",
+            shard_size=SHARD,
+        )
+
+    assert again().skipped  # same inputs: not redone...
+    config = json.loads((tmp_path / "fp32" / "config.json").read_text())
+    (tmp_path / "fp32" / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))  # as before the fix
+    redone = again()  # ...unless its config states another dtype than its weights: converted again, said so
+    assert not redone.skipped and any("converted again" in note for note in redone.notes)
+    assert set(declared_dtypes(json.loads((tmp_path / "fp32" / "config.json").read_text())).values()) == {"float32"}
 
 
 def test_same_checkpoint_twice_same_fingerprint_other_checkpoint_differs(world: dict, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from vesselnb.convert.hf_folder import (
     build_config,
     check_remote_code,
     copy_support_files,
+    declared_dtypes,
     remote_code_files,
     set_vocab_size,
     support_files,
@@ -583,6 +584,15 @@ def _check_trained_and_frozen(
         warnings.append("ALLOWED frozen copies differing from the base: " + message)
 
 
+def _config_states(folder: Path, dtype: torch.dtype) -> bool:
+    """Whether every dtype ``folder``'s config.json states is ``dtype`` (what ``torch_dtype="auto"`` loads)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return set(declared_dtypes(config).values()) <= {str(dtype).replace("torch.", "")}
+
+
 def _is_ours(folder: Path) -> bool:
     return (folder / RECORD_NAME).is_file()
 
@@ -666,13 +676,20 @@ def convert_checkpoint(
             ckpt_file, base, pretrained_path, Path(training_config) if training_config else None, options
         )
         existing = read_record(output_dir) if reuse_existing else None
-        if existing is not None and existing.input_fingerprint == in_key:
+        same_inputs = existing is not None and existing.input_fingerprint == in_key
+        stale_config = same_inputs and not _config_states(output_dir, out_dtype)
+        if stale_config:
+            notes.append(
+                f"{output_dir} held a conversion of the same inputs whose config.json stated another dtype than its "
+                f"{dtype} weights (vesselnb rewrote only torch_dtype before); converted again"
+            )
+        elif same_inputs and existing is not None:
             existing.fingerprint = weights_fingerprint(output_dir)
             existing.config_fingerprint = config_fingerprint(output_dir)
             existing.skipped = "already converted from the same inputs (input fingerprint matches); not redone"
             existing.seconds = time.monotonic() - started
             return existing
-        _check_output_free(output_dir, base.path, overwrite)
+        _check_output_free(output_dir, base.path, overwrite or stale_config)
         with clock.phase("load checkpoint (torch.load, mmap)"):
             ckpt_tensors, source = load_training_state_dict(checkpoint, trust_pickle)
         n_workers = _worker_count()

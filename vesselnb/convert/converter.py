@@ -661,7 +661,7 @@ def convert_checkpoint(
         other_base = None
     with clock.phase("read base headers"):
         base = BaseFolder(base_path)
-    threads = ExitStack()  # helper threads, torch single-threaded: from the NaN scan to the last shard
+    threads = ExitStack()  # worker threads, torch single-threaded: from the NaN scan to the last shard
     try:
         options = {
             "dtype": dtype,

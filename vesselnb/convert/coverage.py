@@ -53,6 +53,17 @@ def _percent(value: Any) -> str:
     return "0" if value == 0 else f"{value * 100:.3g} %"
 
 
+def _trained_by(lora: str | None, flag: str, frozen: bool | None, lora_absent: str = "") -> tuple[bool | None, str]:
+    """(trained?, why) for one component: its LoRA, else its freeze flag, else unknown (the config does not say)."""
+    if lora is not None:
+        return True, lora
+    if frozen is False:
+        return True, f"trained in full ({flag}=False)"
+    if frozen:
+        return False, f"frozen ({flag}=True{lora_absent})"
+    return None, f"the config does not say (no {flag}{lora_absent})"
+
+
 def expected_training(config: TrainingConfig | None) -> dict[str, Any]:
     """What the training config says training changed, per component: ``{"config", "components": {name:
     {"trained": True|False|None, "how": text}}, "special_tokens"}``.
@@ -63,25 +74,15 @@ def expected_training(config: TrainingConfig | None) -> dict[str, Any]:
     """
     if config is None:
         return {}
+    llm_lora = None
     if config.llm_lora:
         targets = ", ".join(config.lora_target_modules or ["all linear layers"])
         alpha = f"{config.lora_alpha:g}" if config.lora_alpha is not None else "?"
-        llm = (True, f"LoRA r={config.lora_r}, alpha={alpha} on {targets}; the LLM's own weights frozen, "
-                     "peft modules_to_save (e.g. embed_tokens, lm_head) trained in full")
-    elif config.freeze_llm is False:
-        llm = (True, "trained in full (freeze_llm=False)")
-    elif config.freeze_llm:
-        llm = (False, "frozen (freeze_llm=True, no llm_lora)")
-    else:
-        llm = (None, "the config does not say (no freeze_llm, no llm_lora)")
-    if config.vision_lora:
-        vision = (True, f"LoRA (visual_encoder_lora r={config.vision_lora.get('r')})")
-    elif config.freeze_visual_encoder is False:
-        vision = (True, "trained in full (freeze_visual_encoder=False)")
-    elif config.freeze_visual_encoder:
-        vision = (False, "frozen (freeze_visual_encoder=True)")
-    else:
-        vision = (None, "the config does not say (no freeze_visual_encoder)")
+        llm_lora = (f"LoRA r={config.lora_r}, alpha={alpha} on {targets}; the LLM's own weights frozen, "
+                    "peft modules_to_save (e.g. embed_tokens, lm_head) trained in full")
+    llm = _trained_by(llm_lora, "freeze_llm", config.freeze_llm, ", no llm_lora")
+    vision_lora = f"LoRA (visual_encoder_lora r={config.vision_lora.get('r')})" if config.vision_lora else None
+    vision = _trained_by(vision_lora, "freeze_visual_encoder", config.freeze_visual_encoder)
     sam2 = ((False, "frozen, mask decoder included (frozen_sam2_decoder=True)") if config.frozen_sam2_decoder else
             (True, "mask decoder trained (sam_mask_decoder.*, frozen_sam2_decoder=False); image encoder and memory "
                    "frozen"))

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from vesselnb import htmlrepr as hr
 from vesselnb.convert.checks import has_non_finite
-from vesselnb.convert.hf_folder import check_remote_code, declared_dtypes
+from vesselnb.convert.hf_folder import SAFETENSORS_DTYPES, check_remote_code, declared_dtypes
 from vesselnb.device import available_ram, plan_device
 from vesselnb.errors import InferenceError
 from vesselnb.fingerprint import INDEX_NAME, SINGLE_NAME
@@ -334,9 +334,6 @@ def _tokenizer_check(report: DoctorReport, folder: Path, config: dict[str, Any],
     )
 
 
-_FLOAT_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}  # safetensors -> torch
-
-
 def _dtype_check(report: DoctorReport, config: dict[str, Any], stored: dict[str, Any]) -> None:
     """The dtype config.json states (every place it states one) against the floating dtypes stored.
 
@@ -347,7 +344,8 @@ def _dtype_check(report: DoctorReport, config: dict[str, Any], stored: dict[str,
     dtypes: dict[str, int] = {}
     for meta in stored.values():
         dtypes[meta["dtype"]] = dtypes.get(meta["dtype"], 0) + 1
-    floats = {_FLOAT_NAMES[name] for name in dtypes if name in _FLOAT_NAMES}
+    known = [SAFETENSORS_DTYPES[name] for name in dtypes if name in SAFETENSORS_DTYPES]
+    floats = {str(dtype).replace("torch.", "") for dtype in known if dtype.is_floating_point}
     declared = declared_dtypes(config)
     stated = ", ".join(f"{place} {value}" for place, value in declared.items()) or "no dtype"
     detail = f"config.json: {stated}; stored {dtypes}"

@@ -22,7 +22,7 @@ from vesselnb.fingerprint import INDEX_NAME, SINGLE_NAME
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack")
 _NOT_COPIED_NAMES = {INDEX_NAME, "pytorch_model.bin.index.json", "config.json", ".gitattributes"}
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {  # a safetensors header's dtype names
     "BF16": torch.bfloat16,
     "F16": torch.float16,
     "F32": torch.float32,
@@ -52,7 +52,7 @@ class BaseFolder:
             for key in handle.keys():
                 tensor_slice = handle.get_slice(key)
                 self.shapes[key] = tuple(tensor_slice.get_shape())
-                self.dtypes[key] = _DTYPES.get(tensor_slice.get_dtype(), torch.float32)
+                self.dtypes[key] = SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.float32)
             self.release(name)
         missing = sorted(set(self.key_to_file) - set(self.shapes))
         if missing:

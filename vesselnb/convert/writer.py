@@ -197,9 +197,10 @@ DIRECT_ALIGN = 4096
 # Memory placed for a zero-copy write (``aligned_empty``) goes to the disk from where it is when it spans at least
 # this many bytes; below that, copying it into the staging buffers costs less than the extra write calls.
 _MIN_ZERO_COPY = 256 << 10
-# Tensors handed to the writer and not yet on the disk, at most: the producer computes the next tensor meanwhile and
-# reuses an output's memory only once it is written, so it keeps WRITE_DEPTH + 1 output buffers in turn. With one
-# tensor of slack the disk and the merge took turns waiting for each other (bench: 1.3 s of waits in a 3 s run).
+# Tensors handed to the writer and not yet on the disk, at most: the producer makes the next ones meanwhile and
+# reuses an output's memory only once it is written, so it keeps WRITE_DEPTH + (tensors it makes at once) output
+# buffers in turn. With one tensor of slack the disk and the merge took turns waiting for each other (bench: 1.3 s
+# of waits in a 3 s run).
 WRITE_DEPTH = 2
 # A reused output buffer is kept up to this size, or up to twice what it holds now (``aligned_empty``).
 _KEEP_AT_MOST = 256 << 20
@@ -389,8 +390,8 @@ def aligned_empty(
     """``nbytes`` of memory placed at ``file_offset``'s offset within a block, so :class:`_DirectSink` writes it to
     the disk from where it is instead of copying it: (the bytes, the allocation to keep for ``reuse`` next time).
 
-    An allocation much larger than needed (an embedding cast to fp32, say) is not kept: the caller's
-    ``WRITE_DEPTH + 1`` buffers would otherwise each keep the largest tensor they ever held.
+    An allocation much larger than needed (an embedding cast to fp32, say) is not kept: each of the caller's buffers
+    (one per tensor in the making or in flight) would otherwise keep the largest tensor it ever held.
     """
     need = nbytes + DIRECT_ALIGN
     if reuse is None or reuse.numel() < need or reuse.numel() > max(2 * need, _KEEP_AT_MOST):
